@@ -1,0 +1,1 @@
+"""interest-stream: the `interest` command line joins streams/, encoder/ and export/."""

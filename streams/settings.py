@@ -1,0 +1,141 @@
+"""The one typed settings object; nothing else in the project reads the environment.
+
+Every field is read from an ``INTEREST_``-prefixed variable (``INTEREST_WINDOW_LENGTH=50``).
+Where the broker or Redis address is not set, the addresses written by ``interest up`` are used,
+so the embedded dev stack works without exporting anything.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+STACK_FILE_NAME = "stack.json"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INTEREST_", extra="ignore", frozen=True)
+
+    # Where `interest up` keeps its state file, logs and pids.
+    home: Path = Field(default_factory=lambda: Path.home() / ".interest")
+
+    # Kafka. Empty means "whatever `interest up` started".
+    bootstrap_servers: str = ""
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    topic_clicks: str = "clicks"
+    topic_purchases: str = "purchases"
+    topic_recommendations: str = "recommendations"
+    topic_dlq: str = "events.dlq"
+    topic_partitions: int = Field(default=4, ge=1)
+    topic_replication: int = Field(default=1, ge=1)
+    group_id: str = "interest-stream"
+
+    # Redis. Empty means "whatever `interest up` started". TLS: use a rediss:// URL.
+    redis_url: str = ""
+    redis_username: str | None = None
+    redis_password: SecretStr | None = None
+    redis_ssl_ca_certs: Path | None = None
+    redis_key_prefix: str = "is"
+    # Idle users' state expires after this many seconds (0 keeps it forever).
+    state_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=0)
+
+    # Rolling window and recommendations.
+    window_length: int = Field(default=200, ge=1, le=10_000)
+    window_max_age_seconds: float | None = Field(default=None, gt=0)
+    top_k: int = Field(default=10, ge=1, le=1000)
+    popularity_half_life_seconds: float = Field(default=6 * 3600, gt=0)
+    model: Path | None = None
+
+    # Micro-batching in the worker (stream.take_events(batch_size, within=batch_within_seconds)).
+    batch_size: int = Field(default=500, ge=1)
+    batch_within_seconds: float = Field(default=0.05, gt=0)
+
+    # Validation limits.
+    max_id_length: int = Field(default=256, ge=1)
+    max_event_bytes: int = Field(default=64 * 1024, ge=256)
+    dlq_raw_max_bytes: int = Field(default=4096, ge=64)
+
+    # HTTP ingest endpoint (`interest serve`).
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8088, ge=0, le=65535)
+    http_token: SecretStr | None = None
+    http_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    http_max_events_per_request: int = Field(default=10_000, ge=1)
+
+    # Worker observability: Faust's web server (also serves /metrics).
+    worker_web_port: int = Field(default=6066, ge=0, le=65535)
+    log_level: str = "WARNING"
+
+    @model_validator(mode="after")
+    def _check_security(self) -> Settings:
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password
+        ):
+            raise ValueError(
+                "INTEREST_SECURITY_PROTOCOL=SASL_* needs INTEREST_SASL_MECHANISM, "
+                "INTEREST_SASL_USERNAME and INTEREST_SASL_PASSWORD"
+            )
+        return self
+
+    @property
+    def stack_file(self) -> Path:
+        return self.home / STACK_FILE_NAME
+
+    @cached_property
+    def _stack(self) -> dict[str, str]:
+        try:
+            return json.loads(self.stack_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        """Explicit setting first, then the embedded stack, then the Kafka default port."""
+        return self.bootstrap_servers or self._stack.get("bootstrap_servers", "127.0.0.1:9092")
+
+    @property
+    def redis(self) -> str:
+        return self.redis_url or self._stack.get("redis_url", "redis://127.0.0.1:6379/0")
+
+    @property
+    def input_topics(self) -> tuple[str, str]:
+        return (self.topic_clicks, self.topic_purchases)
+
+    def kafka_client_options(self) -> dict[str, object]:
+        """Security options in the spelling aiokafka and kafka-python share."""
+        options: dict[str, object] = {"security_protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            options["sasl_mechanism"] = self.sasl_mechanism
+            options["sasl_plain_username"] = self.sasl_username
+            options["sasl_plain_password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            )
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            import ssl
+
+            context = ssl.create_default_context(
+                cafile=str(self.ssl_cafile) if self.ssl_cafile else None
+            )
+            if self.ssl_certfile:
+                context.load_cert_chain(
+                    str(self.ssl_certfile), str(self.ssl_keyfile) if self.ssl_keyfile else None
+                )
+            options["ssl_context"] = context
+        return options
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment; keyword overrides win (used by the CLI and tests)."""
+    return Settings(**overrides)  # type: ignore[arg-type]
