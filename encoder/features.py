@@ -1,0 +1,37 @@
+"""Event features shared by training and the streaming worker: event types and time-gap buckets.
+
+Pure Python (math only, no torch, no numpy), so the worker can compute the exact inputs the
+model was trained on without importing the training stack.
+"""
+
+from __future__ import annotations
+
+import math
+
+# Index order is part of the model contract: a trained model's type embedding rows follow it.
+EVENT_TYPES: tuple[str, ...] = ("click", "purchase", "view", "add_to_cart")
+# SASRec-format data has no event type; every event gets this one.
+DEFAULT_EVENT_TYPE = 0
+# Bucket 0 means "gap unknown" (first event of a user, or data without timestamps).
+UNKNOWN_GAP_BUCKET = 0
+DEFAULT_TIME_BUCKETS = 32
+
+
+def event_type_index(name: str) -> int:
+    """Index of an event type name; raises ValueError for names outside EVENT_TYPES."""
+    try:
+        return EVENT_TYPES.index(name)
+    except ValueError:
+        raise ValueError(f"unknown event_type {name!r}, expected one of {EVENT_TYPES}") from None
+
+
+def time_gap_bucket(gap_seconds: float | None, n_buckets: int = DEFAULT_TIME_BUCKETS) -> int:
+    """Log2-bucket of the seconds since the user's previous event.
+
+    Why log buckets: gaps span seconds (same session) to months (returning user); what matters
+    is the order of magnitude. None or negative (clock skew) -> 0 (unknown); 0..1 s -> 1;
+    then one bucket per doubling, the last bucket absorbing everything longer.
+    """
+    if gap_seconds is None or gap_seconds < 0 or math.isnan(gap_seconds):
+        return UNKNOWN_GAP_BUCKET
+    return 1 + min(n_buckets - 2, int(math.log2(1.0 + gap_seconds)))
