@@ -338,7 +338,7 @@ class InterestEncoder(nn.Module):
         keep = self.cfg.span - 1
 
         def last_slots(t: torch.Tensor) -> torch.Tensor:  # (B,H,T,hd) -> (B,H,S-1,hd)
-            return t[:, :, T - keep :] if T >= keep else F.pad(t, (0, 0, keep - T, 0))
+            return t[:, :, T - keep :] if keep <= T else F.pad(t, (0, 0, keep - T, 0))
 
         mem = full.memory[:, -1] if memory is None else memory
         state = EncoderState(

@@ -63,12 +63,12 @@ def test_step_equals_full_forward_beyond_receptive_field(use_memory: bool) -> No
 def test_padding_does_not_change_real_positions() -> None:
     model = _model()
     items, types, gaps = _history(1, 12)
-    padded = [torch.cat([torch.zeros(1, 7, dtype=torch.long), t], dim=1) for t in (items,)]
+    padded = torch.cat([torch.zeros(1, 7, dtype=torch.long), items], dim=1)
     junk_types = torch.cat([torch.full((1, 7), 3), types], dim=1)
     junk_gaps = torch.cat([torch.full((1, 7), 5), gaps], dim=1)
     with torch.no_grad():
         a = model(items, types, gaps)
-        b = model(padded[0], junk_types, junk_gaps)
+        b = model(padded, junk_types, junk_gaps)
     assert (a - b[:, 7:]).abs().max().item() <= TOL
 
 
@@ -131,7 +131,8 @@ def test_item_zero_leaves_state_unchanged() -> None:
         state = model.init_state(2)
         for t in range(6):
             _, state = model.step(state, items[:, t], types[:, t], gaps[:, t])
-        _, after = model.step(state, torch.tensor([0, 9]), torch.tensor([0, 0]), torch.tensor([0, 0]))
+        zeros = torch.tensor([0, 0])
+        _, after = model.step(state, torch.tensor([0, 9]), zeros, zeros)
     for old, new in zip(state, after, strict=True):
         assert torch.equal(old[0], new[0])
     assert after.count.tolist() == [6, 7]
