@@ -9,16 +9,19 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from interest.errors import UserError
 
+if TYPE_CHECKING:
+    from streams.settings import Settings
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 
-def _settings():  # noqa: ANN202 - typed in streams.settings
+def _settings() -> Settings:
     from pydantic import ValidationError
 
     from streams.settings import load_settings
@@ -29,6 +32,147 @@ def _settings():  # noqa: ANN202 - typed in streams.settings
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "settings"
         raise UserError(f"bad setting {where!r}: {first['msg']}") from None
+
+
+@app.command()
+def up(
+    kafka_port: Annotated[int, typer.Option(help="broker port; 0 picks a free one")] = 0,
+    redis_port: Annotated[int, typer.Option(help="Redis port; 0 picks a free one")] = 0,
+) -> None:
+    """Start the embedded dev stack (Tansu broker + Redis on loopback) in the background."""
+    from streams.stack import start_stack
+    from streams.topics import ensure_topics
+
+    settings = _settings()
+    info = start_stack(settings.home, kafka_port=kafka_port, redis_port=redis_port)
+    ensure_topics(_settings())
+    print(f"bootstrap_servers={info.bootstrap_servers}")
+    print(f"redis_url={info.redis_url}")
+    print(f"written to {settings.stack_file}; stop with `interest down`", file=sys.stderr)
+
+
+@app.command()
+def down() -> None:
+    """Stop the embedded dev stack started by `interest up`."""
+    from streams.stack import stop_stack
+
+    info = stop_stack(_settings().home)
+    print("stopped" if info else "no stack was running", file=sys.stderr)
+
+
+@app.command()
+def worker() -> None:
+    """Run the Faust worker (consumer group INTEREST_GROUP_ID) until Ctrl-C or SIGTERM."""
+    from streams.worker import run_worker
+
+    run_worker(_settings())
+
+
+@app.command()
+def push(
+    file: Annotated[str, typer.Argument(help="JSONL file of events, or - for stdin")] = "-",
+) -> None:
+    """Send JSONL events (one per line) to the input topics, keyed by user_id."""
+    from tqdm import tqdm
+
+    from streams.client import InterestClient
+
+    if file == "-":
+        stream = sys.stdin.buffer
+        total = None
+    else:
+        path = Path(file)
+        if not path.is_file():
+            raise UserError(f"no such file: {file}")
+        stream = path.open("rb")
+        total = path.stat().st_size
+    with InterestClient(_settings()) as client, stream:
+        progress = tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            disable=total is None or total < 1_000_000,
+            file=sys.stderr,
+        )
+        sent = 0
+        batch: list[bytes] = []
+        for line in stream:
+            progress.update(len(line))
+            line = line.strip()
+            if line:
+                batch.append(line)
+            if len(batch) >= 5000:
+                sent += client.push(batch)
+                batch.clear()
+        sent += client.push(batch)
+        progress.close()
+    print(f"pushed {sent} events", file=sys.stderr)
+
+
+@app.command()
+def subscribe(
+    user: Annotated[str | None, typer.Option(help="only this user's recommendations")] = None,
+    limit: Annotated[int | None, typer.Option(help="stop after N events")] = None,
+    timeout: Annotated[float | None, typer.Option(help="stop after S seconds")] = None,
+    from_beginning: Annotated[bool, typer.Option(help="replay the topic from the start")] = False,
+) -> None:
+    """Print recommendation events as JSONL."""
+    from streams.client import InterestClient
+
+    with InterestClient(_settings()) as client:
+        for event in client.subscribe(user, limit, timeout, from_beginning):
+            print(json.dumps(event), flush=True)
+
+
+@app.command()
+def inspect(user: Annotated[str, typer.Option(help="user id")]) -> None:
+    """Print one user's state (window oldest first, model version, update time) as JSON."""
+    import asyncio
+
+    from streams.store import StateStore, connect
+
+    settings = _settings()
+
+    async def read() -> dict[str, object] | None:
+        client = connect(settings)
+        try:
+            stored = await StateStore(client, settings).read_user(user)
+        finally:
+            await client.aclose()
+        if stored is None:
+            return None
+        return {
+            "user_id": user,
+            "window": [entry.to_json() for entry in stored.state.window],
+            "offsets": stored.state.offsets,
+            "model_version": stored.model_version,
+            "has_vector": stored.vector is not None,
+            "updated_at": stored.updated_ms,
+        }
+
+    state = asyncio.run(read())
+    if state is None:
+        raise UserError(f"no state for user {user!r}")
+    print(json.dumps(state))
+
+
+@app.command()
+def lag() -> None:
+    """Committed offset, end offset and lag per input topic/partition for the worker group."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from streams.lag import consumer_lag
+
+    settings = _settings()
+    table = Table("topic", "partition", "committed", "end", "lag", title=settings.group_id)
+    rows = consumer_lag(settings)
+    for row in rows:
+        committed = "-" if row.committed is None else str(row.committed)
+        table.add_row(row.topic, str(row.partition), committed, str(row.end), str(row.lag))
+    table.add_section()
+    table.add_row("total", "", "", "", str(sum(row.lag for row in rows)))
+    Console().print(table)
 
 
 @app.command()

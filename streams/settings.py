@@ -74,9 +74,13 @@ class Settings(BaseSettings):
     http_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     http_max_events_per_request: int = Field(default=10_000, ge=1)
 
-    # Worker observability: Faust's web server (also serves /metrics).
-    worker_web_port: int = Field(default=6066, ge=0, le=65535)
-    log_level: str = "WARNING"
+    # Consumer group timing. On Tansu a join takes about half the poll interval (DESIGN.md).
+    kafka_session_timeout_seconds: float = Field(default=30.0, gt=0)
+    kafka_max_poll_interval_seconds: float = Field(default=60.0, gt=0)
+
+    # Worker observability: Prometheus /metrics on this port (0 disables it).
+    metrics_port: int = Field(default=9108, ge=0, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
     @model_validator(mode="after")
     def _check_security(self) -> Settings:

@@ -1,0 +1,148 @@
+"""Input event validation: raw Kafka bytes in, a typed `Event` or a `Rejection` with its reason.
+
+Pure functions, no I/O: the worker routes a `Rejection` to the dead letter topic and nothing else
+happens to it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+EVENT_TYPES = ("click", "purchase", "view", "add_to_cart")
+# Epoch milliseconds between 1990 and 2200: catches seconds-vs-millis mistakes and garbage.
+MIN_TIMESTAMP_MS = 631_152_000_000
+MAX_TIMESTAMP_MS = 7_258_118_400_000
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a message came from; the unit of idempotence is (topic, partition, offset)."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    event_id: str
+    user_id: str
+    item_id: str
+    event_type: str
+    timestamp_ms: int
+    source: Source
+    properties: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    error: str
+    source: Source
+    raw: bytes
+
+    def dlq_record(self, raw_max_bytes: int) -> dict[str, Any]:
+        """The dead-letter payload: reason, origin, and the raw bytes (truncated, lossless text)."""
+        return {
+            "error": self.error,
+            "topic": self.source.topic,
+            "partition": self.source.partition,
+            "offset": self.source.offset,
+            "raw": self.raw[:raw_max_bytes].decode("utf-8", errors="backslashreplace"),
+            "raw_truncated": len(self.raw) > raw_max_bytes,
+        }
+
+
+class InvalidEvent(ValueError):
+    """Raised inside validation; its message becomes the DLQ reason."""
+
+
+def _reject_constant(name: str) -> float:
+    raise InvalidEvent(f"non-finite number {name} is not allowed")
+
+
+def parse_timestamp(value: object) -> int:
+    """Epoch milliseconds (int) or an ISO-8601 string (naive means UTC) -> epoch milliseconds."""
+    if isinstance(value, bool):
+        raise InvalidEvent("timestamp must be epoch milliseconds or an ISO-8601 string")
+    if isinstance(value, int):
+        millis = value
+    elif isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise InvalidEvent("timestamp must be whole epoch milliseconds")
+        millis = int(value)
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise InvalidEvent(f"unparseable timestamp {value[:40]!r}") from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        millis = int(parsed.timestamp() * 1000)
+    else:
+        raise InvalidEvent("timestamp must be epoch milliseconds or an ISO-8601 string")
+    if not MIN_TIMESTAMP_MS <= millis <= MAX_TIMESTAMP_MS:
+        raise InvalidEvent(f"timestamp {millis} is not epoch milliseconds between 1990 and 2200")
+    return millis
+
+
+def _require_id(payload: dict[str, Any], name: str, max_length: int) -> str:
+    value = payload.get(name)
+    if not isinstance(value, str):
+        raise InvalidEvent(f"{name} must be a string")
+    if not value.strip():
+        raise InvalidEvent(f"{name} must not be empty")
+    if len(value) > max_length:
+        raise InvalidEvent(f"{name} is longer than {max_length} characters")
+    return value
+
+
+def parse_event(raw: bytes, source: Source, *, max_id_length: int, max_event_bytes: int) -> Event:
+    """Validate one message; raises InvalidEvent with a human-readable reason."""
+    if len(raw) > max_event_bytes:
+        raise InvalidEvent(f"event is {len(raw)} bytes, more than {max_event_bytes}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidEvent("event is not valid UTF-8") from None
+    try:
+        payload = json.loads(text, parse_constant=_reject_constant)
+    except InvalidEvent:
+        raise
+    except ValueError as exc:
+        raise InvalidEvent(f"event is not JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise InvalidEvent("event must be a JSON object")
+
+    user_id = _require_id(payload, "user_id", max_id_length)
+    item_id = _require_id(payload, "item_id", max_id_length)
+    event_type = payload.get("event_type")
+    if event_type not in EVENT_TYPES:
+        raise InvalidEvent(f"event_type must be one of {', '.join(EVENT_TYPES)}")
+    if "timestamp" not in payload:
+        raise InvalidEvent("timestamp is missing")
+    timestamp_ms = parse_timestamp(payload["timestamp"])
+    if payload.get("event_id") is None:
+        event_id = f"{source.topic}/{source.partition}/{source.offset}"
+    else:
+        event_id = _require_id(payload, "event_id", max_id_length)
+    properties = payload.get("properties") or {}
+    if not isinstance(properties, dict):
+        raise InvalidEvent("properties must be a JSON object")
+    return Event(event_id, user_id, item_id, event_type, timestamp_ms, source, properties)
+
+
+def validate(
+    raw: bytes | None, source: Source, *, max_id_length: int, max_event_bytes: int
+) -> Event | Rejection:
+    if raw is None:
+        return Rejection("event is empty (null value)", source, b"")
+    try:
+        return parse_event(
+            raw, source, max_id_length=max_id_length, max_event_bytes=max_event_bytes
+        )
+    except InvalidEvent as exc:
+        return Rejection(str(exc), source, raw)

@@ -1,0 +1,29 @@
+"""Prometheus metrics of the worker (served on INTEREST_METRICS_PORT; dashboards in deploy/)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+EVENTS = Counter(
+    "interest_events_total", "Input messages by outcome", ["topic", "outcome"]
+)  # outcome: applied, duplicate, rejected
+DLQ = Counter("interest_dlq_total", "Messages sent to the dead letter topic", ["topic"])
+RECOMMENDATIONS = Counter(
+    "interest_recommendations_total", "Recommendation events published", ["source"]
+)
+BATCH_SECONDS = Histogram(
+    "interest_batch_seconds",
+    "Wall time to process one micro-batch (validate, state, recommend, publish, write)",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+BATCH_SIZE = Histogram(
+    "interest_batch_size",
+    "Messages per micro-batch",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000),
+)
+EVENT_LAG_SECONDS = Histogram(
+    "interest_event_to_recommendation_seconds",
+    "Event timestamp to recommendation publish (includes producer-side delay)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60),
+)
+RETRIES = Counter("interest_batch_retries_total", "Batches retried after an I/O error")

@@ -1,0 +1,187 @@
+"""One micro-batch, end to end, as a plain async function the Faust agent calls.
+
+validate -> read state (1 Redis round trip) -> window update -> recommend -> publish DLQ and
+recommendations (wait for delivery) -> write state (1 atomic Redis round trip).
+
+Ordering gives the delivery guarantees: state is written only after the batch's output is
+delivered, and offsets are committed (by Faust, after the batch returns) only after the state
+write. A crash anywhere replays the batch: already-applied messages are recognised by their
+offsets and skipped, and recommendation ids are deterministic, so consumers can dedupe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from aiokafka.errors import KafkaError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from streams import metrics
+from streams.events import Event, Rejection, Source, validate
+from streams.recommend import Recommender, Request, recommendation_event
+from streams.settings import Settings
+from streams.store import StateStore, UserWrite
+from streams.window import UserState, WindowPolicy, apply_event
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    key: bytes | None
+    value: bytes | None
+    source: Source
+
+
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    topic: str
+    key: bytes | None
+    value: bytes
+
+
+class Publisher(Protocol):
+    async def publish(self, records: Sequence[OutRecord]) -> None:
+        """Send all records and return once the broker acknowledged every one."""
+
+
+@dataclass(slots=True)
+class BatchResult:
+    applied: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    recommendations: int = 0
+    touched_users: set[str] = field(default_factory=set)
+
+
+def _dumps(payload: object) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+class BatchProcessor:
+    def __init__(
+        self,
+        settings: Settings,
+        store: StateStore,
+        recommender: Recommender,
+        publisher: Publisher,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.recommender = recommender
+        self.publisher = publisher
+        max_age = settings.window_max_age_seconds
+        self.policy = WindowPolicy(
+            settings.window_length, int(max_age * 1000) if max_age is not None else None
+        )
+
+    def _validate(self, message: RawMessage) -> Event | Rejection:
+        result = validate(
+            message.value,
+            message.source,
+            max_id_length=self.settings.max_id_length,
+            max_event_bytes=self.settings.max_event_bytes,
+        )
+        if (
+            isinstance(result, Event)
+            and message.key is not None
+            and message.key != result.user_id.encode()
+        ):
+            # Keys route a user's events to one partition (and so one worker, in order).
+            return Rejection("message key does not match user_id", message.source, message.value)
+        return result
+
+    async def process(self, messages: Sequence[RawMessage]) -> BatchResult:
+        started = time.perf_counter()
+        result = await self._process(messages)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        metrics.BATCH_SIZE.observe(len(messages))
+        return result
+
+    async def _process(self, messages: Sequence[RawMessage]) -> BatchResult:
+        result = BatchResult()
+        events: list[Event] = []
+        out: list[OutRecord] = []
+        for message in messages:
+            checked = self._validate(message)
+            if isinstance(checked, Rejection):
+                result.rejected += 1
+                metrics.EVENTS.labels(message.source.topic, "rejected").inc()
+                metrics.DLQ.labels(message.source.topic).inc()
+                record = checked.dlq_record(self.settings.dlq_raw_max_bytes)
+                out.append(OutRecord(self.settings.topic_dlq, message.key, _dumps(record)))
+            else:
+                events.append(checked)
+
+        settings = self.settings
+        read = await self.store.read_batch(
+            (event.user_id for event in events),
+            popular_n=settings.top_k + settings.window_length,
+        )
+        states: dict[str, UserState] = {uid: user.state for uid, user in read.users.items()}
+        requests: list[Request] = []
+        new_items: list[tuple[str, int]] = []
+        for event in events:
+            state = states[event.user_id]
+            if apply_event(state, event, self.policy):
+                result.applied += 1
+                metrics.EVENTS.labels(event.source.topic, "applied").inc()
+                requests.append(Request(event, tuple(state.window)))
+                new_items.append((event.item_id, event.timestamp_ms))
+            else:
+                result.duplicates += 1
+                metrics.EVENTS.labels(event.source.topic, "duplicate").inc()
+            # A replay still advances offsets, so a duplicate's user is written too.
+            result.touched_users.add(event.user_id)
+
+        popular = self.store.merge_popularity(read.popular, new_items, read.popularity_epoch_ms)
+        recommendations = self.recommender.recommend(requests, popular, settings.top_k)
+        for request, recommendation in zip(requests, recommendations, strict=True):
+            payload = recommendation_event(request.event, recommendation)
+            out.append(
+                OutRecord(
+                    settings.topic_recommendations, request.event.user_id.encode(), _dumps(payload)
+                )
+            )
+            metrics.RECOMMENDATIONS.labels(recommendation.source).inc()
+        result.recommendations = len(recommendations)
+
+        await self.publisher.publish(out)
+        writes = {uid: UserWrite(states[uid]) for uid in result.touched_users}
+        await self.store.write_batch(writes, new_items, read.popularity_epoch_ms)
+        now = time.time()
+        for request in requests:
+            metrics.EVENT_LAG_SECONDS.observe(max(0.0, now - request.event.timestamp_ms / 1000))
+        return result
+
+
+RETRYABLE = (RedisConnectionError, RedisTimeoutError, KafkaError, OSError, asyncio.TimeoutError)
+
+
+async def process_with_retry(
+    process: Callable[[], Awaitable[BatchResult]],
+    *,
+    max_delay_seconds: float = 10.0,
+    retryable: tuple[type[BaseException], ...] = RETRYABLE,
+) -> BatchResult:
+    """Retry a batch through transient outages instead of acking it unprocessed.
+
+    Faust acks a take() batch even when the agent raises, so giving up here would lose events.
+    The batch is idempotent, so retrying is always safe.
+    """
+    delay = 0.1
+    while True:
+        try:
+            return await process()
+        except retryable as exc:
+            metrics.RETRIES.inc()
+            log.warning("batch failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay_seconds)

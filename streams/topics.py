@@ -1,0 +1,44 @@
+"""Create the service's topics (idempotent). Partitioned so a consumer group can spread users."""
+
+from __future__ import annotations
+
+import contextlib
+
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from streams.settings import Settings
+
+
+def admin_client(settings: Settings) -> KafkaAdminClient:
+    return KafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap,
+        client_id=f"{settings.group_id}-admin",
+        request_timeout_ms=10_000,
+        **settings.kafka_client_options(),
+    )
+
+
+def ensure_topics(settings: Settings) -> list[str]:
+    """Create any missing service topic; returns the names that were created."""
+    wanted = [
+        settings.topic_clicks,
+        settings.topic_purchases,
+        settings.topic_recommendations,
+        settings.topic_dlq,
+    ]
+    admin = admin_client(settings)
+    try:
+        existing = set(admin.list_topics())
+        missing = [name for name in wanted if name not in existing]
+        if missing:
+            topics = [
+                NewTopic(name, settings.topic_partitions, settings.topic_replication)
+                for name in missing
+            ]
+            with contextlib.suppress(TopicAlreadyExistsError):  # another process won the race
+                admin.create_topics(topics)
+        return missing
+    finally:
+        admin.close()

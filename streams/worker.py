@@ -1,0 +1,115 @@
+"""The Faust worker: a thin agent that hands micro-batches to `BatchProcessor`.
+
+Everything with logic lives in plain modules (events, window, store, recommend, pipeline); this
+file only wires them to Faust: topics, consumer settings, the producer and credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import faust
+from faust.types import AppT
+
+from streams.events import Source
+from streams.pipeline import BatchProcessor, OutRecord, RawMessage, process_with_retry
+from streams.recommend import PopularityRecommender, Recommender
+from streams.settings import Settings
+from streams.store import StateStore, connect
+from streams.topics import ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+class FaustPublisher:
+    """Sends through the app's producer and waits for every acknowledgement."""
+
+    def __init__(self, app: AppT) -> None:
+        self.app = app
+
+    async def publish(self, records: Sequence[OutRecord]) -> None:
+        producer = self.app.producer
+        pending = [
+            await producer.send(record.topic, record.key, record.value, None, None, None)
+            for record in records
+        ]
+        if pending:
+            await asyncio.gather(*pending)
+
+
+def _credentials(settings: Settings) -> object | None:
+    options = settings.kafka_client_options()
+    if settings.security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=settings.sasl_username,
+            password=options["sasl_plain_password"],
+            mechanism=settings.sasl_mechanism,
+            ssl_context=options.get("ssl_context"),
+        )
+    if settings.security_protocol == "SSL":
+        return faust.SSLCredentials(options["ssl_context"])
+    return None
+
+
+def create_app(settings: Settings, datadir: Path, recommender: Recommender | None = None) -> AppT:
+    app = faust.App(
+        settings.group_id,
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        broker_credentials=_credentials(settings),
+        datadir=str(datadir),
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.kafka_session_timeout_seconds,
+        broker_max_poll_interval=settings.kafka_max_poll_interval_seconds,
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication,
+        web_enabled=False,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    source_topic = app.topic(*settings.input_topics, key_type=bytes, value_type=bytes)
+    chosen: Recommender = recommender or PopularityRecommender()
+
+    @app.agent(source_topic, name="interest-events")
+    async def interest_events(stream: faust.StreamT) -> None:
+        client = connect(settings)
+        processor = BatchProcessor(
+            settings, StateStore(client, settings), chosen, FaustPublisher(app)
+        )
+        try:
+            async for batch in stream.take_events(
+                settings.batch_size, within=settings.batch_within_seconds
+            ):
+                messages = [
+                    RawMessage(
+                        event.message.key,
+                        event.message.value,
+                        Source(event.message.topic, event.message.partition, event.message.offset),
+                    )
+                    for event in batch
+                ]
+                await process_with_retry(lambda m=messages: processor.process(m))
+        finally:
+            await client.aclose()
+
+    return app
+
+
+def run_worker(settings: Settings) -> None:
+    """Block running the worker until SIGINT/SIGTERM (Faust shuts down gracefully)."""
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr="0.0.0.0")
+    ensure_topics(settings)
+    datadir = Path(tempfile.mkdtemp(prefix="interest-worker-"))
+    try:
+        app = create_app(settings, datadir)
+        worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
+        worker.execute_from_commandline()
+    finally:
+        shutil.rmtree(datadir, ignore_errors=True)
