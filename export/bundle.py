@@ -1,0 +1,372 @@
+"""Export a trained model directory to the bundle the streaming worker loads.
+
+A bundle is a directory:
+
+    full.onnx            window (B,T) + persisted memory -> vector at the last event + step state
+    step.onnx            one event per user (B,) + state -> vector + next state
+    items.json           item ids in model index order; entry 0 is null (padding)
+    item_embeddings.npy  (n_items + 1, d) float32, row 0 = padding; scores are dot products
+    manifest.json        config, metrics, state layout, receptive field, sha256 of every file,
+                         version (a hash of those checksums), export time
+
+Why two graphs: a user the worker has not cached is rebuilt from the Redis window with
+full.onnx (exact from the last ``receptive_field`` events plus the persisted memory); every later
+event is one constant-cost step.onnx call. The exporter checks ONNX-vs-torch parity on random
+input before it writes anything, so a bundle on disk has passed that check.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from encoder.features import EVENT_TYPES
+from encoder.model import EncoderConfig, EncoderState, InterestEncoder
+from export.runtime import BUNDLE_FORMAT, MANIFEST, content_version, sha256_file
+from interest.errors import UserError
+
+OPSET = 17
+PARITY_TOL = 1e-4
+STATE_NAMES: tuple[str, ...] = EncoderState._fields  # keys, values, count, memory
+MEMORY_STATE = "memory"
+# Graph input/output names (ONNX names must be unique across inputs and outputs).
+FULL_INPUTS = ["items", "types", "gaps", "memory_in", "has_memory"]
+STEP_INPUTS = ["items", "types", "gaps", *(f"in_{n}" for n in STATE_NAMES)]
+OUTPUTS = ["vector", *(f"out_{n}" for n in STATE_NAMES)]
+
+
+class FullGraph(nn.Module):
+    """(items, types, gaps (B,T), memory (B,d), has_memory (B,)) -> (vector, *state).
+
+    Same function as ``InterestEncoder.state_from_window``, written so the window length and a
+    per-user "no persisted memory" flag stay dynamic in the graph (state_from_window branches
+    on T and on memory being None in Python, which tracing would freeze).
+    """
+
+    def __init__(self, model: InterestEncoder) -> None:
+        super().__init__()
+        self.model = model
+        self.keep = model.cfg.span - 1
+
+    def forward(
+        self,
+        items: torch.Tensor,
+        types: torch.Tensor,
+        gaps: torch.Tensor,
+        memory_in: torch.Tensor,
+        has_memory: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        full = self.model.forward_with_cache(items, types, gaps)
+
+        def last_slots(t: torch.Tensor) -> torch.Tensor:  # (B,H,T,hd) -> (B,H,S-1,hd)
+            return F.pad(t, (0, 0, self.keep, 0))[:, :, -self.keep :]
+
+        mem = torch.where(has_memory[:, None], memory_in, full.memory[:, -1])  # (B,d)
+        vector = self.model._head(full.hidden[:, -1], mem)
+        keys = torch.stack([last_slots(k) for k in full.keys], dim=1)
+        values = torch.stack([last_slots(v) for v in full.values], dim=1)
+        count = (items != 0).sum(dim=1)
+        return vector, keys, values, count, mem
+
+
+class StepGraph(nn.Module):
+    """(items, types, gaps (B,), *state) -> (vector, *next_state): ``InterestEncoder.step``."""
+
+    def __init__(self, model: InterestEncoder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        items: torch.Tensor,
+        types: torch.Tensor,
+        gaps: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        count: torch.Tensor,
+        memory: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        state = EncoderState(keys, values, count, memory)
+        vector, nxt = self.model.step(state, items, types, gaps)
+        return (vector, *nxt)
+
+
+# ---------------------------------------------------------------------- model directory
+
+
+def load_model_dir(model_dir: Path) -> tuple[InterestEncoder, list[str | None], dict[str, Any]]:
+    """(model in eval mode, item ids by model index with None at 0, training metrics).
+
+    The layout is what ``interest train`` writes (encoder/train.py): config.json, model.pt,
+    vocab.json ({"items": [...], "event_types": [...]}), metrics.json. Anything missing or
+    inconsistent raises UserError with a one-line reason.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"model directory {model_dir} does not exist")
+    for name in ("config.json", "model.pt", "vocab.json"):
+        if not (model_dir / name).is_file():
+            raise UserError(f"{model_dir} is not a trained model directory (no {name})")
+    try:
+        cfg = EncoderConfig.from_dict(_read_json(model_dir / "config.json"))
+        model = InterestEncoder(cfg)
+        weights = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(weights)
+    except UserError:
+        raise
+    except Exception as exc:  # torch.load raises several unrelated types on a bad file
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot load the model in {model_dir}: {reason}") from None
+    vocab = _read_json(model_dir / "vocab.json")
+    items = vocab.get("items") if isinstance(vocab, dict) else vocab
+    mpath = model_dir / "metrics.json"
+    metrics = _read_json(mpath) if mpath.is_file() else {}
+    if not isinstance(metrics, dict):
+        metrics = {"metrics": metrics}
+    return model.eval(), _normalise_items(items, cfg.n_items, model_dir), metrics
+
+
+def save_model_dir(
+    model: InterestEncoder,
+    items: list[str],
+    out: Path,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Write a model directory in the layout ``interest train`` writes (for tests, benchmarks)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
+    torch.save(model.state_dict(), out / "model.pt")
+    vocab = {"items": list(items), "event_types": list(EVENT_TYPES)}
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    (out / "metrics.json").write_text(json.dumps(metrics or {}, indent=2))
+    return out
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from None
+
+
+def _normalise_items(items: Any, n_items: int, model_dir: Path) -> list[str | None]:
+    """Item ids by model index with None at 0, from the n_items ids of vocab.json."""
+    if isinstance(items, list) and len(items) == n_items:
+        items = [None, *items]
+    if not isinstance(items, list) or len(items) != n_items + 1:
+        got = len(items) if isinstance(items, list) else type(items).__name__
+        raise UserError(f"{model_dir}: vocab.json has {got} items, config says n_items={n_items}")
+    ids = [None if i == 0 else str(x) for i, x in enumerate(items)]
+    if any(x is None for x in ids[1:]) or len(set(ids[1:])) != n_items:
+        raise UserError(f"{model_dir}: item vocabulary has missing or duplicate ids")
+    return ids
+
+
+# ---------------------------------------------------------------------- export
+
+
+def _example_inputs(cfg: EncoderConfig, batch: int, length: int, seed: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(1, cfg.n_items + 1, (batch, length), generator=g)
+    items[0, : length // 2] = 0  # left padding in one row
+    return {
+        "items": items,
+        "types": torch.randint(0, cfg.n_event_types, (batch, length), generator=g),
+        "gaps": torch.randint(0, cfg.n_time_buckets, (batch, length), generator=g),
+        "memory_in": torch.randn(batch, cfg.d_model, generator=g),
+        "has_memory": torch.arange(batch) % 2 == 0,
+    }
+
+
+def export_onnx(model: InterestEncoder, out_dir: Path) -> dict[str, Any]:
+    """Write full.onnx and step.onnx; return the state layout for the manifest."""
+    cfg = model.cfg
+    full_in = FULL_INPUTS
+    state_out = [f"out_{n}" for n in STATE_NAMES]
+    batch_axis = {0: "batch"}
+    full_ex = _example_inputs(cfg, 2, max(3, cfg.span + 1), seed=0)
+    with torch.no_grad():
+        torch.onnx.export(
+            FullGraph(model),
+            tuple(full_ex[n] for n in full_in),
+            str(out_dir / "full.onnx"),
+            input_names=full_in,
+            output_names=OUTPUTS,
+            dynamic_axes={
+                "items": {0: "batch", 1: "window"},
+                "types": {0: "batch", 1: "window"},
+                "gaps": {0: "batch", 1: "window"},
+                "memory_in": batch_axis,
+                "has_memory": batch_axis,
+                **{n: batch_axis for n in ["vector", *state_out]},
+            },
+            opset_version=OPSET,
+            dynamo=False,
+        )
+        fix_bool_eyelike(out_dir / "full.onnx")
+        state = model.init_state(2)
+        step_in = STEP_INPUTS
+        step_ex = (
+            full_ex["items"][:, -1],
+            full_ex["types"][:, -1],
+            full_ex["gaps"][:, -1],
+            *state,
+        )
+        torch.onnx.export(
+            StepGraph(model),
+            step_ex,
+            str(out_dir / "step.onnx"),
+            input_names=step_in,
+            output_names=OUTPUTS,
+            dynamic_axes={n: batch_axis for n in [*step_in, "vector", *state_out]},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+        fix_bool_eyelike(out_dir / "step.onnx")
+    return {
+        "state": [
+            {
+                "name": n,
+                "dtype": str(t.numpy().dtype),
+                "shape": [-1, *t.shape[1:]],  # axis 0 is the user
+            }
+            for n, t in zip(STATE_NAMES, model.init_state(1), strict=True)
+        ],
+        "memory_state": MEMORY_STATE,
+    }
+
+
+def fix_bool_eyelike(path: Path) -> int:
+    """Rewrite bool EyeLike nodes as float EyeLike + Cast; returns how many were rewritten.
+
+    Why: ``torch.eye(T, dtype=torch.bool)`` (the attention mask's diagonal) exports as
+    EyeLike over a bool tensor, which ONNX Runtime has no kernel for. The encoder-side fix is to use
+    ``dist == 0`` instead of ``torch.eye``; until then the exported graph is patched here.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph_model = onnx.load(str(path))
+    inferred = onnx.shape_inference.infer_shapes(graph_model)
+    elem = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    nodes = graph_model.graph.node
+    fixed = 0
+    for i in range(len(nodes) - 1, -1, -1):
+        node = nodes[i]
+        if node.op_type != "EyeLike" or elem.get(node.output[0]) != TensorProto.BOOL:
+            continue
+        for attr in list(node.attribute):
+            if attr.name == "dtype":
+                node.attribute.remove(attr)
+        node.attribute.append(helper.make_attribute("dtype", TensorProto.FLOAT))
+        src, out = node.input[0], node.output[0]
+        node.input[0], node.output[0] = f"{src}_float", f"{out}_float"
+        cast_in = helper.make_node(
+            "Cast", [src], [node.input[0]], to=TensorProto.FLOAT, name=f"{node.name}_in_float"
+        )
+        cast_out = helper.make_node(
+            "Cast", [node.output[0]], [out], to=TensorProto.BOOL, name=f"{node.name}_to_bool"
+        )
+        nodes.insert(i + 1, cast_out)
+        nodes.insert(i, cast_in)
+        fixed += 1
+    if fixed:
+        onnx.save(graph_model, str(path))
+    return fixed
+
+
+def check_parity(model: InterestEncoder, out_dir: Path) -> dict[str, float]:
+    """Max abs difference ONNX Runtime (CPU) vs torch for both graphs, on random input."""
+    import onnxruntime as ort
+
+    cfg = model.cfg
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    cpu = ["CPUExecutionProvider"]
+    full = ort.InferenceSession(str(out_dir / "full.onnx"), so, providers=cpu)
+    step = ort.InferenceSession(str(out_dir / "step.onnx"), so, providers=cpu)
+    # A different batch and window than the export example, to catch frozen shapes.
+    ex = _example_inputs(cfg, 3, cfg.receptive_field + 3, seed=1)
+    with torch.no_grad():
+        ref = FullGraph(model)(**ex)
+        got = full.run(None, {k: v.numpy() for k, v in ex.items()})
+        full_diff = max(_maxdiff(r, g) for r, g in zip(ref, got, strict=True))
+        # step from the rebuilt state: the ONNX step of the ONNX state vs the torch step
+        nxt = {"items": ex["items"][:, 0] + 1, "types": ex["types"][:, 0], "gaps": ex["gaps"][:, 0]}
+        ref_step = StepGraph(model)(*nxt.values(), *ref[1:])
+        feeds = {k: v.numpy() for k, v in nxt.items()}
+        feeds.update({f"in_{n}": a for n, a in zip(STATE_NAMES, got[1:], strict=True)})
+        got_step = step.run(None, feeds)
+        step_diff = max(_maxdiff(r, g) for r, g in zip(ref_step, got_step, strict=True))
+    return {"full_max_abs_diff": full_diff, "step_max_abs_diff": step_diff}
+
+
+def _maxdiff(ref: torch.Tensor, got: np.ndarray) -> float:
+    return float(np.max(np.abs(ref.numpy().astype(np.float64) - got.astype(np.float64))))
+
+
+def export_bundle(model_dir: Path, out: Path) -> Path:
+    """Export ``model_dir`` (written by ``interest train``) to a bundle directory ``out``.
+
+    Writes into a temporary sibling directory and renames it at the end, so a failed export
+    never leaves a half-written bundle where the worker looks. Returns ``out``.
+    """
+    model_dir, out = Path(model_dir), Path(out)
+    model, item_ids, metrics = load_model_dir(model_dir)
+    replaceable = out.is_dir() and (not any(out.iterdir()) or (out / MANIFEST).is_file())
+    if out.exists() and not replaceable:
+        raise UserError(f"{out} exists and is not a bundle; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        started = time.perf_counter()
+        layout = export_onnx(model, tmp)
+        parity = check_parity(model, tmp)
+        if max(parity.values()) > PARITY_TOL:
+            raise UserError(f"ONNX export does not match torch (max abs diff {parity})")
+        (tmp / "items.json").write_text(json.dumps(item_ids))
+        emb = model.item_embeddings().detach().cpu().numpy().astype(np.float32)
+        np.save(tmp / "item_embeddings.npy", emb, allow_pickle=False)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        cfg = model.cfg
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "version": content_version(files),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "export_seconds": round(time.perf_counter() - started, 3),
+            "source_model": str(model_dir.resolve()),
+            "config": cfg.to_dict(),
+            "metrics": metrics,
+            "receptive_field": cfg.receptive_field,
+            "event_types": list(EVENT_TYPES),  # type index order (encoder.features)
+            "d_model": cfg.d_model,
+            "n_items": cfg.n_items,
+            **layout,
+            "graphs": {
+                "full": {"file": "full.onnx", "inputs": FULL_INPUTS, "outputs": OUTPUTS},
+                "step": {"file": "step.onnx", "inputs": STEP_INPUTS, "outputs": OUTPUTS},
+            },
+            "parity": parity,
+            "opset": OPSET,
+            "torch_version": torch.__version__,
+            "files": files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,430 @@
+"""Load an exported encoder bundle and run it with ONNX Runtime and numpy only.
+
+This is what the streaming worker imports, so it must never import torch (a test pins that).
+The worker's loop per micro-batch:
+
+    rt = EncoderRuntime.load(bundle_dir)            # verifies every checksum
+    idx = rt.index_of(item_ids)                     # unknown ids -> UNKNOWN (-1)
+    states = rt.rebuild(windows_items, windows_types, windows_gaps, memories)  # cache miss
+    vectors, states = rt.step(states, items, types, gaps)                      # cache hit
+    top, scores = rt.top_k(vectors, k, exclude=[seen indices per user])
+    per_user = states.split()                       # one batch-1 state per user for the LRU
+
+Item indices are the model's: 0 is padding, 1..n_items are real items (``rt.item_ids[i]``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "interest-bundle/1"
+MANIFEST = "manifest.json"
+# Sentinel index_of() returns for an item id the model has never seen.
+UNKNOWN = -1
+PADDING = 0
+
+
+class BundleError(Exception):
+    """The bundle is missing, incomplete or corrupted; the message says which file and why."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _as_index_rows(rows: Sequence[Sequence[int]] | np.ndarray) -> list[np.ndarray]:
+    if isinstance(rows, np.ndarray) and rows.ndim == 2:
+        return [np.asarray(r, dtype=np.int64) for r in rows]
+    return [np.asarray(r, dtype=np.int64).reshape(-1) for r in rows]
+
+
+def _cuda_device_count() -> int:
+    """CUDA devices visible through the driver API (no torch); 0 when there is no driver.
+
+    Why not ``ort.get_available_providers()``: onnxruntime-gpu lists CUDAExecutionProvider
+    on machines without any GPU, and ``ort.get_device()`` says "GPU" there too.
+    """
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    try:
+        if lib.cuInit(0) != 0:
+            return 0
+        count = ctypes.c_int(0)
+        if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return int(count.value)
+    except (AttributeError, OSError):
+        return 0
+
+
+def choose_providers(device: str = "auto") -> list[str]:
+    """Execution providers to ask for: CUDA first when usable, always CPU as the fallback."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    cuda_listed = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "cuda" or (cuda_listed and _cuda_device_count() > 0):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
+    """Full graph optimisation; a fixed, small intra-op pool so inference threads (which the
+    worker runs off its event loop) do not oversubscribe the cores Kafka I/O needs."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = intra_op_threads or max(1, min(4, os.cpu_count() or 1))
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+@dataclass
+class EncoderStates:
+    """Incremental encoder state for a batch of users: numpy arrays with the user on axis 0.
+
+    ``arrays`` holds the model's state tensors by name (attention caches, valid mask, count,
+    long-term memory, as listed in the bundle manifest); ``vectors`` is each user's latest
+    interest vector (zeros before any event), kept so a skipped event can return it.
+    Keep one batch-1 state per user in an LRU (``split``) and ``stack`` them for a batch.
+    """
+
+    arrays: dict[str, np.ndarray]
+    vectors: np.ndarray  # (B, d) float32
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.vectors.nbytes + sum(a.nbytes for a in self.arrays.values()))
+
+    @property
+    def memory(self) -> np.ndarray:
+        """(B, d) long-term memory after each user's last event: persist it beside the window,
+        and pass it back to ``EncoderRuntime.rebuild`` to restore the state exactly."""
+        return self.arrays["memory"]
+
+    @classmethod
+    def stack(cls, states: Sequence[EncoderStates]) -> EncoderStates:
+        if not states:
+            raise ValueError("stack() needs at least one state")
+        names = states[0].arrays.keys()
+        return cls(
+            arrays={n: np.concatenate([s.arrays[n] for s in states], axis=0) for n in names},
+            vectors=np.concatenate([s.vectors for s in states], axis=0),
+        )
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> EncoderStates:
+        """A copy of some users' rows (fancy indexing copies, so no batch buffer is kept alive)."""
+        idx = np.asarray(rows, dtype=np.int64)
+        return EncoderStates(
+            arrays={n: a[idx] for n, a in self.arrays.items()}, vectors=self.vectors[idx]
+        )
+
+    def split(self) -> list[EncoderStates]:
+        """One independent batch-1 state per user, for a per-user cache."""
+        return [self.take([i]) for i in range(len(self))]
+
+
+class EncoderRuntime:
+    """One loaded bundle: the full and step ONNX sessions, item vocabulary and embeddings."""
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        item_ids: list[str | None],
+        item_embeddings: np.ndarray,
+        full: ort.InferenceSession,
+        step: ort.InferenceSession,
+    ) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.version: str = manifest["version"]
+        self.receptive_field: int = int(manifest["receptive_field"])
+        self.d_model: int = int(manifest["d_model"])
+        self.state_names: list[str] = [s["name"] for s in manifest["state"]]
+        self.memory_name: str | None = manifest.get("memory_state")
+        # Index = model item index; item_ids[0] is None (padding).
+        self.item_ids = item_ids
+        self._index = {item: i for i, item in enumerate(item_ids) if item is not None}
+        self.item_embeddings = item_embeddings  # (n_items + 1, d) float32, row 0 = padding
+        self._full = full
+        self._step = step
+        # The provider the sessions actually run on (ORT silently falls back to CPU).
+        self.provider: str = step.get_providers()[0]
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(
+        cls, path: str | Path, device: str = "auto", intra_op_threads: int | None = None
+    ) -> EncoderRuntime:
+        """Verify the bundle's checksums, then open it. Raises BundleError on any mismatch."""
+        path = Path(path)
+        manifest = verify_bundle(path)
+        files = manifest["files"]
+        for needed in ("full.onnx", "step.onnx", "items.json", "item_embeddings.npy"):
+            if needed not in files:
+                raise BundleError(f"{path}: manifest lists no {needed}")
+        item_ids = json.loads((path / "items.json").read_text())
+        emb = np.load(path / "item_embeddings.npy", allow_pickle=False).astype(np.float32)
+        if len(item_ids) != emb.shape[0] or emb.shape[1] != int(manifest["d_model"]):
+            raise BundleError(
+                f"{path}: items.json has {len(item_ids)} entries but item_embeddings.npy "
+                f"is {emb.shape}"
+            )
+        providers = choose_providers(device)
+        so = session_options(intra_op_threads)
+        try:
+            full = ort.InferenceSession(str(path / "full.onnx"), so, providers=providers)
+            step = ort.InferenceSession(str(path / "step.onnx"), so, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BundleError(f"{path}: cannot load ONNX graph: {exc}") from exc
+        rt = cls(path, manifest, item_ids, emb, full, step)
+        log.info("loaded bundle %s version %s on %s", path, rt.version, rt.provider)
+        return rt
+
+    # ------------------------------------------------------------------ vocabulary
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids) - 1
+
+    def index_of(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Model indices of item ids (int64); ids not in the vocabulary give UNKNOWN (-1)."""
+        get = self._index.get
+        return np.fromiter((get(str(i), UNKNOWN) for i in item_ids), np.int64, len(item_ids))
+
+    def ids_of(self, indices: Sequence[int] | np.ndarray) -> list[str | None]:
+        return [self.item_ids[int(i)] if 0 < int(i) <= self.n_items else None for i in indices]
+
+    # ------------------------------------------------------------------ inference
+
+    def initial_state(self, batch: int) -> EncoderStates:
+        """State of users with no history (what the model's init_state gives): all zeros."""
+        arrays = {
+            spec["name"]: np.zeros((batch, *spec["shape"][1:]), dtype=np.dtype(spec["dtype"]))
+            for spec in self.manifest["state"]
+        }
+        return EncoderStates(arrays=arrays, vectors=np.zeros((batch, self.d_model), np.float32))
+
+    def rebuild(
+        self,
+        items: Sequence[Sequence[int]] | np.ndarray,
+        types: Sequence[Sequence[int]] | np.ndarray,
+        gaps: Sequence[Sequence[int]] | np.ndarray,
+        memory: np.ndarray | Sequence[np.ndarray | None] | None = None,
+    ) -> tuple[np.ndarray, EncoderStates]:
+        """Rebuild users' states from their recent events (oldest first), one row per user.
+
+        Rows may differ in length; only the last ``receptive_field`` events matter and the
+        rest are dropped, events with UNKNOWN items are dropped, then rows are left-padded.
+        ``memory`` is each user's persisted long-term memory *after* their last event
+        (``states.memory``), as a (B, d) array or a list with None for users without one;
+        None (or a None entry) recomputes it from the given events, which is exact only when
+        they are the user's whole history. The result is exact (same vector and state as
+        stepping through the whole history) once the rows hold >= receptive_field events.
+        Returns the vector after each user's last event and the state to continue from.
+        """
+        irows, trows, grows = _as_index_rows(items), _as_index_rows(types), _as_index_rows(gaps)
+        if not (len(irows) == len(trows) == len(grows)):
+            raise ValueError("items, types and gaps need one row per user")
+        batch = len(irows)
+        kept = []
+        for i, t, g in zip(irows, trows, grows, strict=True):
+            if not (len(i) == len(t) == len(g)):
+                raise ValueError("items, types and gaps rows must have equal lengths")
+            known = i > 0
+            kept.append(
+                (
+                    i[known][-self.receptive_field :],
+                    t[known][-self.receptive_field :],
+                    g[known][-self.receptive_field :],
+                )
+            )
+        width = max(1, max((len(k[0]) for k in kept), default=0))
+        arr = np.zeros((3, batch, width), dtype=np.int64)
+        for b, (i, t, g) in enumerate(kept):
+            n = len(i)
+            if n:
+                arr[0, b, -n:], arr[1, b, -n:], arr[2, b, -n:] = i, t, g
+        states = self._run_full(arr[0], arr[1], arr[2], memory)
+        return states.vectors.copy(), states
+
+    def step(
+        self,
+        states: EncoderStates,
+        items: Sequence[int] | np.ndarray,
+        types: Sequence[int] | np.ndarray,
+        gaps: Sequence[int] | np.ndarray,
+    ) -> tuple[np.ndarray, EncoderStates]:
+        """Add one event per user; cost does not depend on history length.
+
+        Users whose item is UNKNOWN (or padding) are skipped: their state comes back unchanged
+        and their vector is their previous one.
+        """
+        it = np.asarray(items, dtype=np.int64).reshape(-1)
+        ty = np.asarray(types, dtype=np.int64).reshape(-1)
+        ga = np.asarray(gaps, dtype=np.int64).reshape(-1)
+        if not (len(it) == len(ty) == len(ga) == len(states)):
+            raise ValueError("step() needs one item, type and gap per user in states")
+        known = it > 0
+        # The step graph keeps the state of item-0 rows unchanged; UNKNOWN becomes item 0.
+        feeds = {"items": np.where(known, it, PADDING), "types": ty, "gaps": ga}
+        feeds.update({f"in_{n}": states.arrays[n] for n in self.state_names})
+        vectors, out = self._unpack(self._step.run(None, feeds))
+        if not known.all():
+            vectors[~known] = states.vectors[~known]
+        return vectors.copy(), out
+
+    def top_k(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        exclude: Sequence[Sequence[int] | np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Best k items per user by dot product, padding and ``exclude[b]`` (seen items) removed.
+
+        Returns (indices (B, k) int64, scores (B, k) float32), best first. Where fewer than k
+        items remain, the tail has index 0 and score -inf. Reference: ``top_k_reference``.
+        """
+        scores = self.scores(vectors)
+        return _top_k_masked(scores, k, exclude)
+
+    def scores(self, vectors: np.ndarray) -> np.ndarray:
+        """(B, n_items + 1) dot-product scores, as the model's item_scores()."""
+        return np.asarray(vectors, dtype=np.float32) @ self.item_embeddings.T
+
+    # ------------------------------------------------------------------ internals
+
+    def _run_full(
+        self,
+        items: np.ndarray,
+        types: np.ndarray,
+        gaps: np.ndarray,
+        memory: np.ndarray | Sequence[np.ndarray | None] | None,
+    ) -> EncoderStates:
+        batch = items.shape[0]
+        mem = np.zeros((batch, self.d_model), dtype=np.float32)
+        has = np.zeros(batch, dtype=bool)
+        if isinstance(memory, np.ndarray):
+            mem[:] = memory.reshape(batch, self.d_model)
+            has[:] = True
+        elif memory is not None:
+            if len(memory) != batch:
+                raise ValueError("memory needs one entry (array or None) per user")
+            for b, m in enumerate(memory):
+                if m is not None:
+                    mem[b] = np.asarray(m, dtype=np.float32).reshape(self.d_model)
+                    has[b] = True
+        feeds = {"items": items, "types": types, "gaps": gaps, "memory_in": mem, "has_memory": has}
+        states = self._unpack(self._full.run(None, feeds))[1]
+        # Users with no known event and no memory have no interest vector yet.
+        if "count" in states.arrays:
+            states.vectors[(states.arrays["count"] == 0) & ~has] = 0.0
+        return states
+
+    def _unpack(self, outs: list[np.ndarray]) -> tuple[np.ndarray, EncoderStates]:
+        arrays = dict(zip(self.state_names, outs[1:], strict=True))
+        return outs[0], EncoderStates(arrays=arrays, vectors=outs[0])
+
+
+def _top_k_masked(
+    scores: np.ndarray, k: int, exclude: Sequence[Sequence[int] | np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.array(scores, dtype=np.float32, copy=True)
+    batch, n = scores.shape
+    scores[:, PADDING] = -np.inf
+    if exclude is not None:
+        if len(exclude) != batch:
+            raise ValueError("exclude needs one list of item indices per user")
+        for b, seen in enumerate(exclude):
+            seen = np.asarray(seen, dtype=np.int64).reshape(-1)
+            seen = seen[(seen >= 0) & (seen < n)]
+            scores[b, seen] = -np.inf
+    k = max(0, min(k, n))
+    if k == 0:
+        return np.zeros((batch, 0), np.int64), np.zeros((batch, 0), np.float32)
+    # argpartition is O(n) per row; only the k winners get sorted.
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-part_scores, axis=1, kind="stable")
+    idx = np.take_along_axis(part, order, axis=1).astype(np.int64)
+    top = np.take_along_axis(part_scores, order, axis=1)
+    idx[~np.isfinite(top)] = PADDING
+    return idx, top
+
+
+def top_k_reference(
+    scores: np.ndarray, k: int, exclude: Sequence[Sequence[int]] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Plain reference for top_k: sort every item, walk the list, skip masked ones."""
+    out_i, out_s = [], []
+    for b, row in enumerate(np.asarray(scores, dtype=np.float32)):
+        banned = {PADDING} | {int(x) for x in (exclude[b] if exclude is not None else [])}
+        ranked = [int(j) for j in np.argsort(-row, kind="stable") if int(j) not in banned][:k]
+        pad = k - len(ranked)
+        out_i.append(ranked + [PADDING] * pad)
+        out_s.append([float(row[j]) for j in ranked] + [-np.inf] * pad)
+    return np.array(out_i, dtype=np.int64), np.array(out_s, dtype=np.float32)
+
+
+def verify_bundle(path: Path) -> dict[str, Any]:
+    """Read the manifest and check every listed file's sha256; return the manifest."""
+    mpath = path / MANIFEST
+    if not path.is_dir():
+        raise BundleError(f"{path}: not a bundle directory")
+    if not mpath.is_file():
+        raise BundleError(f"{path}: no {MANIFEST}; is this an `interest export` bundle?")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{mpath}: not valid JSON ({exc})") from None
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{mpath}: format {manifest.get('format')!r}, expected {BUNDLE_FORMAT}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"{mpath}: no file checksums")
+    for name, digest in sorted(files.items()):
+        fpath = path / name
+        if not fpath.is_file():
+            raise BundleError(f"{path}: incomplete bundle, {name} is missing")
+        actual = sha256_file(fpath)
+        if actual != digest:
+            raise BundleError(
+                f"{path}: checksum mismatch for {name} (corrupted or modified after export)"
+            )
+    if content_version(files) != manifest.get("version"):
+        raise BundleError(f"{mpath}: version does not match the file checksums")
+    return manifest
+
+
+def content_version(files: dict[str, str]) -> str:
+    """Bundle version: a hash of every file's checksum, so equal content gives equal version."""
+    h = hashlib.sha256()
+    for name, digest in sorted(files.items()):
+        h.update(f"{name}\0{digest}\n".encode())
+    return h.hexdigest()[:16]
