@@ -240,8 +240,9 @@ class EncoderRuntime:
     ) -> tuple[np.ndarray, EncoderStates]:
         """Rebuild users' states from their recent events (oldest first), one row per user.
 
-        Rows may differ in length; only the last ``receptive_field`` events matter and the
-        rest are dropped, events with UNKNOWN items are dropped, then rows are left-padded.
+        Rows may differ in length. Events with UNKNOWN (or padding) items are dropped; for
+        users with a memory only the last ``receptive_field`` events matter and the rest are
+        dropped too; then rows are left-padded into one batch.
         ``memory`` is each user's persisted long-term memory *after* their last event
         (``states.memory``), as a (B, d) array or a list with None for users without one;
         None (or a None entry) recomputes it from the given events, which is exact only when
@@ -253,18 +254,15 @@ class EncoderRuntime:
         if not (len(irows) == len(trows) == len(grows)):
             raise ValueError("items, types and gaps need one row per user")
         batch = len(irows)
+        has_memory = _has_memory(memory, batch)
         kept = []
-        for i, t, g in zip(irows, trows, grows, strict=True):
+        for b, (i, t, g) in enumerate(zip(irows, trows, grows, strict=True)):
             if not (len(i) == len(t) == len(g)):
                 raise ValueError("items, types and gaps rows must have equal lengths")
             known = i > 0
-            kept.append(
-                (
-                    i[known][-self.receptive_field :],
-                    t[known][-self.receptive_field :],
-                    g[known][-self.receptive_field :],
-                )
-            )
+            # Without a persisted memory every event feeds the recomputed memory: keep them all.
+            start = -self.receptive_field if has_memory[b] else 0
+            kept.append((i[known][start:], t[known][start:], g[known][start:]))
         width = max(1, max((len(k[0]) for k in kept), default=0))
         arr = np.zeros((3, batch, width), dtype=np.int64)
         for b, (i, t, g) in enumerate(kept):
@@ -328,18 +326,14 @@ class EncoderRuntime:
         memory: np.ndarray | Sequence[np.ndarray | None] | None,
     ) -> EncoderStates:
         batch = items.shape[0]
+        has = _has_memory(memory, batch)
         mem = np.zeros((batch, self.d_model), dtype=np.float32)
-        has = np.zeros(batch, dtype=bool)
         if isinstance(memory, np.ndarray):
             mem[:] = memory.reshape(batch, self.d_model)
-            has[:] = True
         elif memory is not None:
-            if len(memory) != batch:
-                raise ValueError("memory needs one entry (array or None) per user")
             for b, m in enumerate(memory):
                 if m is not None:
                     mem[b] = np.asarray(m, dtype=np.float32).reshape(self.d_model)
-                    has[b] = True
         feeds = {"items": items, "types": types, "gaps": gaps, "memory_in": mem, "has_memory": has}
         states = self._unpack(self._full.run(None, feeds))[1]
         # Users with no known event and no memory have no interest vector yet.
@@ -350,6 +344,16 @@ class EncoderRuntime:
     def _unpack(self, outs: list[np.ndarray]) -> tuple[np.ndarray, EncoderStates]:
         arrays = dict(zip(self.state_names, outs[1:], strict=True))
         return outs[0], EncoderStates(arrays=arrays, vectors=outs[0])
+
+
+def _has_memory(memory: np.ndarray | Sequence[np.ndarray | None] | None, batch: int) -> np.ndarray:
+    if memory is None:
+        return np.zeros(batch, dtype=bool)
+    if isinstance(memory, np.ndarray):
+        return np.ones(batch, dtype=bool)
+    if len(memory) != batch:
+        raise ValueError("memory needs one entry (array or None) per user")
+    return np.array([m is not None for m in memory], dtype=bool)
 
 
 def _top_k_masked(

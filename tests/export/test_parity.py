@@ -1,0 +1,131 @@
+"""ONNX vs torch, and incremental ONNX steps vs a full recompute (fast path vs reference)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from encoder.model import InterestEncoder
+from export.runtime import EncoderRuntime, EncoderStates
+
+TOL = 1e-4
+
+
+def _history(batch: int, length: int, n_items: int, seed: int) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    items = rng.integers(1, n_items + 1, (batch, length))
+    types = rng.integers(0, 4, (batch, length))
+    gaps = rng.integers(0, 8, (batch, length))
+    return items, types, gaps
+
+
+def _left_pad(a: np.ndarray, lengths: list[int]) -> np.ndarray:
+    out = np.zeros_like(a)
+    for b, n in enumerate(lengths):
+        if n:
+            out[b, -n:] = a[b, -n:]
+    return out
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _maxdiff(a: torch.Tensor | np.ndarray, b: np.ndarray) -> float:
+    a = a.numpy() if isinstance(a, torch.Tensor) else a
+    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+
+
+def test_full_graph_matches_torch(model: InterestEncoder, runtime: EncoderRuntime) -> None:
+    """full.onnx == InterestEncoder.state_from_window, with and without a persisted memory."""
+    T = runtime.receptive_field + 4  # longer than the export example: the window is dynamic
+    items, types, gaps = _history(4, T, model.cfg.n_items, seed=3)
+    items = _left_pad(items, [T, T - 2, 3, 0])  # padding, a short user, an empty user
+    memory = np.random.default_rng(4).normal(size=(4, model.cfg.d_model)).astype(np.float32)
+    session = runtime._full
+    for has in (np.ones(4, bool), np.zeros(4, bool)):
+        got = session.run(
+            None,
+            {"items": items, "types": types, "gaps": gaps, "memory_in": memory, "has_memory": has},
+        )
+        with torch.no_grad():
+            ref_vec, ref_state = model.state_from_window(
+                _t(items), _t(types), _t(gaps), _t(memory) if has.all() else None
+            )
+        assert _maxdiff(ref_vec[:3], got[0][:3]) <= TOL  # row 3 has no event: vector undefined
+        for name, ref in zip(ref_state._fields, ref_state, strict=True):
+            out = got[1 + ref_state._fields.index(name)]
+            assert out.dtype == ref.numpy().dtype, name
+            assert _maxdiff(ref, out) <= TOL, name
+
+
+def test_full_graph_matches_forward(model: InterestEncoder, runtime: EncoderRuntime) -> None:
+    """rebuild() of a whole history == the model's forward() at the last event."""
+    items, types, gaps = _history(3, 12, model.cfg.n_items, seed=5)
+    with torch.no_grad():
+        ref = model(_t(items), _t(types), _t(gaps))[:, -1]
+    vectors, _ = runtime.rebuild(items, types, gaps)
+    assert _maxdiff(ref, vectors) <= TOL
+
+
+def test_step_graph_matches_torch(model: InterestEncoder, runtime: EncoderRuntime) -> None:
+    items, types, gaps = _history(3, 8, model.cfg.n_items, seed=6)
+    with torch.no_grad():
+        _, state = model.state_from_window(_t(items), _t(types), _t(gaps))
+        nxt = (np.array([5, 0, 7]), np.array([1, 2, 3]), np.array([4, 5, 6]))  # row 1: no event
+        ref_vec, ref_state = model.step(state, *(_t(a) for a in nxt))
+    ort_state = EncoderStates(
+        arrays={n: t.numpy() for n, t in zip(state._fields, state, strict=True)},
+        vectors=np.zeros((3, model.cfg.d_model), np.float32),
+    )
+    vec, out = runtime.step(ort_state, *nxt)
+    assert _maxdiff(ref_vec[[0, 2]], vec[[0, 2]]) <= TOL
+    for name, ref in zip(ref_state._fields, ref_state, strict=True):
+        assert _maxdiff(ref, out.arrays[name]) <= TOL, name
+
+
+def test_incremental_steps_equal_full_recompute(
+    model: InterestEncoder, runtime: EncoderRuntime
+) -> None:
+    """A chain of ONNX steps over a history 3x the receptive field == torch full forward at
+    every event, and a rebuild from the last receptive_field events + memory continues it."""
+    T = 3 * runtime.receptive_field + 2
+    lengths = [T, 17, 4]
+    items, types, gaps = _history(3, T, model.cfg.n_items, seed=7)
+    items = _left_pad(items, lengths)
+    with torch.no_grad():
+        full = model(_t(items), _t(types), _t(gaps)).numpy()  # (B,T,d)
+    states = runtime.initial_state(3)
+    worst = 0.0
+    for t in range(T):
+        vec, states = runtime.step(states, items[:, t], types[:, t], gaps[:, t])
+        for b, n in enumerate(lengths):
+            if t >= T - n:
+                worst = max(worst, _maxdiff(full[b, t], vec[b]))
+    assert worst <= TOL
+    assert states.arrays["count"].tolist() == lengths
+
+    # Rebuild from the window tail + persisted memory, as the worker does on a cache miss.
+    rows = [slice(T - n, T) for n in lengths]
+    rf = runtime.receptive_field
+    vec_r, rebuilt = runtime.rebuild(
+        [items[b, r][-rf:] for b, r in enumerate(rows)],
+        [types[b, r][-rf:] for b, r in enumerate(rows)],
+        [gaps[b, r][-rf:] for b, r in enumerate(rows)],
+        memory=states.memory,
+    )
+    assert _maxdiff(vec, vec_r) <= TOL
+    more_items, more_types, more_gaps = _history(3, 6, model.cfg.n_items, seed=8)
+    for t in range(6):
+        step = (more_items[:, t], more_types[:, t], more_gaps[:, t])
+        v1, states = runtime.step(states, *step)
+        v2, rebuilt = runtime.step(rebuilt, *step)
+        assert _maxdiff(v1, v2) <= TOL
+
+
+def test_scores_match_torch(model: InterestEncoder, runtime: EncoderRuntime) -> None:
+    vectors = np.random.default_rng(9).normal(size=(2, model.cfg.d_model)).astype(np.float32)
+    with torch.no_grad():
+        ref = model.item_scores(_t(vectors)).numpy()
+    got = runtime.scores(vectors)
+    assert _maxdiff(ref[:, 1:], got[:, 1:]) <= TOL

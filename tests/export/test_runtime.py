@@ -1,0 +1,167 @@
+"""The worker-facing runtime: checksums, unknown items, top-k, providers, no torch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export import runtime as rt_mod
+from export.runtime import (
+    UNKNOWN,
+    BundleError,
+    EncoderRuntime,
+    EncoderStates,
+    _top_k_masked,
+    top_k_reference,
+)
+
+from .conftest import ITEM_IDS
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def bundle_copy(bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(bundle, tmp_path / "bundle"))
+
+
+def test_flipped_byte_in_step_graph_is_refused(bundle_copy: Path) -> None:
+    path = bundle_copy / "step.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"checksum mismatch for step\.onnx"):
+        EncoderRuntime.load(bundle_copy)
+
+
+def test_missing_items_is_refused(bundle_copy: Path) -> None:
+    (bundle_copy / "items.json").unlink()
+    with pytest.raises(BundleError, match=r"incomplete bundle, items\.json is missing"):
+        EncoderRuntime.load(bundle_copy)
+
+
+def test_missing_or_edited_manifest_is_refused(bundle_copy: Path) -> None:
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["version"] = "0" * 16
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="version does not match"):
+        EncoderRuntime.load(bundle_copy)
+    (bundle_copy / "manifest.json").unlink()
+    with pytest.raises(BundleError, match=r"no manifest\.json"):
+        EncoderRuntime.load(bundle_copy)
+    with pytest.raises(BundleError, match="not a bundle directory"):
+        EncoderRuntime.load(bundle_copy / "nope")
+
+
+def test_manifest_describes_the_bundle(runtime: EncoderRuntime, bundle: Path) -> None:
+    m = runtime.manifest
+    assert set(m["files"]) == {"full.onnx", "step.onnx", "items.json", "item_embeddings.npy"}
+    assert m["receptive_field"] == m["config"]["receptive_field"] == 9
+    assert m["metrics"] == {"ndcg@10": 0.123}
+    assert max(m["parity"].values()) <= 1e-4
+    assert runtime.version == m["version"] and len(runtime.version) == 16
+    assert runtime.item_ids == [None, *ITEM_IDS]
+    assert runtime.item_embeddings.shape == (len(ITEM_IDS) + 1, 16)
+
+
+def test_unknown_item_ids(runtime: EncoderRuntime) -> None:
+    idx = runtime.index_of(["item-3", "never-seen", "item-40", ""])
+    assert idx.tolist() == [3, UNKNOWN, 40, UNKNOWN]
+    assert runtime.ids_of([3, 0, UNKNOWN, 40]) == ["item-3", None, None, "item-40"]
+
+    # rebuild drops events with unknown items...
+    items = [np.array([3, UNKNOWN, 5, 7]), np.array([UNKNOWN])]
+    types = [np.array([0, 1, 2, 3]), np.array([0])]
+    gaps = [np.array([1, 2, 3, 4]), np.array([0])]
+    vec, st = runtime.rebuild(items, types, gaps)
+    vec_ref, _ = runtime.rebuild(
+        [np.array([3, 5, 7]), np.array([], np.int64)],
+        [np.array([0, 2, 3]), np.array([], np.int64)],
+        [np.array([1, 3, 4]), np.array([], np.int64)],
+    )
+    np.testing.assert_allclose(vec, vec_ref, atol=1e-6)
+    assert st.arrays["count"].tolist() == [3, 0]
+    assert not vec[1].any()  # a user with no known event has no vector yet
+
+    # ...and step skips them: same state, previous vector.
+    vec2, st2 = runtime.step(st, [UNKNOWN, 9], [0, 0], [1, 1])
+    np.testing.assert_array_equal(vec2[0], vec[0])
+    for name in st.arrays:
+        np.testing.assert_array_equal(st2.arrays[name][0], st.arrays[name][0])
+    assert st2.arrays["count"].tolist() == [3, 1]
+
+
+def test_states_stack_split_round_trip(runtime: EncoderRuntime) -> None:
+    _, st = runtime.rebuild(
+        [[1, 2, 3], [4], [5, 6]], [[0, 0, 0], [1], [2, 2]], [[0, 1, 2], [0], [0, 1]]
+    )
+    parts = st.split()
+    assert [len(p) for p in parts] == [1, 1, 1]
+    again = EncoderStates.stack(parts)
+    for name in st.arrays:
+        np.testing.assert_array_equal(again.arrays[name], st.arrays[name])
+    assert not np.shares_memory(parts[0].arrays["keys"], st.arrays["keys"])
+    assert st.nbytes == sum(p.nbytes for p in parts)
+
+
+def test_top_k_matches_reference() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(5, 30)).astype(np.float32)
+    exclude = [[1, 2, 3], [], list(range(1, 28)), [29, 0, -1, 99], list(range(30))]
+    for k in (1, 5, 40):
+        got_i, got_s = _top_k_masked(scores, k, exclude)
+        ref_i, ref_s = top_k_reference(scores, min(k, 30), exclude)
+        np.testing.assert_array_equal(got_i, ref_i)
+        np.testing.assert_array_equal(got_s, ref_s)
+    idx, _ = _top_k_masked(scores, 5, exclude)
+    assert 0 not in idx[1] and not set(idx[0]) & {1, 2, 3}
+    assert sorted(idx[2].tolist()) == [0, 0, 0, 28, 29]  # fewer than k left: 0 / -inf tail
+
+
+def test_top_k_on_runtime(runtime: EncoderRuntime) -> None:
+    vec, _ = runtime.rebuild([[1, 2, 3]], [[0, 0, 0]], [[0, 1, 1]])
+    idx, scores = runtime.top_k(vec, 5, exclude=[[1, 2, 3]])
+    assert idx.shape == scores.shape == (1, 5)
+    assert not set(idx[0].tolist()) & {0, 1, 2, 3}
+    assert np.all(np.diff(scores[0]) <= 0)
+
+
+def test_provider_choice(monkeypatch: pytest.MonkeyPatch, runtime: EncoderRuntime) -> None:
+    listed = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(rt_mod.ort, "get_available_providers", lambda: listed)
+    monkeypatch.setattr(rt_mod, "_cuda_device_count", lambda: 0)
+    assert rt_mod.choose_providers("auto") == ["CPUExecutionProvider"]  # listed but no GPU
+    monkeypatch.setattr(rt_mod, "_cuda_device_count", lambda: 1)
+    assert rt_mod.choose_providers("auto") == listed
+    assert rt_mod.choose_providers("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError):
+        rt_mod.choose_providers("tpu")
+    if rt_mod._cuda_device_count() == 0:  # this machine: the CPU fallback is what runs
+        assert runtime.provider == "CPUExecutionProvider"
+
+
+def test_runtime_does_not_import_torch(bundle: Path) -> None:
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from export.runtime import EncoderRuntime
+        rt = EncoderRuntime.load({str(bundle)!r})
+        vec, st = rt.rebuild([[1, 2, 3]], [[0, 1, 0]], [[0, 2, 2]])
+        vec, st = rt.step(st, rt.index_of(["item-4"]), [0], [1])
+        rt.top_k(vec, 3, exclude=[[1, 2, 3, 4]])
+        assert "torch" not in sys.modules, "runtime imported torch"
+        print(rt.provider)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("ExecutionProvider")
