@@ -190,7 +190,13 @@ def _example_inputs(cfg: EncoderConfig, batch: int, length: int, seed: int) -> d
 
 
 def export_onnx(model: InterestEncoder, out_dir: Path) -> dict[str, Any]:
-    """Write full.onnx and step.onnx; return the state layout for the manifest."""
+    """Write full.onnx and step.onnx; return the state layout for the manifest.
+
+    The wrappers are put in eval mode: torch.onnx.export restores the *wrapper's* training
+    flag on every submodule afterwards, so a fresh (training) wrapper would switch the model's
+    dropout back on for everything that runs after the export.
+    """
+    model.eval()
     cfg = model.cfg
     full_in = FULL_INPUTS
     state_out = [f"out_{n}" for n in STATE_NAMES]
@@ -198,7 +204,7 @@ def export_onnx(model: InterestEncoder, out_dir: Path) -> dict[str, Any]:
     full_ex = _example_inputs(cfg, 2, max(3, cfg.span + 1), seed=0)
     with torch.no_grad():
         torch.onnx.export(
-            FullGraph(model),
+            FullGraph(model).eval(),
             tuple(full_ex[n] for n in full_in),
             str(out_dir / "full.onnx"),
             input_names=full_in,
@@ -224,7 +230,7 @@ def export_onnx(model: InterestEncoder, out_dir: Path) -> dict[str, Any]:
             *state,
         )
         torch.onnx.export(
-            StepGraph(model),
+            StepGraph(model).eval(),
             step_ex,
             str(out_dir / "step.onnx"),
             input_names=step_in,
@@ -290,6 +296,7 @@ def check_parity(model: InterestEncoder, out_dir: Path) -> dict[str, float]:
     """Max abs difference ONNX Runtime (CPU) vs torch for both graphs, on random input."""
     import onnxruntime as ort
 
+    model.eval()
     cfg = model.cfg
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -299,12 +306,12 @@ def check_parity(model: InterestEncoder, out_dir: Path) -> dict[str, float]:
     # A different batch and window than the export example, to catch frozen shapes.
     ex = _example_inputs(cfg, 3, cfg.receptive_field + 3, seed=1)
     with torch.no_grad():
-        ref = FullGraph(model)(**ex)
+        ref = FullGraph(model).eval()(**ex)
         got = full.run(None, {k: v.numpy() for k, v in ex.items()})
         full_diff = max(_maxdiff(r, g) for r, g in zip(ref, got, strict=True))
         # step from the rebuilt state: the ONNX step of the ONNX state vs the torch step
         nxt = {"items": ex["items"][:, 0] + 1, "types": ex["types"][:, 0], "gaps": ex["gaps"][:, 0]}
-        ref_step = StepGraph(model)(*nxt.values(), *ref[1:])
+        ref_step = StepGraph(model).eval()(*nxt.values(), *ref[1:])
         feeds = {k: v.numpy() for k, v in nxt.items()}
         feeds.update({f"in_{n}": a for n, a in zip(STATE_NAMES, got[1:], strict=True)})
         got_step = step.run(None, feeds)

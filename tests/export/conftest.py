@@ -19,8 +19,8 @@ def tiny_model(use_memory: bool = True) -> InterestEncoder:
     torch.manual_seed(0)
     cfg = EncoderConfig(
         n_items=N_ITEMS, d_model=16, n_layers=2, n_heads=2, span=5, n_time_buckets=8,
-        dropout=0.0, memory_decay=0.9, use_memory=use_memory,
-    )  # fmt: skip
+        dropout=0.2, memory_decay=0.9, use_memory=use_memory,
+    )  # fmt: skip  (dropout > 0 pins that export leaves the model in eval mode)
     model = InterestEncoder(cfg).eval()
     with torch.no_grad():  # a non-trivial distance bias so positions matter
         for block in model.blocks:
