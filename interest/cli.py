@@ -69,6 +69,14 @@ def worker() -> None:
 
 
 @app.command()
+def serve() -> None:
+    """Run the HTTP ingest endpoint (POST /events)."""
+    from streams.http import run_http
+
+    run_http(_settings())
+
+
+@app.command()
 def push(
     file: Annotated[str, typer.Argument(help="JSONL file of events, or - for stdin")] = "-",
 ) -> None:

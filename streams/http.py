@@ -1,0 +1,233 @@
+"""HTTP ingest: `POST /events` puts apps' events on the input topics, `GET /healthz` for probes.
+
+    curl -X POST http://127.0.0.1:8088/events -H 'Content-Type: application/json' \\
+         -H "Authorization: Bearer $INTEREST_HTTP_TOKEN" \\
+         -d '[{"user_id": "u1", "item_id": "i9", "event_type": "click",
+               "timestamp": 1700000000000}]'
+
+The worker validates again and dead-letters what it rejects, but a caller of an HTTP endpoint
+cannot read the dead letter topic, so every event is validated here first with the worker's own
+`parse_event` and a request is all-or-nothing: one bad event answers 400 naming its index and
+nothing is sent. Accepted events are sent with acks=all and the answer (202) waits for the
+broker's acknowledgement, so a 202 means the events are durable on the topic.
+
+Event ids: an event without `event_id` gets one derived from its content (a UUIDv5 of its
+canonical JSON), not a random one and not the worker's topic/partition/offset id. A client that
+retries a request after a timeout or a 503 thus sends the same ids again, and the worker's window
+drops an event_id it already holds, so a retry is not applied twice. The price: two events that
+are identical in every field (same user, item, type, millisecond and properties) count once;
+apps that need both send their own `event_id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from streams.client import route
+from streams.events import InvalidEvent, Source, parse_event
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Namespace for content-derived event ids (uuid5); fixed forever, or retried ids would change.
+EVENT_ID_NAMESPACE = uuid.UUID("6f3c2a1e-9b7d-5e4f-8a2b-1c0d9e8f7a6b")
+# Validation only: an HTTP event has no offset yet, and always gets an event_id before this.
+HTTP_SOURCE = Source("http", -1, -1)
+SEND_TIMEOUT_SECONDS = 30.0
+HEALTH_TIMEOUT_SECONDS = 2.0
+SHUTDOWN_TIMEOUT_SECONDS = 5.0
+
+SETTINGS_KEY = web.AppKey("settings", Settings)
+PRODUCER_KEY = web.AppKey("producer", AIOKafkaProducer)
+
+
+class BadEvent(Exception):
+    """One event of a request failed validation; `index` is its position in the array."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(reason)
+        self.index = index
+        self.reason = reason
+
+
+def _error(status: int, message: str, **extra: object) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name} is not allowed")
+
+
+def content_event_id(event: dict[str, Any]) -> str:
+    """The id an event without one gets: the same content always gives the same id."""
+    canonical = json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return str(uuid.uuid5(EVENT_ID_NAMESPACE, canonical))
+
+
+def prepare_events(payload: object, settings: Settings) -> list[tuple[str, bytes]]:
+    """(event_id, message bytes) per event, validated as the worker will; raises BadEvent."""
+    events = payload if isinstance(payload, list) else [payload]
+    prepared: list[tuple[str, bytes]] = []
+    for index, event in enumerate(events):
+        if not isinstance(event, dict):
+            raise BadEvent(index, "event must be a JSON object")
+        if event.get("event_id") is None:
+            event = {k: v for k, v in event.items() if k != "event_id"}
+            event["event_id"] = content_event_id(event)
+        try:
+            raw = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadEvent(index, "event contains invalid Unicode (a lone surrogate)") from None
+        try:
+            parsed = parse_event(
+                raw,
+                HTTP_SOURCE,
+                max_id_length=settings.max_id_length,
+                max_event_bytes=settings.max_event_bytes,
+            )
+        except InvalidEvent as exc:
+            raise BadEvent(index, str(exc)) from None
+        prepared.append((parsed.event_id, raw))
+    return prepared
+
+
+def _authorized(request: web.Request, settings: Settings) -> bool:
+    if settings.http_token is None:
+        return True
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    expected = settings.http_token.get_secret_value().encode()
+    # compare_digest runs in time independent of where the strings differ.
+    return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), expected)
+
+
+async def post_events(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS_KEY]
+    if not _authorized(request, settings):
+        response = _error(401, "missing or wrong bearer token")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+    if request.content_type != "application/json":
+        return _error(415, "Content-Type must be application/json")
+    limit = settings.http_max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        return _error(413, f"body is {request.content_length} bytes, more than {limit}")
+    body = await request.read()  # raises 413 past client_max_size (chunked bodies too)
+    try:
+        payload = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        return _error(400, "body is not valid UTF-8")
+    except ValueError as exc:
+        return _error(400, f"body is not JSON: {exc}")
+    count = len(payload) if isinstance(payload, list) else 1
+    if count == 0:
+        return _error(400, "empty array: no events to accept")
+    if count > settings.http_max_events_per_request:
+        return _error(
+            413, f"{count} events, more than {settings.http_max_events_per_request} per request"
+        )
+    try:
+        prepared = prepare_events(payload, settings)
+    except BadEvent as exc:
+        return _error(400, exc.reason, index=exc.index)
+
+    producer = request.app[PRODUCER_KEY]
+    try:
+        futures = []
+        for _, raw in prepared:
+            topic, key = route(settings, raw)
+            futures.append(await producer.send(topic, value=raw, key=key))
+        await asyncio.wait_for(asyncio.gather(*futures), SEND_TIMEOUT_SECONDS)
+    except (KafkaError, TimeoutError) as exc:
+        log.warning("sending %d events failed: %r", len(prepared), exc)
+        # Some may be on the topic already; ids are deterministic, so a retry is deduplicated.
+        return _error(503, f"broker did not acknowledge the events ({exc!r}); retry the request")
+    return web.json_response(
+        {"accepted": len(prepared), "event_ids": [event_id for event_id, _ in prepared]},
+        status=202,
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """200 only while the broker answers a metadata request: a live process is not enough."""
+    producer = request.app[PRODUCER_KEY]
+    try:
+        await asyncio.wait_for(producer.client.fetch_all_metadata(), HEALTH_TIMEOUT_SECONDS)
+    except (KafkaError, TimeoutError) as exc:
+        return _error(503, f"broker unreachable: {exc!r}")
+    return web.json_response({"status": "ok"})
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's own 404/405/413 become JSON like ours, so clients parse one error shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow",)}
+        return web.json_response(
+            {"error": exc.text or exc.reason}, status=exc.status, headers=headers
+        )
+
+
+def create_http_app(settings: Settings) -> web.Application:
+    """The ingest application; its producer starts with the app and is flushed on cleanup."""
+    app = web.Application(client_max_size=settings.http_max_body_bytes, middlewares=[json_errors])
+    app[SETTINGS_KEY] = settings
+
+    async def start_producer(app: web.Application) -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            client_id=f"{settings.group_id}-http",
+            acks="all",
+            linger_ms=5,
+            **settings.kafka_client_options(),  # type: ignore[arg-type]
+        )
+        await producer.start()
+        app[PRODUCER_KEY] = producer
+
+    async def stop_producer(app: web.Application) -> None:
+        producer = app.get(PRODUCER_KEY)
+        if producer is None:
+            return
+        try:
+            # Bounded: with the broker gone, stop() would wait out every pending batch, yet
+            # those requests were already answered 503, so nothing acknowledged is dropped.
+            await asyncio.wait_for(producer.stop(), SHUTDOWN_TIMEOUT_SECONDS)
+        except TimeoutError:
+            log.warning(
+                "producer did not flush within %ss; unsent batches dropped",
+                SHUTDOWN_TIMEOUT_SECONDS,
+            )
+
+    app.on_startup.append(start_producer)
+    app.on_cleanup.append(stop_producer)
+    app.router.add_post("/events", post_events)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+def run_http(settings: Settings) -> None:
+    """Serve until SIGINT/SIGTERM; topics are created first so serving before the worker works."""
+    from streams.topics import ensure_topics
+
+    logging.basicConfig(level=settings.log_level)
+    ensure_topics(settings)
+    web.run_app(
+        create_http_app(settings),
+        host=settings.http_host,
+        port=settings.http_port,
+    )

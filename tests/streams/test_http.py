@@ -1,0 +1,203 @@
+"""HTTP ingest against the real embedded broker: what is accepted lands keyed by user on the
+right topic, and what is refused (bad event, too big, no token, not JSON) sends nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient, TestServer
+from kafka import KafkaConsumer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+from pydantic import SecretStr
+
+from streams.http import content_event_id, create_http_app
+from streams.settings import Settings
+
+Scenario = Callable[[TestClient], Awaitable[None]]
+
+
+def event(user: str = "u1", item: str = "i1", kind: str = "click", **extra: Any) -> dict:
+    return {
+        "user_id": user,
+        "item_id": item,
+        "event_type": kind,
+        "timestamp": 1_700_000_000_000,
+        **extra,
+    }
+
+
+def serve(settings: Settings, scenario: Scenario) -> None:
+    """Run `scenario` against the app on a real socket, its producer connected to the broker."""
+
+    async def main() -> None:
+        async with TestClient(TestServer(create_http_app(settings))) as client:
+            await scenario(client)
+
+    asyncio.run(main())
+
+
+async def post(client: TestClient, body: object, **headers: str) -> ClientResponse:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return await client.post(
+        "/events", data=data, headers={"Content-Type": "application/json", **headers}
+    )
+
+
+def read_topic(
+    settings: Settings, topic: str, expected: int, timeout: float = 10.0
+) -> list[ConsumerRecord]:
+    """Every record on `topic`, polling until `expected` arrived, then once more for extras."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        enable_auto_commit=False,
+        **settings.kafka_client_options(),
+    )
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        records: list[ConsumerRecord] = []
+        deadline = time.monotonic() + timeout
+        while len(records) < expected and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=200).values():
+                records.extend(batch)
+        for batch in consumer.poll(timeout_ms=300).values():
+            records.extend(batch)
+        return records
+    finally:
+        consumer.close()
+
+
+def test_single_event_and_array_land_on_their_topics_keyed_by_user(settings: Settings) -> None:
+    answers: list[dict[str, Any]] = []
+
+    async def scenario(client: TestClient) -> None:
+        response = await post(client, event("u1", "i1", event_id="mine-1"))
+        assert response.status == 202, await response.text()
+        answers.append(await response.json())
+        batch = [event("u2", "i2"), event("u3", "i3", "purchase"), event("u2", "i4", "view")]
+        response = await post(client, batch)
+        assert response.status == 202, await response.text()
+        answers.append(await response.json())
+        health = await client.get("/healthz")
+        assert health.status == 200
+
+    serve(settings, scenario)
+
+    assert answers[0] == {"accepted": 1, "event_ids": ["mine-1"]}
+    assert answers[1]["accepted"] == 3
+    generated = answers[1]["event_ids"]
+    assert generated[0] == content_event_id(event("u2", "i2"))  # same content, same id
+    assert len(set(generated)) == 3
+
+    clicks = read_topic(settings, settings.topic_clicks, 3)
+    purchases = read_topic(settings, settings.topic_purchases, 1)
+    by_id = {json.loads(r.value)["event_id"]: r for r in clicks + purchases}
+    assert sorted(by_id) == sorted(["mine-1", *generated])
+    for record in clicks + purchases:
+        assert record.key == json.loads(record.value)["user_id"].encode()
+    assert [json.loads(r.value)["user_id"] for r in purchases] == ["u3"]
+    assert json.loads(by_id[generated[1]].value)["event_type"] == "purchase"
+
+
+def test_one_bad_event_refuses_the_whole_request(settings: Settings) -> None:
+    async def scenario(client: TestClient) -> None:
+        batch = [event("u1", "i1"), event("u1", "i2", kind="hover"), event("u1", "i3")]
+        response = await post(client, batch)
+        assert response.status == 400
+        body = await response.json()
+        assert body["index"] == 1
+        assert "event_type" in body["error"]
+
+        response = await post(client, [event("u1", "i1"), "not an object"])
+        assert (response.status, (await response.json())["index"]) == (400, 1)
+        response = await post(client, event(user=""))
+        assert (response.status, (await response.json())["index"]) == (400, 0)
+        response = await post(client, [])
+        assert response.status == 400
+        # A marker after the refusals: once it is on the topic, anything refused would be too.
+        response = await post(client, event("marker", "i9"))
+        assert response.status == 202
+
+    serve(settings, scenario)
+    records = read_topic(settings, settings.topic_clicks, 1)
+    assert [json.loads(r.value)["user_id"] for r in records] == ["marker"]
+
+
+def test_oversize_body_and_too_many_events_are_413(settings: Settings) -> None:
+    small = settings.model_copy(
+        update={"http_max_body_bytes": 2048, "http_max_events_per_request": 3}
+    )
+
+    async def scenario(client: TestClient) -> None:
+        big = [event("u1", f"item-{n:04d}") for n in range(40)]
+        response = await post(client, big)
+        assert response.status == 413
+        assert "2048" in (await response.json())["error"]
+
+        async def chunks() -> Any:  # no Content-Length: the limit must hold while reading
+            for _ in range(10):
+                yield b" " * 1024
+            yield b"[]"
+
+        response = await client.post(
+            "/events", data=chunks(), headers={"Content-Type": "application/json"}
+        )
+        assert response.status == 413
+
+        response = await post(client, [event("u1", f"i{n}") for n in range(4)])
+        assert response.status == 413
+        assert "more than 3" in (await response.json())["error"]
+        assert (await post(client, event("marker"))).status == 202
+
+    serve(small, scenario)
+    records = read_topic(small, small.topic_clicks, 1)
+    assert [json.loads(r.value)["user_id"] for r in records] == ["marker"]
+
+
+def test_bearer_token_is_required_when_configured(settings: Settings) -> None:
+    guarded = settings.model_copy(update={"http_token": SecretStr("s3cret")})
+
+    async def scenario(client: TestClient) -> None:
+        response = await post(client, event())
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+        response = await post(client, event(), Authorization="Bearer wrong")
+        assert response.status == 401
+        response = await post(client, event(), Authorization="Basic s3cret")
+        assert response.status == 401
+        response = await post(client, event(item="ok"), Authorization="Bearer s3cret")
+        assert response.status == 202
+
+    serve(guarded, scenario)
+    records = read_topic(guarded, guarded.topic_clicks, 1)
+    assert [json.loads(r.value)["item_id"] for r in records] == ["ok"]
+
+
+def test_malformed_requests_get_a_reason(settings: Settings) -> None:
+    async def scenario(client: TestClient) -> None:
+        response = await post(client, b"{not json")
+        assert response.status == 400
+        assert "not JSON" in (await response.json())["error"]
+        response = await post(client, b'{"user_id": NaN}')
+        assert response.status == 400
+        response = await post(client, b"\xff\xfe")
+        assert response.status == 400
+        assert "UTF-8" in (await response.json())["error"]
+        response = await client.post(
+            "/events", data=json.dumps(event()), headers={"Content-Type": "text/plain"}
+        )
+        assert response.status == 415
+        response = await client.get("/events")
+        assert response.status == 405
+        assert "error" in await response.json()
+        assert (await post(client, event("marker"))).status == 202
+
+    serve(settings, scenario)
+    records = read_topic(settings, settings.topic_clicks, 1)
+    assert [json.loads(r.value)["user_id"] for r in records] == ["marker"]
