@@ -40,7 +40,7 @@ class EncoderConfig:
     n_layers: int = 2
     n_heads: int = 2
     span: int = 100  # each event attends to itself and the previous span-1 events
-    ffn_mult: int = 4
+    ffn_mult: int = 2
     n_event_types: int = len(EVENT_TYPES)
     n_time_buckets: int = DEFAULT_TIME_BUCKETS  # bucket 0 = unknown gap
     dropout: float = 0.2
@@ -103,19 +103,14 @@ class SlidingWindowAttention(nn.Module):
         return q.view(shape), k.view(shape), v.view(shape)
 
     def forward(
-        self, x: torch.Tensor, valid: torch.Tensor
+        self, x: torch.Tensor, blocked: torch.Tensor, dist: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (B,T,d), valid: (B,T) bool (False = padding). Returns output, k, v (B,H,T,hd)."""
+        """x: (B,T,d); blocked: (B,1,T,T) True where query i may not see key j; dist: (T,T)
+        query minus key position, clamped to 0..span-1. Returns output, k, v (B,H,T,hd)."""
         B, T, d = x.shape
         q, k, v = (t.transpose(1, 2) for t in self._split(x))  # (B,H,T,hd)
-        pos = torch.arange(T, device=x.device)
-        dist = pos[:, None] - pos[None, :]  # (T,T): query i minus key j
-        in_window = (dist >= 0) & (dist < self.span)
-        bias = self.rel_bias[:, dist.clamp(0, self.span - 1)]  # (H,T,T)
-        # a padding query sees itself only, so its row is never empty; real queries never see pads
-        allowed = in_window & (valid[:, None, :] | torch.eye(T, dtype=torch.bool, device=x.device))
-        att = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim)) + bias  # (B,H,T,T)
-        att = att.masked_fill(~allowed[:, None], NEG_INF).softmax(dim=-1)
+        att = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim))  # (B,H,T,T)
+        att = (att + self.rel_bias[:, dist]).masked_fill(blocked, NEG_INF).softmax(dim=-1)
         y = self.attn_drop(att) @ v  # (B,H,T,hd)
         y = y.transpose(1, 2).reshape(B, T, d)
         return self.resid_drop(self.proj(y)), k, v
@@ -161,9 +156,9 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
 
     def forward(
-        self, x: torch.Tensor, valid: torch.Tensor
+        self, x: torch.Tensor, blocked: torch.Tensor, dist: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        a, k, v = self.attn(self.ln1(x), valid)
+        a, k, v = self.attn(self.ln1(x), blocked, dist)
         x = x + a
         return x + self.ffn(self.ln2(x)), k, v
 
@@ -189,17 +184,33 @@ class DecayedMemory(nn.Module):
         self.out = nn.Linear(cfg.d_model, cfg.d_model)
 
     def scan(self, e: torch.Tensor, valid: torch.Tensor, m0: torch.Tensor) -> torch.Tensor:
-        """Closed form of the recurrence. e: (B,T,d), valid: (B,T), m0: (B,d) -> (B,T,d)."""
-        T = e.shape[1]
-        vf = valid.to(e.dtype)
-        n = vf.cumsum(dim=1)  # (B,T): real events up to and including t
-        causal = torch.ones(T, T, dtype=torch.bool, device=e.device).tril()
-        expo = (n[:, :, None] - n[:, None, :]).clamp(min=0)  # (B,T,T): decays between s and t
-        w = torch.pow(self.gamma, expo) * vf[:, None, :] * causal  # (B,T,T)
-        return w @ e + torch.pow(self.gamma, n)[:, :, None] * m0[:, None, :]
+        """All m_t of the recurrence. e: (B,T,d), valid: (B,T), m0: (B,d) -> (B,T,d).
+
+        O(T*d): inside a chunk of C events, m_t = g^{n_t} (m_start + sum_s g^{-n_s} e_s) with n
+        counted from the chunk start, so one cumsum per chunk; C keeps g^{-C} small (precision).
+        """
+        vf = valid.to(e.dtype)[..., None]  # (B,T,1)
+        chunk = max(1, min(64, int(math.log(1e3) / max(-math.log(self.gamma), 1e-9))))
+        m, outs = m0, []
+        for s in range(0, e.shape[1], chunk):
+            v = vf[:, s : s + chunk]
+            n = v.cumsum(dim=1)  # (B,C,1): real events since the chunk start, inclusive
+            g = torch.pow(self.gamma, n)
+            c = g * (m[:, None] + (v * e[:, s : s + chunk] / g).cumsum(dim=1))  # (B,C,d)
+            outs.append(c)
+            m = c[:, -1]
+        return torch.cat(outs, dim=1)
 
     def step(self, m: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return self.gamma * m + e
+
+    def from_prefix(self, prefix: torch.Tensor, item_weight: torch.Tensor) -> torch.Tensor:
+        """Memory after a left-padded run of items (B,P) -> (B,d), as one weighted bag."""
+        P = prefix.shape[1]
+        back = torch.arange(P - 1, -1, -1, device=prefix.device, dtype=item_weight.dtype)
+        w = torch.pow(self.gamma, back).expand(prefix.shape[0], P)  # (B,P): gamma^(steps back)
+        w = w * (prefix != 0).to(item_weight.dtype)
+        return F.embedding_bag(prefix, item_weight, mode="sum", per_sample_weights=w)
 
     def mix(self, m: torch.Tensor) -> torch.Tensor:
         return self.out(self.ln(m))
@@ -251,9 +262,16 @@ class InterestEncoder(nn.Module):
         B, T = items.shape
         valid = items != 0  # (B,T)
         x = self._embed(items, types, gaps)  # (B,T,d)
+        pos = torch.arange(T, device=items.device)
+        dist = pos[:, None] - pos[None, :]  # (T,T): query i minus key j
+        in_window = (dist >= 0) & (dist < self.cfg.span)
+        # a padding query sees itself only, so its row is never empty; real queries never see pads
+        own = torch.eye(T, dtype=torch.bool, device=items.device)
+        blocked = ~(in_window & (valid[:, None, :] | own))[:, None]  # (B,1,T,T)
+        dist = dist.clamp(0, self.cfg.span - 1)
         ks, vs = [], []
         for block in self.blocks:
-            x, k, v = block(x, valid)
+            x, k, v = block(x, blocked, dist)
             ks.append(k)
             vs.append(v)
         if memory0 is None:
@@ -276,6 +294,12 @@ class InterestEncoder(nn.Module):
         memory0 (B,d) is the long-term memory before the first position (zeros if None).
         """
         return self.forward_with_cache(items, types, gaps, memory0).out
+
+    def memory_from_prefix(self, prefix: torch.Tensor) -> torch.Tensor:
+        """Memory after the items (B,P) (left-padded, oldest first) -> memory0 (B,d)."""
+        if self.memory is None:
+            return self.item_emb.weight.new_zeros(prefix.shape[0], self.cfg.d_model)
+        return self.memory.from_prefix(prefix, self.item_emb.weight)
 
     def init_state(self, batch: int) -> EncoderState:
         c = self.cfg

@@ -13,8 +13,15 @@ TOL = 1e-4
 def _model(use_memory: bool = True, span: int = 5, n_layers: int = 2) -> InterestEncoder:
     torch.manual_seed(0)
     cfg = EncoderConfig(
-        n_items=50, d_model=16, n_layers=n_layers, n_heads=2, span=span, n_time_buckets=8,
-        dropout=0.0, memory_decay=0.9, use_memory=use_memory,
+        n_items=50,
+        d_model=16,
+        n_layers=n_layers,
+        n_heads=2,
+        span=span,
+        n_time_buckets=8,
+        dropout=0.0,
+        memory_decay=0.9,
+        use_memory=use_memory,
     )
     model = InterestEncoder(cfg).eval()
     with torch.no_grad():  # non-trivial distance bias and non-zero type/gap tables

@@ -1,0 +1,96 @@
+"""Offline quality bench: train with the default settings, then evaluate (leave-one-out, full
+ranking, seen items excluded) on ml-1m and Amazon Beauty; prints metrics and training minutes.
+
+    python bench/quality.py                         # both data sets, defaults (about 1 hour)
+    python bench/quality.py --data ml-1m --ablation # also ml-1m without the long-term memory
+
+Data comes from ../shared/data (never committed; MovieLens terms forbid redistribution). Where
+it is missing the bench says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATA_DIR = ROOT.parent / "shared" / "data"
+DATA_SETS = {"ml-1m": "ml-1m.txt", "beauty": "beauty.txt"}
+BAR = {"ml-1m": {"ndcg@10": 0.18, "hr@10": 0.31}, "beauty": {"ndcg@10": 0.033}}
+SHOWN = (
+    "ndcg@10",
+    "hr@10",
+    "ndcg@20",
+    "hr@20",
+    "map@10",
+    "mrr",
+    "sampled_hr@10",
+    "sampled_ndcg@10",
+    "coverage@10",
+)
+
+
+def run_one(name: str, path: Path, out: Path, max_minutes: float | None, **overrides) -> dict:
+    from encoder.evaluate import evaluate
+    from encoder.train import train
+
+    t0 = time.monotonic()
+    summary = train(path, out, max_minutes=max_minutes, progress=sys.stderr.isatty(), **overrides)
+    metrics = evaluate(out, path)
+    row = {
+        "data": name,
+        "variant": ",".join(f"{k}={v}" for k, v in overrides.items()) or "default",
+        "train_minutes": summary["train_minutes"],
+        "epochs": summary["epochs"],
+        "best_epoch": summary["best_epoch"],
+        "stopped": summary["stopped"],
+        "total_minutes": round((time.monotonic() - t0) / 60, 2),
+        **{k: round(metrics[k], 4) for k in SHOWN if k in metrics},
+    }
+    bar = BAR.get(name, {})
+    row["bar_met"] = all(metrics[k] >= v for k, v in bar.items()) if bar else None
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", nargs="*", default=list(DATA_SETS), choices=list(DATA_SETS))
+    ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    ap.add_argument("--max-minutes", type=float, default=None, help="override the default")
+    ap.add_argument("--ablation", action="store_true", help="also train ml-1m without memory")
+    ap.add_argument("--out", type=Path, default=None, help="keep the models here")
+    args = ap.parse_args()
+
+    if not args.data_dir.is_dir():
+        print(
+            f"skipped: {args.data_dir} not found (the data sets are not committed; see "
+            "../shared/data/SOURCES.md)"
+        )
+        return 0
+    out_root = args.out or Path(tempfile.mkdtemp(prefix="quality-"))
+    rows = []
+    for name in args.data:
+        path = args.data_dir / DATA_SETS[name]
+        if not path.is_file():
+            print(f"skipped {name}: {path} not found")
+            continue
+        variants: list[dict] = [{}]
+        if args.ablation and name == "ml-1m":
+            variants.append({"use_memory": False})
+        for over in variants:
+            tag = name + ("" if not over else "-no-memory")
+            row = run_one(name, path, out_root / tag, args.max_minutes, **over)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"models in {out_root}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,338 @@
+"""Behaviour logs -> per-user index sequences -> padded tensors for training and evaluation.
+
+Three input formats, picked by file extension:
+
+* ``.jsonl`` / ``.json``: one event per line in the service's event format
+  (user_id, item_id, event_type, timestamp as epoch ms or ISO-8601).
+* ``.csv``: a header with user/item/type/timestamp columns (``user_id``, ``item_id``,
+  ``event_type`` are accepted too; type and timestamp are optional).
+* anything else: SASRec format, ``user item`` per line, each user's lines in time order. No type
+  and no time: every event gets the default type and gap bucket 0 (unknown).
+
+String ids are mapped to indices (items 1..N, 0 = padding); the vocabulary is saved with the
+model. Split: leave-one-out, the last event of each user is the test target, the second to last
+the validation target (users with fewer than 3 events only train), as in SASRec.
+
+Everything per user happens once, here, with numpy; the training loop only slices tensors.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from encoder.features import (
+    DEFAULT_EVENT_TYPE,
+    DEFAULT_TIME_BUCKETS,
+    event_type_index,
+    time_gap_bucket,
+)
+from interest.errors import UserError
+
+
+@dataclass
+class UserSequence:
+    items: np.ndarray  # (n,) int64 item indices, time order
+    types: np.ndarray  # (n,) int64 event type indices
+    gaps: np.ndarray  # (n,) int64 time-gap buckets
+
+
+@dataclass
+class Interactions:
+    """All users' event sequences plus the id vocabularies."""
+
+    user_ids: list[str]
+    item_ids: list[str]  # item index i (1-based) is item_ids[i - 1]
+    sequences: list[UserSequence]
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def n_events(self) -> int:
+        return sum(len(s.items) for s in self.sequences)
+
+
+# ---------------------------------------------------------------------------------- parsing
+
+
+def parse_timestamp(value: object) -> float:
+    """Epoch milliseconds (int/float or digit string) or ISO-8601 string -> epoch seconds."""
+    if isinstance(value, bool):
+        raise ValueError("timestamp must be a number or an ISO-8601 string")
+    if isinstance(value, int | float):
+        return float(value) / 1000.0
+    if isinstance(value, str):
+        s = value.strip()
+        try:
+            return float(s) / 1000.0
+        except ValueError:
+            pass
+        try:
+            dt = datetime.fromisoformat(s)
+        except ValueError:
+            raise ValueError(f"bad timestamp {value!r}") from None
+        if dt.tzinfo is None:  # naive times are taken as UTC
+            dt = dt.replace(tzinfo=UTC)
+        return dt.timestamp()
+    raise ValueError("timestamp must be a number or an ISO-8601 string")
+
+
+# (user, item, type index, epoch seconds or None) per event, in file order
+RawEvent = tuple[str, str, int, float | None]
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                yield lineno, line
+
+
+def _read_sasrec(path: Path) -> Iterator[RawEvent]:
+    for lineno, line in _lines(path):
+        parts = line.split()
+        if len(parts) != 2:
+            raise UserError(f"{path}:{lineno}: expected 'user item', got {line.strip()[:80]!r}")
+        yield parts[0], parts[1], DEFAULT_EVENT_TYPE, None
+
+
+def _read_jsonl(path: Path) -> Iterator[RawEvent]:
+    for lineno, line in _lines(path):
+        try:
+            ev = json.loads(line)
+            if not isinstance(ev, dict):
+                raise ValueError("not a JSON object")
+            user, item = ev["user_id"], ev["item_id"]
+            if not isinstance(user, str | int) or not isinstance(item, str | int):
+                raise ValueError("user_id and item_id must be strings")
+            etype = event_type_index(ev.get("event_type", "click"))
+            ts = parse_timestamp(ev["timestamp"]) if "timestamp" in ev else None
+        except KeyError as exc:
+            raise UserError(f"{path}:{lineno}: missing field {exc.args[0]!r}") from None
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            raise UserError(f"{path}:{lineno}: {exc}") from None
+        yield str(user), str(item), etype, ts
+
+
+_CSV_COLUMNS = {
+    "user": ("user", "user_id"),
+    "item": ("item", "item_id"),
+    "type": ("type", "event_type"),
+    "timestamp": ("timestamp", "time", "ts"),
+}
+
+
+def _read_csv(path: Path) -> Iterator[RawEvent]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        header = [h.strip().lower() for h in next(reader, [])]
+        col: dict[str, int] = {}
+        for name, aliases in _CSV_COLUMNS.items():
+            for a in aliases:
+                if a in header:
+                    col[name] = header.index(a)
+                    break
+        if "user" not in col or "item" not in col:
+            raise UserError(f"{path}:1: CSV header needs user and item columns, got {header}")
+        for row in reader:
+            lineno = reader.line_num
+            if not any(cell.strip() for cell in row):
+                continue
+            try:
+                if len(row) != len(header):
+                    raise ValueError(f"expected {len(header)} columns, got {len(row)}")
+                etype = event_type_index(row[col["type"]].strip()) if "type" in col else 0
+                ts = parse_timestamp(row[col["timestamp"]]) if "timestamp" in col else None
+            except ValueError as exc:
+                raise UserError(f"{path}:{lineno}: {exc}") from None
+            yield row[col["user"]].strip(), row[col["item"]].strip(), etype, ts
+
+
+def read_events(path: Path) -> Iterator[RawEvent]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return _read_jsonl(path)
+    if suffix == ".csv":
+        return _read_csv(path)
+    return _read_sasrec(path)
+
+
+def load_interactions(
+    path: Path,
+    item_ids: list[str] | None = None,
+    n_time_buckets: int = DEFAULT_TIME_BUCKETS,
+) -> Interactions:
+    """Read a log into per-user sequences.
+
+    With ``item_ids`` (a trained model's vocabulary) the item indices follow it and events with
+    unknown items are dropped; otherwise the vocabulary is built in order of first appearance.
+    Events with timestamps are sorted per user by time (stable); without, file order is kept.
+    """
+    vocab: dict[str, int] = {s: i + 1 for i, s in enumerate(item_ids)} if item_ids else {}
+    frozen = item_ids is not None
+    users: dict[str, list[tuple[int, int, float | None]]] = {}
+    for user, item, etype, ts in read_events(path):
+        idx = vocab.get(item)
+        if idx is None:
+            if frozen:
+                continue
+            idx = vocab[item] = len(vocab) + 1
+        users.setdefault(user, []).append((idx, etype, ts))
+    if not users:
+        raise UserError(f"{path}: no events (or none with a known item)")
+    sequences = []
+    for events in users.values():
+        if all(ts is not None for _, _, ts in events):
+            events.sort(key=lambda e: e[2])  # type: ignore[arg-type, return-value]
+        gaps = [0]
+        for (_, _, prev), (_, _, cur) in itertools.pairwise(events):
+            gap = None if prev is None or cur is None else cur - prev
+            gaps.append(time_gap_bucket(gap, n_time_buckets))
+        sequences.append(
+            UserSequence(
+                items=np.fromiter((e[0] for e in events), np.int64, len(events)),
+                types=np.fromiter((e[1] for e in events), np.int64, len(events)),
+                gaps=np.asarray(gaps, dtype=np.int64),
+            )
+        )
+    names = list(item_ids) if frozen else [""] * len(vocab)
+    if not frozen:
+        for s, i in vocab.items():
+            names[i - 1] = s
+    return Interactions(user_ids=list(users), item_ids=names, sequences=sequences)
+
+
+# --------------------------------------------------------------------------------- tensors
+
+
+def memory_horizon(gamma: float, tol: float = 1e-4) -> int:
+    """Events older than this before a window weigh < tol in the decayed memory: dropped."""
+    if gamma <= 0:
+        return 1
+    if gamma >= 1:
+        return 10_000
+    return max(1, math.ceil(math.log(tol) / math.log(gamma)))
+
+
+@dataclass
+class SequenceBatch:
+    """Left-padded model inputs for a set of users (all (N, L) unless said)."""
+
+    items: torch.Tensor
+    types: torch.Tensor
+    gaps: torch.Tensor
+    targets: torch.Tensor  # (N, L) next item per position (0 = no loss), or (N,) one target
+    prefix: torch.Tensor  # (N, P) items before the window, left-padded: the memory's past
+    users: torch.Tensor  # (N,) user row in Interactions.sequences
+
+    def __len__(self) -> int:
+        return self.items.shape[0]
+
+    def lengths(self) -> torch.Tensor:
+        return (self.items != 0).sum(dim=1)
+
+    def select(self, idx: torch.Tensor) -> SequenceBatch:
+        return SequenceBatch(
+            self.items[idx],
+            self.types[idx],
+            self.gaps[idx],
+            self.targets[idx],
+            self.prefix[idx],
+            self.users[idx],
+        )
+
+
+def _pad_left(rows: list[np.ndarray], width: int) -> torch.Tensor:
+    out = np.zeros((len(rows), max(width, 1)), dtype=np.int64)
+    for r, a in enumerate(rows):
+        a = a[-width:] if width else a[:0]
+        if len(a):
+            out[r, out.shape[1] - len(a) :] = a
+    return torch.from_numpy(out)
+
+
+def _build(
+    inter: Interactions,
+    user_rows: list[int],
+    end: list[int],
+    max_len: int,
+    prefix_len: int,
+    next_item_targets: bool,
+) -> SequenceBatch:
+    """Window = events[:end][-max_len:] of each user; prefix = the prefix_len events before it."""
+    items, types, gaps, targets, prefix = [], [], [], [], []
+    for u, e in zip(user_rows, end, strict=True):
+        s = inter.sequences[u]
+        start = max(0, e - max_len)
+        items.append(s.items[start:e])
+        types.append(s.types[start:e])
+        gaps.append(s.gaps[start:e])
+        prefix.append(s.items[max(0, start - prefix_len) : start])
+        if next_item_targets:
+            targets.append(s.items[start + 1 : e + 1])
+    return SequenceBatch(
+        items=_pad_left(items, max_len),
+        types=_pad_left(types, max_len),
+        gaps=_pad_left(gaps, max_len),
+        targets=(
+            _pad_left(targets, max_len)
+            if next_item_targets
+            else torch.as_tensor(
+                [int(inter.sequences[u].items[e]) for u, e in zip(user_rows, end, strict=True)],
+                dtype=torch.long,
+            )
+        ),
+        prefix=_pad_left(prefix, prefix_len)
+        if prefix_len
+        else torch.zeros(len(items), 1, dtype=torch.long),
+        users=torch.as_tensor(user_rows, dtype=torch.long),
+    )
+
+
+def train_batch(inter: Interactions, max_len: int, prefix_len: int) -> SequenceBatch:
+    """Training examples: each user's events except the last two; target = the next event."""
+    rows, end = [], []
+    for u, s in enumerate(inter.sequences):
+        n = len(s.items)
+        n_train = n - 2 if n >= 3 else n
+        if n_train >= 2:
+            rows.append(u)
+            end.append(n_train - 1)  # inputs events[:n_train-1], targets events[1:n_train]
+    if not rows:
+        raise UserError("no user has enough events to train on (need at least 2)")
+    return _build(inter, rows, end, max_len, prefix_len, next_item_targets=True)
+
+
+def eval_batch(inter: Interactions, split: str, max_len: int, prefix_len: int) -> SequenceBatch:
+    """Leave-one-out: 'valid' predicts the second to last event, 'test' the last one."""
+    if split not in ("valid", "test"):
+        raise ValueError(split)
+    drop = 2 if split == "valid" else 1
+    rows = [u for u, s in enumerate(inter.sequences) if len(s.items) >= 3]
+    if not rows:
+        raise UserError("no user has the 3 events leave-one-out evaluation needs")
+    end = [len(inter.sequences[u].items) - drop for u in rows]
+    return _build(inter, rows, end, max_len, prefix_len, next_item_targets=False)
+
+
+def seen_items(inter: Interactions, users: torch.Tensor, split: str) -> list[np.ndarray]:
+    """Items each user interacted with before the evaluation target (excluded from ranking)."""
+    drop = 2 if split == "valid" else 1
+    return [
+        np.unique(inter.sequences[u].items[: len(inter.sequences[u].items) - drop])
+        for u in users.tolist()
+    ]

@@ -1,0 +1,219 @@
+"""Train the interest encoder: next-item full-softmax cross-entropy at every position.
+
+Why full softmax: with a few thousand to ~12k items the (positions x items) logits fit easily
+on a CPU and full CE is what makes SASRec reach 0.18 NDCG@10 on ml-1m (0.13 with its original
+sampled BCE). Batches are bucketed by length and trimmed to their longest user, so short-history
+data sets (Beauty) do not pay for 200 padded positions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from encoder.data import (
+    SequenceBatch,
+    eval_batch,
+    load_interactions,
+    memory_horizon,
+    train_batch,
+)
+from encoder.evaluate import rank_split
+from encoder.features import EVENT_TYPES
+from encoder.model import EncoderConfig, InterestEncoder
+from interest.errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    max_epochs: int = 300
+    max_minutes: float = 30.0  # wall-clock budget for the training loop (incl. validation)
+    patience: int = 10  # epochs without a better validation NDCG@10
+    n_negatives: int = 0  # 0 = full softmax over all items, else sampled softmax size
+    val_users: int = 3000  # validate on a fixed random subset of users per epoch (0 = all)
+    seed: int = 0
+    threads: int = 0  # 0 = all cores available to this process
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _length_bucketed_batches(lengths: torch.Tensor, batch_size: int, gen: torch.Generator):
+    """Shuffle, sort by length inside chunks of 32 batches, shuffle the batches."""
+    perm = torch.randperm(len(lengths), generator=gen)
+    chunk = batch_size * 32
+    batches = []
+    for s in range(0, len(perm), chunk):
+        part = perm[s : s + chunk]
+        part = part[torch.argsort(lengths[part], stable=True)]
+        batches.extend(part.split(batch_size))
+    order = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in order]
+
+
+def next_item_loss(model: InterestEncoder, b: SequenceBatch, n_negatives: int = 0) -> torch.Tensor:
+    """Mean next-item cross-entropy at every real position of the batch.
+
+    n_negatives <= 0 (or >= the catalogue): softmax over all items. Otherwise a sampled
+    softmax: the target against n_negatives items drawn uniformly once per batch and shared by
+    all positions (a negative equal to the target is masked out). Uniform proposals make the
+    logQ correction a constant, so it is dropped.
+    """
+    width = max(int(b.lengths().max()), 1)
+    items, types, gaps = b.items[:, -width:], b.types[:, -width:], b.gaps[:, -width:]
+    targets = b.targets[:, -width:]
+    memory0 = model.memory_from_prefix(b.prefix) if model.memory is not None else None
+    out = model(items, types, gaps, memory0)  # (B,T,d)
+    mask = targets != 0
+    h, tgt = out[mask], targets[mask]  # (N,d), (N,)
+    n_items = model.cfg.n_items
+    if n_negatives <= 0 or n_negatives >= n_items:
+        logits = model.item_scores(h)  # (N, n_items+1), padding at -inf
+        return F.cross_entropy(logits, tgt)
+    emb = model.item_embeddings()
+    neg = torch.randint(1, n_items + 1, (n_negatives,))  # (K,)
+    pos_logit = (h * emb[tgt]).sum(-1, keepdim=True)  # (N,1)
+    neg_logits = h @ emb[neg].T  # (N,K)
+    neg_logits = neg_logits.masked_fill(neg[None, :] == tgt[:, None], float("-inf"))
+    logits = torch.cat([pos_logit, neg_logits], dim=1)
+    return F.cross_entropy(logits, torch.zeros_like(tgt))
+
+
+def train(
+    data: Path,
+    out: Path,
+    epochs: int | None = None,
+    max_minutes: float | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train on a log and write model.pt, config.json, vocab.json, metrics.json to ``out``.
+
+    ``overrides`` set EncoderConfig or TrainConfig fields by name (experiments, tests).
+    Returns a JSON-able summary.
+    """
+    t_start = time.monotonic()
+    enc_fields = set(EncoderConfig.__dataclass_fields__) - {"n_items"}
+    trn_fields = set(TrainConfig.__dataclass_fields__)
+    unknown = set(overrides) - enc_fields - trn_fields
+    if unknown:
+        raise UserError(f"unknown training option(s): {sorted(unknown)}")
+    tc = TrainConfig(**{k: v for k, v in overrides.items() if k in trn_fields})
+    if epochs is not None:
+        if epochs < 1:
+            raise UserError("--epochs must be at least 1")
+        tc.max_epochs = epochs
+    if max_minutes is not None:
+        if max_minutes <= 0:
+            raise UserError("--max-minutes must be positive")
+        tc.max_minutes = max_minutes
+    torch.set_num_threads(tc.threads or _cores())
+    torch.manual_seed(tc.seed)
+    gen = torch.Generator().manual_seed(tc.seed)
+
+    enc_over = {k: v for k, v in overrides.items() if k in enc_fields}
+    n_buckets = enc_over.get("n_time_buckets", EncoderConfig.n_time_buckets)
+    inter = load_interactions(Path(data), n_time_buckets=n_buckets)
+    cfg = EncoderConfig(n_items=inter.n_items, **enc_over)
+    prefix = memory_horizon(cfg.memory_decay) if cfg.use_memory else 0
+    train_set = train_batch(inter, cfg.max_len, prefix)
+    try:
+        valid_set = eval_batch(inter, "valid", cfg.max_len, prefix)
+    except UserError:
+        valid_set = None  # tiny logs: train without early stopping
+    if valid_set is not None and 0 < tc.val_users < len(valid_set):
+        pick = torch.randperm(len(valid_set), generator=gen)[: tc.val_users]
+        valid_set = valid_set.select(pick.sort().values)
+
+    model = InterestEncoder(cfg)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=tc.lr, betas=(0.9, 0.98), weight_decay=tc.weight_decay
+    )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    vocab = {"items": inter.item_ids, "event_types": list(EVENT_TYPES)}
+    (out / "vocab.json").write_text(json.dumps(vocab))
+
+    (out / "history.jsonl").write_text("")
+    budget_s = tc.max_minutes * 60.0
+    lengths = train_set.lengths()
+    history: list[dict[str, float]] = []
+    best, best_epoch, stale, stop = -1.0, 0, 0, "max_epochs"
+    epoch_s = 0.0
+    for epoch in range(1, tc.max_epochs + 1):
+        elapsed = time.monotonic() - t_start
+        if epoch > 1 and elapsed + epoch_s > budget_s:
+            stop = "max_minutes"
+            break
+        t_epoch = time.monotonic()
+        model.train()
+        batches = _length_bucketed_batches(lengths, tc.batch_size, gen)
+        total, seen = 0.0, 0
+        bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress)
+        for idx in bar:
+            loss = next_item_loss(model, train_set.select(idx), tc.n_negatives)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total / seen:.4f}")
+        record = {"epoch": float(epoch), "loss": total / max(seen, 1)}
+        if valid_set is not None:
+            val = rank_split(model, inter, valid_set, "valid")
+            record.update({f"val_{k}": v for k, v in val.items() if k in ("ndcg@10", "hr@10")})
+            score = val["ndcg@10"]
+        else:
+            score = -record["loss"]
+        epoch_s = time.monotonic() - t_epoch
+        record["seconds"] = epoch_s
+        history.append(record)
+        if progress:
+            tqdm.write(json.dumps({k: round(v, 5) for k, v in record.items()}))
+        with (out / "history.jsonl").open("a") as f:  # follow a long run with tail -f
+            f.write(json.dumps(record) + "\n")
+        if not math.isfinite(record["loss"]):
+            raise RuntimeError("training diverged (loss is not finite)")
+        if score > best:
+            best, best_epoch, stale = score, epoch, 0
+            torch.save(model.state_dict(), out / "model.pt")
+        else:
+            stale += 1
+            if valid_set is not None and stale >= tc.patience:
+                stop = "early_stopping"
+                break
+
+    minutes = (time.monotonic() - t_start) / 60.0
+    summary: dict[str, Any] = {
+        "data": str(data),
+        "users": len(inter.sequences),
+        "items": inter.n_items,
+        "events": inter.n_events,
+        "epochs": len(history),
+        "best_epoch": best_epoch,
+        "best_val_ndcg@10": best if valid_set is not None else None,
+        "stopped": stop,
+        "train_minutes": round(minutes, 2),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "config": cfg.to_dict(),
+        "train_config": asdict(tc),
+    }
+    (out / "metrics.json").write_text(json.dumps({**summary, "history": history}, indent=2))
+    return summary
