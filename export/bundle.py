@@ -37,26 +37,71 @@ from interest.errors import UserError
 
 OPSET = 17
 PARITY_TOL = 1e-4
-STATE_NAMES: tuple[str, ...] = EncoderState._fields  # keys, values, count, memory
 MEMORY_STATE = "memory"
-# Graph input/output names (ONNX names must be unique across inputs and outputs).
+
+
+def state_names(cfg: EncoderConfig) -> list[str]:
+    """Graph state tensors: one key and one value cache per layer, then count and memory.
+
+    Why not EncoderState's stacked (B, L, H, S-1, hd) caches: slicing a layer out of the stack
+    and stacking the layers back copies the whole cache twice more per step, and the step is
+    memory-bound (the caches are ~100 KB per user at the default config).
+    """
+    caches = [f"{kind}_{i}" for i in range(cfg.n_layers) for kind in ("keys", "values")]
+    return [*caches, "count", "memory"]
+
+
+def to_graph_state(state: EncoderState) -> list[torch.Tensor]:
+    """EncoderState -> tensors in ``state_names`` order."""
+    n_layers = state.keys.shape[1]
+    caches = [t for i in range(n_layers) for t in (state.keys[:, i], state.values[:, i])]
+    return [*caches, state.count, state.memory]
+
+
+def from_graph_state(tensors: list[torch.Tensor]) -> EncoderState:
+    """Tensors in ``state_names`` order -> EncoderState (inverse of ``to_graph_state``)."""
+    *caches, count, memory = tensors
+    keys = torch.stack(caches[0::2], dim=1)
+    values = torch.stack(caches[1::2], dim=1)
+    return EncoderState(keys, values, count, memory)
+
+
+# Graph input names (ONNX names must be unique across inputs and outputs).
 FULL_INPUTS = ["items", "types", "gaps", "memory_in", "has_memory"]
-STEP_INPUTS = ["items", "types", "gaps", *(f"in_{n}" for n in STATE_NAMES)]
-OUTPUTS = ["vector", *(f"out_{n}" for n in STATE_NAMES)]
+
+
+def step_inputs(cfg: EncoderConfig) -> list[str]:
+    return ["items", "types", "gaps", *(f"in_{n}" for n in state_names(cfg))]
+
+
+def outputs(cfg: EncoderConfig) -> list[str]:
+    return ["vector", *(f"out_{n}" for n in state_names(cfg))]
 
 
 class FullGraph(nn.Module):
-    """(items, types, gaps (B,T), memory (B,d), has_memory (B,)) -> (vector, *state).
+    """(items, types, gaps (B,T), memory_in (B,d), has_memory (B,)) -> (vector, *state).
 
     Same function as ``InterestEncoder.state_from_window``, written so the window length and a
     per-user "no persisted memory" flag stay dynamic in the graph (state_from_window branches
-    on T and on memory being None in Python, which tracing would freeze).
+    on T and on memory being None in Python, which tracing would freeze). Only the memory
+    after the last event is needed, so it is one weighted sum over the window instead of the
+    model's per-position scan (whose Python chunk loop tracing would also freeze).
     """
 
     def __init__(self, model: InterestEncoder) -> None:
         super().__init__()
         self.model = model
         self.keep = model.cfg.span - 1
+
+    def window_memory(self, items: torch.Tensor) -> torch.Tensor:
+        """Memory after the left-padded window, from zero: sum_t gamma^(T-1-t) e(item_t)."""
+        m = self.model
+        if m.memory is None:
+            return m.item_emb.weight.new_zeros(items.shape[0], m.cfg.d_model)
+        T = items.shape[1]
+        back = torch.arange(T - 1, -1, -1, device=items.device).to(m.item_emb.weight.dtype)
+        w = torch.pow(m.memory.gamma, back)[None, :] * (items != 0).to(back.dtype)  # (B,T)
+        return (w[:, :, None] * m.item_emb(items)).sum(dim=1)  # (B,d)
 
     def forward(
         self,
@@ -66,39 +111,44 @@ class FullGraph(nn.Module):
         memory_in: torch.Tensor,
         has_memory: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        full = self.model.forward_with_cache(items, types, gaps)
+        full = self.model.forward_with_cache(items, types, gaps)  # .out/.memory unused: pruned
 
         def last_slots(t: torch.Tensor) -> torch.Tensor:  # (B,H,T,hd) -> (B,H,S-1,hd)
             return F.pad(t, (0, 0, self.keep, 0))[:, :, -self.keep :]
 
-        mem = torch.where(has_memory[:, None], memory_in, full.memory[:, -1])  # (B,d)
+        mem = torch.where(has_memory[:, None], memory_in, self.window_memory(items))  # (B,d)
         vector = self.model._head(full.hidden[:, -1], mem)
-        keys = torch.stack([last_slots(k) for k in full.keys], dim=1)
-        values = torch.stack([last_slots(v) for v in full.values], dim=1)
+        caches = [last_slots(t) for kv in zip(full.keys, full.values, strict=True) for t in kv]
         count = (items != 0).sum(dim=1)
-        return vector, keys, values, count, mem
+        return (vector, *caches, count, mem)
 
 
 class StepGraph(nn.Module):
-    """(items, types, gaps (B,), *state) -> (vector, *next_state): ``InterestEncoder.step``."""
+    """(items, types, gaps (B,), *state) -> (vector, *next_state) for users who all have an
+    event: ``InterestEncoder.step`` without its per-row "item 0 keeps the state" select.
+
+    Why: that select reads and writes every cache once more per step, the largest single cost
+    in the profile, and the runtime never sends item 0 (it steps only the users that have a
+    known event). Reference: InterestEncoder.step, compared in tests/export/test_parity.py.
+    """
 
     def __init__(self, model: InterestEncoder) -> None:
         super().__init__()
         self.model = model
 
     def forward(
-        self,
-        items: torch.Tensor,
-        types: torch.Tensor,
-        gaps: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        count: torch.Tensor,
-        memory: torch.Tensor,
+        self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, *state: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
-        state = EncoderState(keys, values, count, memory)
-        vector, nxt = self.model.step(state, items, types, gaps)
-        return (vector, *nxt)
+        m = self.model
+        *caches, count, memory = state
+        x = m._embed(items, types, gaps)  # (B,d)
+        new_caches: list[torch.Tensor] = []
+        for i, block in enumerate(m.blocks):
+            x, k, v = block.step(x, caches[2 * i], caches[2 * i + 1], count)
+            new_caches += [k, v]
+        if m.memory is not None:
+            memory = m.memory.step(memory, m.item_emb(items))
+        return (m._head(x, memory), *new_caches, count + 1, memory)
 
 
 # ---------------------------------------------------------------------- model directory
@@ -198,58 +248,55 @@ def export_onnx(model: InterestEncoder, out_dir: Path) -> dict[str, Any]:
     """
     model.eval()
     cfg = model.cfg
-    full_in = FULL_INPUTS
-    state_out = [f"out_{n}" for n in STATE_NAMES]
+    names = state_names(cfg)
+    outs = outputs(cfg)
     batch_axis = {0: "batch"}
     full_ex = _example_inputs(cfg, 2, max(3, cfg.span + 1), seed=0)
+    window_axes = {0: "batch", 1: "window"}
     with torch.no_grad():
         torch.onnx.export(
             FullGraph(model).eval(),
-            tuple(full_ex[n] for n in full_in),
+            tuple(full_ex[n] for n in FULL_INPUTS),
             str(out_dir / "full.onnx"),
-            input_names=full_in,
-            output_names=OUTPUTS,
+            input_names=FULL_INPUTS,
+            output_names=outs,
             dynamic_axes={
-                "items": {0: "batch", 1: "window"},
-                "types": {0: "batch", 1: "window"},
-                "gaps": {0: "batch", 1: "window"},
-                "memory_in": batch_axis,
-                "has_memory": batch_axis,
-                **{n: batch_axis for n in ["vector", *state_out]},
+                **{n: window_axes for n in ("items", "types", "gaps")},
+                **{n: batch_axis for n in ("memory_in", "has_memory", *outs)},
             },
             opset_version=OPSET,
             dynamo=False,
         )
         fix_bool_eyelike(out_dir / "full.onnx")
-        state = model.init_state(2)
-        step_in = STEP_INPUTS
-        step_ex = (
-            full_ex["items"][:, -1],
-            full_ex["types"][:, -1],
-            full_ex["gaps"][:, -1],
-            *state,
-        )
+        step_in = step_inputs(cfg)
+        last = {k: full_ex[k][:, -1] for k in ("items", "types", "gaps")}
         torch.onnx.export(
             StepGraph(model).eval(),
-            step_ex,
+            (last["items"], last["types"], last["gaps"], *to_graph_state(model.init_state(2))),
             str(out_dir / "step.onnx"),
             input_names=step_in,
-            output_names=OUTPUTS,
-            dynamic_axes={n: batch_axis for n in [*step_in, "vector", *state_out]},
+            output_names=outs,
+            dynamic_axes={n: batch_axis for n in (*step_in, *outs)},
             opset_version=OPSET,
             dynamo=False,
         )
         fix_bool_eyelike(out_dir / "step.onnx")
+    example = to_graph_state(model.init_state(1))
     return {
         "state": [
-            {
-                "name": n,
-                "dtype": str(t.numpy().dtype),
-                "shape": [-1, *t.shape[1:]],  # axis 0 is the user
-            }
-            for n, t in zip(STATE_NAMES, model.init_state(1), strict=True)
+            {"name": n, "dtype": str(t.numpy().dtype), "shape": [-1, *t.shape[1:]]}  # axis 0: user
+            for n, t in zip(names, example, strict=True)
         ],
         "memory_state": MEMORY_STATE,
+        "graphs": {
+            "full": {"file": "full.onnx", "inputs": FULL_INPUTS, "outputs": outs},
+            "step": {
+                "file": "step.onnx",
+                "inputs": step_in,
+                "outputs": outs,
+                "requires": "every row has a real item (index >= 1)",
+            },
+        },
     }
 
 
@@ -303,18 +350,28 @@ def check_parity(model: InterestEncoder, out_dir: Path) -> dict[str, float]:
     cpu = ["CPUExecutionProvider"]
     full = ort.InferenceSession(str(out_dir / "full.onnx"), so, providers=cpu)
     step = ort.InferenceSession(str(out_dir / "step.onnx"), so, providers=cpu)
-    # A different batch and window than the export example, to catch frozen shapes.
+    # A different batch and window than the export example, to catch frozen shapes; the
+    # references are the model's own state_from_window and step, not the export wrappers.
     ex = _example_inputs(cfg, 3, cfg.receptive_field + 3, seed=1)
+    has = ex["has_memory"]
     with torch.no_grad():
-        ref = FullGraph(model).eval()(**ex)
+        win = (ex["items"], ex["types"], ex["gaps"])
+        vec_m, st_m = model.state_from_window(*win, ex["memory_in"])
+        vec_n, st_n = model.state_from_window(*win, None)
+        ref_vec = torch.where(has[:, None], vec_m, vec_n)
+        ref_state = [
+            torch.where(has.view(-1, *[1] * (a.dim() - 1)), a, b)
+            for a, b in zip(to_graph_state(st_m), to_graph_state(st_n), strict=True)
+        ]
         got = full.run(None, {k: v.numpy() for k, v in ex.items()})
-        full_diff = max(_maxdiff(r, g) for r, g in zip(ref, got, strict=True))
-        # step from the rebuilt state: the ONNX step of the ONNX state vs the torch step
-        nxt = {"items": ex["items"][:, 0] + 1, "types": ex["types"][:, 0], "gaps": ex["gaps"][:, 0]}
-        ref_step = StepGraph(model).eval()(*nxt.values(), *ref[1:])
-        feeds = {k: v.numpy() for k, v in nxt.items()}
-        feeds.update({f"in_{n}": a for n, a in zip(STATE_NAMES, got[1:], strict=True)})
+        full_diff = max(_maxdiff(r, g) for r, g in zip([ref_vec, *ref_state], got, strict=True))
+        # one step from the ONNX-rebuilt state: ONNX step vs the model's step
+        nxt = (ex["items"][:, 0] % cfg.n_items + 1, ex["types"][:, 0], ex["gaps"][:, 0])
+        state = from_graph_state([torch.from_numpy(a) for a in got[1:]])
+        ref_vec, ref_next = model.step(state, *nxt)
+        feeds = dict(zip(step_inputs(cfg), [t.numpy() for t in nxt] + got[1:], strict=True))
         got_step = step.run(None, feeds)
+        ref_step = [ref_vec, *to_graph_state(ref_next)]
         step_diff = max(_maxdiff(r, g) for r, g in zip(ref_step, got_step, strict=True))
     return {"full_max_abs_diff": full_diff, "step_max_abs_diff": step_diff}
 
@@ -360,10 +417,6 @@ def export_bundle(model_dir: Path, out: Path) -> Path:
             "d_model": cfg.d_model,
             "n_items": cfg.n_items,
             **layout,
-            "graphs": {
-                "full": {"file": "full.onnx", "inputs": FULL_INPUTS, "outputs": OUTPUTS},
-                "step": {"file": "step.onnx", "inputs": STEP_INPUTS, "outputs": OUTPUTS},
-            },
             "parity": parity,
             "opset": OPSET,
             "torch_version": torch.__version__,

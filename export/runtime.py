@@ -290,12 +290,24 @@ class EncoderRuntime:
         if not (len(it) == len(ty) == len(ga) == len(states)):
             raise ValueError("step() needs one item, type and gap per user in states")
         known = it > 0
-        # The step graph keeps the state of item-0 rows unchanged; UNKNOWN becomes item 0.
-        feeds = {"items": np.where(known, it, PADDING), "types": ty, "gaps": ga}
+        if known.all():
+            return self._run_step(states, it, ty, ga)
+        out = states.take(np.arange(len(states)))  # skipped users: state and vector unchanged
+        rows = np.flatnonzero(known)
+        if len(rows):
+            _, stepped = self._run_step(states.take(rows), it[rows], ty[rows], ga[rows])
+            for name, a in stepped.arrays.items():
+                out.arrays[name][rows] = a
+            out.vectors[rows] = stepped.vectors
+        return out.vectors.copy(), out
+
+    def _run_step(
+        self, states: EncoderStates, items: np.ndarray, types: np.ndarray, gaps: np.ndarray
+    ) -> tuple[np.ndarray, EncoderStates]:
+        """step.onnx on rows that all have a known item (the graph requires it)."""
+        feeds = {"items": items, "types": types, "gaps": gaps}
         feeds.update({f"in_{n}": states.arrays[n] for n in self.state_names})
         vectors, out = self._unpack(self._step.run(None, feeds))
-        if not known.all():
-            vectors[~known] = states.vectors[~known]
         return vectors.copy(), out
 
     def top_k(

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from encoder.model import InterestEncoder
+from export.bundle import from_graph_state, state_names, to_graph_state
 from export.runtime import EncoderRuntime, EncoderStates
 
 TOL = 1e-4
@@ -53,8 +54,9 @@ def test_full_graph_matches_torch(model: InterestEncoder, runtime: EncoderRuntim
                 _t(items), _t(types), _t(gaps), _t(memory) if has.all() else None
             )
         assert _maxdiff(ref_vec[:3], got[0][:3]) <= TOL  # row 3 has no event: vector undefined
-        for name, ref in zip(ref_state._fields, ref_state, strict=True):
-            out = got[1 + ref_state._fields.index(name)]
+        names = state_names(model.cfg)
+        assert runtime.state_names == names
+        for name, ref, out in zip(names, to_graph_state(ref_state), got[1:], strict=True):
             assert out.dtype == ref.numpy().dtype, name
             assert _maxdiff(ref, out) <= TOL, name
 
@@ -74,14 +76,17 @@ def test_step_graph_matches_torch(model: InterestEncoder, runtime: EncoderRuntim
         _, state = model.state_from_window(_t(items), _t(types), _t(gaps))
         nxt = (np.array([5, 0, 7]), np.array([1, 2, 3]), np.array([4, 5, 6]))  # row 1: no event
         ref_vec, ref_state = model.step(state, *(_t(a) for a in nxt))
+    arrays = [t.numpy() for t in to_graph_state(state)]
     ort_state = EncoderStates(
-        arrays={n: t.numpy() for n, t in zip(state._fields, state, strict=True)},
+        arrays=dict(zip(runtime.state_names, arrays, strict=True)),
         vectors=np.zeros((3, model.cfg.d_model), np.float32),
     )
     vec, out = runtime.step(ort_state, *nxt)
     assert _maxdiff(ref_vec[[0, 2]], vec[[0, 2]]) <= TOL
-    for name, ref in zip(ref_state._fields, ref_state, strict=True):
-        assert _maxdiff(ref, out.arrays[name]) <= TOL, name
+    assert not vec[1].any()  # skipped user: previous (zero) vector
+    got = from_graph_state([torch.from_numpy(out.arrays[n]) for n in runtime.state_names])
+    for name, ref, g in zip(ref_state._fields, ref_state, got, strict=True):
+        assert _maxdiff(ref, g.numpy()) <= TOL, name
 
 
 def test_incremental_steps_equal_full_recompute(

@@ -1,0 +1,146 @@
+"""Incremental ONNX step vs full recompute of a 200-event history, batch 1 and 256, CPU.
+
+Why: the worker updates a user per event. Recomputing the encoder over the whole window costs
+O(history) per event; the step graph costs O(span) in the cache reads only, with a much smaller
+constant. This measures both through ONNX Runtime on the CPU provider, in one run, and prints
+the ratio (target: >= 20x).
+
+    python bench/incremental.py [--history 200] [--batches 1 256] [--threads 2]
+
+The model is the encoder's default config, randomly initialised (weights do not change the
+cost). "graph" rows time the bare ONNX sessions; "api" rows time EncoderRuntime.rebuild/step,
+i.e. including the padding and bookkeeping the worker pays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _paired_medians(
+    full: Callable[[], object], step: Callable[[], object], min_repeats: int, min_seconds: float
+) -> tuple[float, float]:
+    """Median seconds of ``full`` and of ``step``, timed alternately.
+
+    Why alternate: the machine is shared, and load that comes and goes would otherwise land on
+    one side of the ratio only. Three untimed warm-up calls each first (allocation, kernels).
+    """
+    for _ in range(3):
+        full()
+        step()
+    t_full: list[float] = []
+    t_step: list[float] = []
+    started = time.perf_counter()
+    while len(t_full) < min_repeats or time.perf_counter() - started < min_seconds:
+        t0 = time.perf_counter()
+        full()
+        t1 = time.perf_counter()
+        step()
+        t_full.append(t1 - t0)
+        t_step.append(time.perf_counter() - t1)
+    return statistics.median(t_full), statistics.median(t_step)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--history", type=int, default=200)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 256])
+    ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
+    ap.add_argument("--n-items", type=int, default=3416, help="catalogue size (ml-1m: 3416)")
+    ap.add_argument("--repeats", type=int, default=15, help="minimum timed pairs per case")
+    ap.add_argument("--seconds", type=float, default=3.0, help="minimum seconds per case")
+    args = ap.parse_args()
+
+    import torch
+
+    from encoder.model import EncoderConfig, InterestEncoder
+    from export.bundle import export_bundle, save_model_dir
+    from export.runtime import EncoderRuntime
+
+    torch.manual_seed(0)
+    cfg = EncoderConfig(n_items=args.n_items)
+    model = InterestEncoder(cfg).eval()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-incremental-"))
+    model_dir = save_model_dir(model, [str(i) for i in range(1, cfg.n_items + 1)], tmp / "m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle = export_bundle(model_dir=model_dir, out=tmp / "bundle")
+    rt = EncoderRuntime.load(bundle, device="cpu", intra_op_threads=args.threads)
+    print(
+        f"config: d_model={cfg.d_model} n_layers={cfg.n_layers} n_heads={cfg.n_heads} "
+        f"span={cfg.span} receptive_field={cfg.receptive_field} n_items={cfg.n_items}; "
+        f"provider={rt.provider} threads={args.threads} history={args.history}"
+    )
+
+    rng = np.random.default_rng(0)
+    results = []
+    for batch in args.batches:
+        T = args.history
+        items = rng.integers(1, cfg.n_items + 1, (batch, T))
+        types = rng.integers(0, cfg.n_event_types, (batch, T))
+        gaps = rng.integers(0, cfg.n_time_buckets, (batch, T))
+        memory = rng.normal(size=(batch, cfg.d_model)).astype(np.float32)
+        has = np.ones(batch, dtype=bool)
+        nxt = (items[:, -1], types[:, -1], gaps[:, -1])
+        _, states = rt.rebuild(items[:, :-1], types[:, :-1], gaps[:, :-1], memory)
+
+        # graph level: the full window through full.onnx vs one event through step.onnx
+        full_feeds = {
+            "items": items,
+            "types": types,
+            "gaps": gaps,
+            "memory_in": memory,
+            "has_memory": has,
+        }
+        step_feeds = {"items": nxt[0], "types": nxt[1], "gaps": nxt[2]}
+        step_feeds.update({f"in_{n}": a for n, a in states.arrays.items()})
+        t_full, t_step = _paired_medians(
+            lambda f=full_feeds: rt._full.run(None, f),
+            lambda f=step_feeds: rt._step.run(None, f),
+            args.repeats,
+            args.seconds,
+        )
+        # api level: what the worker calls (full recompute = rebuild from the whole window)
+        a_full, a_step = _paired_medians(
+            lambda w=(items, types, gaps, memory): rt.rebuild(*w),
+            lambda s=states, e=nxt: rt.step(s, *e),
+            args.repeats,
+            args.seconds,
+        )
+        for level, full_s, step_s in (("graph", t_full, t_step), ("api", a_full, a_step)):
+            results.append(
+                {
+                    "batch": batch,
+                    "level": level,
+                    "full_ms": full_s * 1e3,
+                    "step_ms": step_s * 1e3,
+                    "ratio": full_s / step_s,
+                    "full_users_per_s": batch / full_s,
+                    "step_users_per_s": batch / step_s,
+                }
+            )
+
+    print(f"{'batch':>5} {'level':>5} {'full ms':>9} {'step ms':>9} {'ratio':>7} "
+          f"{'full users/s':>13} {'step users/s':>13}")  # fmt: skip
+    for r in results:
+        print(
+            f"{r['batch']:>5} {r['level']:>5} {r['full_ms']:>9.3f} {r['step_ms']:>9.3f} "
+            f"{r['ratio']:>6.1f}x {r['full_users_per_s']:>13,.0f} {r['step_users_per_s']:>13,.0f}"
+        )
+    print(json.dumps({"history": args.history, "threads": args.threads, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
