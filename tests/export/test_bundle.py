@@ -72,3 +72,26 @@ def test_cli_export_replaces_a_bundle_with_the_same_version(
     old = json.loads((bundle / "manifest.json").read_text())
     assert new["version"] == old["version"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.")]  # no temp left
+
+
+def test_exports_what_train_writes(tmp_path: Path) -> None:
+    """The model directory of a real (tiny, 1 epoch) training run exports and loads."""
+    from encoder.train import train
+    from export.runtime import EncoderRuntime
+
+    lines = [f"user{u} item{(u + t) % 20}" for u in range(30) for t in range(10)]
+    data = tmp_path / "log.txt"
+    data.write_text("\n".join(lines) + "\n")
+    tiny = {"d_model": 16, "n_heads": 2, "span": 4, "max_len": 10, "dropout": 0.1}
+    train(data=data, out=tmp_path / "model", epochs=1, progress=False, **tiny)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle = export_bundle(model_dir=tmp_path / "model", out=tmp_path / "bundle")
+    rt = EncoderRuntime.load(bundle)
+    vocab = json.loads((tmp_path / "model" / "vocab.json").read_text())["items"]
+    assert rt.item_ids == [None, *vocab]
+    assert rt.manifest["metrics"]["epochs"] == 1
+    idx = rt.index_of(["item3", "item4", "item5"])
+    vec, _ = rt.rebuild([idx], [[0, 0, 0]], [[0, 0, 0]])
+    top, _ = rt.top_k(vec, 3, exclude=[idx])
+    assert top.shape == (1, 3) and not set(top[0].tolist()) & set(idx.tolist())
