@@ -5,7 +5,7 @@ O(history) per event; the step graph costs O(span) in the cache reads only, with
 constant. This measures both through ONNX Runtime on the CPU provider, in one run, and prints
 the ratio (target: >= 20x).
 
-    python bench/incremental.py [--history 200] [--batches 1 256] [--threads 2]
+    python bench/incremental.py [--history 200] [--batches 1 256] [--threads 2] [--spin]
 
 The model is the encoder's default config, randomly initialised (weights do not change the
 cost). "graph" rows time the bare ONNX sessions; "api" rows time EncoderRuntime.rebuild/step,
@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--history", type=int, default=200)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 256])
     ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
+    ap.add_argument("--spin", action="store_true", help="let ORT threads spin between runs")
     ap.add_argument("--n-items", type=int, default=3416, help="catalogue size (ml-1m: 3416)")
     ap.add_argument("--repeats", type=int, default=15, help="minimum timed pairs per case")
     ap.add_argument("--seconds", type=float, default=3.0, help="minimum seconds per case")
@@ -77,11 +78,11 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bundle = export_bundle(model_dir=model_dir, out=tmp / "bundle")
-    rt = EncoderRuntime.load(bundle, device="cpu", intra_op_threads=args.threads)
+    rt = EncoderRuntime.load(bundle, device="cpu", intra_op_threads=args.threads, spin=args.spin)
     print(
         f"config: d_model={cfg.d_model} n_layers={cfg.n_layers} n_heads={cfg.n_heads} "
         f"span={cfg.span} receptive_field={cfg.receptive_field} n_items={cfg.n_items}; "
-        f"provider={rt.provider} threads={args.threads} history={args.history}"
+        f"provider={rt.provider} threads={args.threads} spin={args.spin} history={args.history}"
     )
 
     rng = np.random.default_rng(0)
@@ -139,7 +140,8 @@ def main() -> None:
             f"{r['batch']:>5} {r['level']:>5} {r['full_ms']:>9.3f} {r['step_ms']:>9.3f} "
             f"{r['ratio']:>6.1f}x {r['full_users_per_s']:>13,.0f} {r['step_users_per_s']:>13,.0f}"
         )
-    print(json.dumps({"history": args.history, "threads": args.threads, "results": results}))
+    meta = {"history": args.history, "threads": args.threads, "spin": args.spin}
+    print(json.dumps({**meta, "results": results}))
 
 
 if __name__ == "__main__":

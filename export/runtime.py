@@ -88,14 +88,20 @@ def choose_providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
-    """Full graph optimisation; a fixed, small intra-op pool so inference threads (which the
-    worker runs off its event loop) do not oversubscribe the cores Kafka I/O needs."""
+def session_options(intra_op_threads: int | None = None, spin: bool = False) -> ort.SessionOptions:
+    """Full graph optimisation and a small intra-op pool.
+
+    Why these: the worker runs inference in a thread beside its event loop, which needs a
+    core for Kafka I/O; a bounded pool that does not spin between runs (spinning would burn
+    that core while the loop waits on the broker) leaves it free. ``spin=True`` trades that
+    for ~0.1 ms less latency per small call (benchmarks on an otherwise idle machine).
+    """
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = intra_op_threads or max(1, min(4, os.cpu_count() or 1))
     so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     so.log_severity_level = 3
     return so
 
@@ -180,9 +186,17 @@ class EncoderRuntime:
 
     @classmethod
     def load(
-        cls, path: str | Path, device: str = "auto", intra_op_threads: int | None = None
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        intra_op_threads: int | None = None,
+        spin: bool = False,
     ) -> EncoderRuntime:
-        """Verify the bundle's checksums, then open it. Raises BundleError on any mismatch."""
+        """Verify the bundle's checksums, then open it. Raises BundleError on any mismatch.
+
+        device: "auto" (CUDA when a GPU and the CUDA provider's libraries are usable, else
+        CPU), "cuda" (ask for CUDA, fall back to CPU with a warning) or "cpu".
+        """
         path = Path(path)
         manifest = verify_bundle(path)
         files = manifest["files"]
@@ -197,13 +211,15 @@ class EncoderRuntime:
                 f"is {emb.shape}"
             )
         providers = choose_providers(device)
-        so = session_options(intra_op_threads)
+        so = session_options(intra_op_threads, spin)
         try:
             full = ort.InferenceSession(str(path / "full.onnx"), so, providers=providers)
             step = ort.InferenceSession(str(path / "step.onnx"), so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError(f"{path}: cannot load ONNX graph: {exc}") from exc
         rt = cls(path, manifest, item_ids, emb, full, step)
+        if providers[0] != rt.provider:
+            log.warning("asked for %s, running on %s", providers[0], rt.provider)
         log.info("loaded bundle %s version %s on %s", path, rt.version, rt.provider)
         return rt
 
