@@ -11,7 +11,14 @@ import numpy as np
 import torch
 
 from encoder import metrics
-from encoder.data import Interactions, SequenceBatch, eval_batch, load_interactions, seen_items
+from encoder.data import (
+    Interactions,
+    SequenceBatch,
+    eval_batch,
+    load_interactions,
+    memory_horizon,
+    seen_items,
+)
 from encoder.model import EncoderConfig, InterestEncoder
 from interest.errors import UserError
 
@@ -85,8 +92,6 @@ def evaluate(model_dir: Path, data: Path, split: str = "test") -> dict[str, floa
     model, item_ids = load_model(model_dir)
     cfg = model.cfg
     inter = load_interactions(Path(data), item_ids=item_ids, n_time_buckets=cfg.n_time_buckets)
-    from encoder.data import memory_horizon
-
     prefix = memory_horizon(cfg.memory_decay) if cfg.use_memory else 0
     batch = eval_batch(inter, split, cfg.max_len, prefix)
     return rank_split(model, inter, batch, split, sampled=True)
