@@ -29,27 +29,40 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _calls_per_block(fn: Callable[[], object], block_seconds: float) -> int:
+    t0 = time.perf_counter()
+    fn()
+    return max(1, round(block_seconds / max(time.perf_counter() - t0, 1e-6)))
+
+
 def _paired_medians(
-    full: Callable[[], object], step: Callable[[], object], min_repeats: int, min_seconds: float
+    full: Callable[[], object],
+    step: Callable[[], object],
+    min_blocks: int,
+    min_seconds: float,
+    block_seconds: float = 0.05,
 ) -> tuple[float, float]:
-    """Median seconds of ``full`` and of ``step``, timed alternately.
+    """Median seconds per call of ``full`` and of ``step``, timed in alternating blocks.
 
     Why alternate: the machine is shared, and load that comes and goes would otherwise land on
-    one side of the ratio only. Three untimed warm-up calls each first (allocation, kernels).
+    one side of the ratio only. Why blocks of ~``block_seconds`` rather than single calls: a
+    step right after a full recompute would run on caches the full run evicted, which is not
+    how a worker steps batch after batch. Three untimed warm-up calls each first.
     """
     for _ in range(3):
         full()
         step()
+    n_full = _calls_per_block(full, block_seconds)
+    n_step = _calls_per_block(step, block_seconds)
     t_full: list[float] = []
     t_step: list[float] = []
     started = time.perf_counter()
-    while len(t_full) < min_repeats or time.perf_counter() - started < min_seconds:
-        t0 = time.perf_counter()
-        full()
-        t1 = time.perf_counter()
-        step()
-        t_full.append(t1 - t0)
-        t_step.append(time.perf_counter() - t1)
+    while len(t_full) < min_blocks or time.perf_counter() - started < min_seconds:
+        for fn, n, out in ((full, n_full, t_full), (step, n_step, t_step)):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            out.append((time.perf_counter() - t0) / n)
     return statistics.median(t_full), statistics.median(t_step)
 
 
@@ -60,7 +73,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
     ap.add_argument("--spin", action="store_true", help="let ORT threads spin between runs")
     ap.add_argument("--n-items", type=int, default=3416, help="catalogue size (ml-1m: 3416)")
-    ap.add_argument("--repeats", type=int, default=15, help="minimum timed pairs per case")
+    ap.add_argument("--repeats", type=int, default=15, help="minimum timed block pairs per case")
     ap.add_argument("--seconds", type=float, default=3.0, help="minimum seconds per case")
     args = ap.parse_args()
 

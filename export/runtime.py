@@ -1,16 +1,22 @@
 """Load an exported encoder bundle and run it with ONNX Runtime and numpy only.
 
 This is what the streaming worker imports, so it must never import torch (a test pins that).
-The worker's loop per micro-batch:
+The worker's loop per micro-batch (all calls are batched over users; one row per user):
 
-    rt = EncoderRuntime.load(bundle_dir)            # verifies every checksum
-    idx = rt.index_of(item_ids)                     # unknown ids -> UNKNOWN (-1)
-    states = rt.rebuild(windows_items, windows_types, windows_gaps, memories)  # cache miss
-    vectors, states = rt.step(states, items, types, gaps)                      # cache hit
-    top, scores = rt.top_k(vectors, k, exclude=[seen indices per user])
-    per_user = states.split()                       # one batch-1 state per user for the LRU
+    rt = EncoderRuntime.load(bundle_dir)        # verifies every checksum, picks CUDA or CPU
+    idx = rt.index_of(item_ids)                 # unknown ids -> UNKNOWN (-1), never an error
+    # cache miss: rebuild from the user's window (oldest first) + persisted memory (or None)
+    vectors, states = rt.rebuild(win_items, win_types, win_gaps, memory=[m_or_None, ...])
+    # cache hit: one event per user, constant cost (users with an UNKNOWN item are skipped)
+    vectors, states = rt.step(EncoderStates.stack(cached), items, types, gaps)
+    top, scores = rt.top_k(vectors, k, exclude=[seen item indices per user])
+    cached = states.split()                     # one batch-1 state per user for the LRU
+    persist(states.memory)                      # (B, d): what rebuild() needs besides the window
 
-Item indices are the model's: 0 is padding, 1..n_items are real items (``rt.item_ids[i]``).
+Inputs are the model's: item indices (0 = padding, 1..n_items = ``rt.item_ids[i]``), event type
+indices in ``rt.event_types`` order, and time-gap buckets (``encoder.features.time_gap_bucket``
+with ``rt.n_time_buckets``). ONNX Runtime sessions are thread-safe, so the calls can run in a
+worker thread off the event loop.
 """
 
 from __future__ import annotations
@@ -173,6 +179,8 @@ class EncoderRuntime:
         self.d_model: int = int(manifest["d_model"])
         self.state_names: list[str] = [s["name"] for s in manifest["state"]]
         self.memory_name: str | None = manifest.get("memory_state")
+        self.event_types: list[str] = list(manifest.get("event_types", []))
+        self.n_time_buckets: int = int(manifest["config"]["n_time_buckets"])
         # Index = model item index; item_ids[0] is None (padding).
         self.item_ids = item_ids
         self._index = {item: i for i, item in enumerate(item_ids) if item is not None}
