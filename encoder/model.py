@@ -188,6 +188,8 @@ class DecayedMemory(nn.Module):
         O(T*d): inside a chunk of C events, m_t = g^{n_t} (m_start + sum_s g^{-n_s} e_s) with n
         counted from the chunk start, so one cumsum per chunk; C keeps g^{-C} small (precision).
         """
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return self.scan_dense(e, valid, m0)  # the chunk loop would freeze T in a graph
         vf = valid.to(e.dtype)[..., None]  # (B,T,1)
         chunk = max(1, min(64, int(math.log(1e3) / max(-math.log(self.gamma), 1e-9))))
         m, outs = m0, []
@@ -199,6 +201,16 @@ class DecayedMemory(nn.Module):
             outs.append(c)
             m = c[:, -1]
         return torch.cat(outs, dim=1)
+
+    def scan_dense(self, e: torch.Tensor, valid: torch.Tensor, m0: torch.Tensor) -> torch.Tensor:
+        """Same as scan() as one (B,T,T) weight matrix: O(T^2), but shape-generic for export."""
+        T = e.shape[1]
+        vf = valid.to(e.dtype)
+        n = vf.cumsum(dim=1)  # (B,T): real events up to and including t
+        causal = torch.ones(T, T, dtype=torch.bool, device=e.device).tril()
+        expo = (n[:, :, None] - n[:, None, :]).clamp(min=0)  # (B,T,T): decays between s and t
+        w = torch.pow(self.gamma, expo) * vf[:, None, :] * causal  # (B,T,T)
+        return w @ e + torch.pow(self.gamma, n)[:, :, None] * m0[:, None, :]
 
     def step(self, m: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return self.gamma * m + e

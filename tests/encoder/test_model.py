@@ -161,3 +161,14 @@ def test_config_round_trip() -> None:
     d = cfg.to_dict()
     assert d["receptive_field"] == 3 * 6 + 1
     assert EncoderConfig.from_dict(d) == cfg
+
+
+def test_chunked_memory_scan_equals_dense_closed_form() -> None:
+    model = _model()
+    mem = model.memory
+    assert mem is not None
+    g = torch.Generator().manual_seed(3)
+    e = torch.randn(3, 150, 16, generator=g)  # longer than one chunk
+    valid = torch.rand(3, 150, generator=g) > 0.3
+    m0 = torch.randn(3, 16, generator=g)
+    assert (mem.scan(e, valid, m0) - mem.scan_dense(e, valid, m0)).abs().max().item() <= TOL
