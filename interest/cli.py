@@ -61,6 +61,17 @@ def down() -> None:
 
 
 @app.command()
+def demo(
+    users: Annotated[int, typer.Option(help="synthetic users")] = 20,
+    events_per_user: Annotated[int, typer.Option(help="events per user")] = 10,
+) -> None:
+    """Run everything on a private embedded stack: worker, sample events, recommendations."""
+    from streams.demo import run_demo
+
+    run_demo(users=users, events_per_user=events_per_user)
+
+
+@app.command()
 def worker() -> None:
     """Run the Faust worker (consumer group INTEREST_GROUP_ID) until Ctrl-C or SIGTERM."""
     from streams.worker import run_worker

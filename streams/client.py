@@ -79,7 +79,7 @@ class InterestClient:
     def producer(self) -> KafkaProducer:
         if self._producer is None:
             self._producer = KafkaProducer(
-                bootstrap_servers=self.settings.kafka_bootstrap,
+                bootstrap_servers=self.settings.bootstrap_servers,
                 acks="all",
                 linger_ms=5,
                 retries=10,
@@ -114,7 +114,7 @@ class InterestClient:
         """
         topic = self.settings.topic_recommendations
         consumer = KafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap,
+            bootstrap_servers=self.settings.bootstrap_servers,
             enable_auto_commit=False,
             **self.settings.kafka_client_options(),
         )

@@ -97,6 +97,10 @@ def _require_id(payload: dict[str, Any], name: str, max_length: int) -> str:
         raise InvalidEvent(f"{name} must not be empty")
     if len(value) > max_length:
         raise InvalidEvent(f"{name} is longer than {max_length} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
+        raise InvalidEvent(f"{name} is not valid Unicode") from None
     return value
 
 

@@ -190,7 +190,7 @@ def create_http_app(settings: Settings) -> web.Application:
 
     async def start_producer(app: web.Application) -> None:
         producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap,
+            bootstrap_servers=settings.bootstrap_servers,
             client_id=f"{settings.group_id}-http",
             acks="all",
             linger_ms=5,

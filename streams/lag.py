@@ -47,7 +47,7 @@ def _end_offsets(
 def consumer_lag(settings: Settings) -> list[PartitionLag]:
     # A consumer with the group's id reads its committed offsets without joining the group.
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        bootstrap_servers=settings.bootstrap_servers,
         group_id=settings.group_id,
         enable_auto_commit=False,
         **settings.kafka_client_options(),

@@ -8,24 +8,52 @@ so the embedded dev stack works without exporting anything.
 from __future__ import annotations
 
 import json
-from functools import cached_property
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 STACK_FILE_NAME = "stack.json"
+
+
+def default_home() -> Path:
+    return Path.home() / ".interest"
+
+
+class StackFileSource(PydanticBaseSettingsSource):
+    """Values `interest up` recorded (addresses, timings suited to the embedded broker).
+
+    Ranked below the environment: an explicit INTEREST_* variable always wins.
+    """
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ returns everything at once
+
+    def __call__(self) -> dict[str, Any]:
+        home = Path(os.environ.get("INTEREST_HOME") or default_home())
+        try:
+            recorded = json.loads((home / STACK_FILE_NAME).read_text())
+        except (OSError, ValueError):
+            return {}
+        fields = self.settings_cls.model_fields
+        return {name: value for name, value in recorded.items() if name in fields}
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INTEREST_", extra="ignore", frozen=True)
 
     # Where `interest up` keeps its state file, logs and pids.
-    home: Path = Field(default_factory=lambda: Path.home() / ".interest")
+    home: Path = Field(default_factory=default_home)
 
-    # Kafka. Empty means "whatever `interest up` started".
-    bootstrap_servers: str = ""
+    # Kafka. Unset means what `interest up` recorded, else the Kafka default port.
+    bootstrap_servers: str = "127.0.0.1:9092"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
@@ -42,8 +70,8 @@ class Settings(BaseSettings):
     topic_replication: int = Field(default=1, ge=1)
     group_id: str = "interest-stream"
 
-    # Redis. Empty means "whatever `interest up` started". TLS: use a rediss:// URL.
-    redis_url: str = ""
+    # Redis. Unset means what `interest up` recorded. TLS: use a rediss:// URL.
+    redis_url: str = "redis://127.0.0.1:6379/0"
     redis_username: str | None = None
     redis_password: SecretStr | None = None
     redis_ssl_ca_certs: Path | None = None
@@ -74,9 +102,13 @@ class Settings(BaseSettings):
     http_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     http_max_events_per_request: int = Field(default=10_000, ge=1)
 
-    # Consumer group timing. On Tansu a join takes about half the poll interval (DESIGN.md).
-    kafka_session_timeout_seconds: float = Field(default=30.0, gt=0)
-    kafka_max_poll_interval_seconds: float = Field(default=60.0, gt=0)
+    # Consumer group timing: Kafka's defaults. A worker that does not poll within the interval
+    # is dropped from the group. The embedded broker completes a group join only after about
+    # half this interval (DESIGN.md), so `interest up` records shorter values for dev use.
+    kafka_session_timeout_seconds: float = Field(default=45.0, gt=0)
+    kafka_max_poll_interval_seconds: float = Field(default=300.0, gt=0)
+    # How long a batch waits for the broker to acknowledge its output before it is retried.
+    kafka_delivery_timeout_seconds: float = Field(default=30.0, gt=0)
 
     # Worker observability: Prometheus /metrics on this port (0 disables it).
     metrics_port: int = Field(default=9108, ge=0, le=65535)
@@ -93,25 +125,20 @@ class Settings(BaseSettings):
             )
         return self
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, StackFileSource(settings_cls))
+
     @property
     def stack_file(self) -> Path:
         return self.home / STACK_FILE_NAME
-
-    @cached_property
-    def _stack(self) -> dict[str, str]:
-        try:
-            return json.loads(self.stack_file.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    @property
-    def kafka_bootstrap(self) -> str:
-        """Explicit setting first, then the embedded stack, then the Kafka default port."""
-        return self.bootstrap_servers or self._stack.get("bootstrap_servers", "127.0.0.1:9092")
-
-    @property
-    def redis(self) -> str:
-        return self.redis_url or self._stack.get("redis_url", "redis://127.0.0.1:6379/0")
 
     @property
     def input_topics(self) -> tuple[str, str]:

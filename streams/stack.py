@@ -25,11 +25,16 @@ READY_TIMEOUT_SECONDS = 20.0
 
 @dataclass(frozen=True)
 class StackInfo:
+    """What `interest up` records in stack.json; fields named like settings become defaults."""
+
     bootstrap_servers: str
     redis_url: str
     broker_pid: int
     redis_pid: int
     home: str
+    # The embedded broker completes a group join after about half the poll interval.
+    kafka_max_poll_interval_seconds: float = 20.0
+    kafka_session_timeout_seconds: float = 10.0
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -105,7 +105,7 @@ def connect(settings: Settings) -> aioredis.Redis:
         options["password"] = settings.redis_password.get_secret_value()
     if settings.redis_ssl_ca_certs:  # TLS itself is chosen by a rediss:// URL
         options["ssl_ca_certs"] = str(settings.redis_ssl_ca_certs)
-    return aioredis.Redis.from_url(settings.redis, **options)
+    return aioredis.Redis.from_url(settings.redis_url, **options)
 
 
 class StateStore:

@@ -6,18 +6,25 @@ import contextlib
 
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from interest.errors import UserError
 from streams.settings import Settings
 
 
 def admin_client(settings: Settings) -> KafkaAdminClient:
-    return KafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap,
-        client_id=f"{settings.group_id}-admin",
-        request_timeout_ms=10_000,
-        **settings.kafka_client_options(),
-    )
+    try:
+        return KafkaAdminClient(
+            bootstrap_servers=settings.bootstrap_servers,
+            client_id=f"{settings.group_id}-admin",
+            request_timeout_ms=10_000,
+            **settings.kafka_client_options(),
+        )
+    except KafkaError:  # kafka-python 3 raises a timeout when no broker answers
+        raise UserError(
+            f"no Kafka broker answers at {settings.bootstrap_servers}; "
+            "start the dev stack with `interest up` or set INTEREST_BOOTSTRAP_SERVERS"
+        ) from None
 
 
 def ensure_topics(settings: Settings) -> list[str]:

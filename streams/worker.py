@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -29,8 +30,9 @@ log = logging.getLogger(__name__)
 class FaustPublisher:
     """Sends through the app's producer and waits for every acknowledgement."""
 
-    def __init__(self, app: AppT) -> None:
+    def __init__(self, app: AppT, timeout_seconds: float) -> None:
         self.app = app
+        self.timeout_seconds = timeout_seconds
 
     async def publish(self, records: Sequence[OutRecord]) -> None:
         producer = self.app.producer
@@ -39,7 +41,8 @@ class FaustPublisher:
             for record in records
         ]
         if pending:
-            await asyncio.gather(*pending)
+            # A lost acknowledgement must not stall the worker: time out and retry the batch.
+            await asyncio.wait_for(asyncio.gather(*pending), self.timeout_seconds)
 
 
 def _credentials(settings: Settings) -> object | None:
@@ -59,7 +62,7 @@ def _credentials(settings: Settings) -> object | None:
 def create_app(settings: Settings, datadir: Path, recommender: Recommender | None = None) -> AppT:
     app = faust.App(
         settings.group_id,
-        broker=f"kafka://{settings.kafka_bootstrap}",
+        broker=f"kafka://{settings.bootstrap_servers}",
         broker_credentials=_credentials(settings),
         datadir=str(datadir),
         consumer_auto_offset_reset="earliest",
@@ -67,6 +70,11 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
         broker_max_poll_interval=settings.kafka_max_poll_interval_seconds,
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication,
+        # Faust hands every record of one fetch to the stream before it polls again, and the
+        # group drops a member that has not polled within the poll interval. Bounding a fetch
+        # to a few batches keeps polls frequent even when processing is slow.
+        broker_max_poll_records=settings.batch_size * 2,
+        stream_buffer_maxsize=settings.batch_size * 4,
         web_enabled=False,
         key_serializer="raw",
         value_serializer="raw",
@@ -77,9 +85,8 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
     @app.agent(source_topic, name="interest-events")
     async def interest_events(stream: faust.StreamT) -> None:
         client = connect(settings)
-        processor = BatchProcessor(
-            settings, StateStore(client, settings), chosen, FaustPublisher(app)
-        )
+        publisher = FaustPublisher(app, settings.kafka_delivery_timeout_seconds)
+        processor = BatchProcessor(settings, StateStore(client, settings), chosen, publisher)
         try:
             async for batch in stream.take_events(
                 settings.batch_size, within=settings.batch_within_seconds
@@ -92,7 +99,14 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
                     )
                     for event in batch
                 ]
-                await process_with_retry(lambda m=messages: processor.process(m))
+                try:
+                    await process_with_retry(lambda m=messages: processor.process(m))
+                except Exception:
+                    # Faust would ack this batch if the agent raised, and the events would be
+                    # lost. Exit without acking instead: the batch replays on restart.
+                    log.exception("unexpected error; exiting so the batch is replayed")
+                    logging.shutdown()
+                    os._exit(70)
         finally:
             await client.aclose()
 

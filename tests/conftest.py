@@ -48,11 +48,8 @@ def service_env(
         "INTEREST_TOPIC_DLQ": f"{prefix}.dlq",
         "INTEREST_GROUP_ID": prefix,
         "INTEREST_REDIS_KEY_PREFIX": prefix,
-        # Tansu completes a group join after about half the poll interval (DESIGN.md).
-        "INTEREST_KAFKA_MAX_POLL_INTERVAL_SECONDS": "10",
-        "INTEREST_KAFKA_SESSION_TIMEOUT_SECONDS": "10",
         "INTEREST_METRICS_PORT": "0",
-        "INTEREST_LOG_LEVEL": "WARNING",
+        "INTEREST_LOG_LEVEL": "INFO",  # worker logs go to files in tmp_path
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)

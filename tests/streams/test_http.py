@@ -53,7 +53,7 @@ def read_topic(
 ) -> list[ConsumerRecord]:
     """Every record on `topic`, polling until `expected` arrived, then once more for extras."""
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        bootstrap_servers=settings.bootstrap_servers,
         enable_auto_commit=False,
         **settings.kafka_client_options(),
     )

@@ -1,0 +1,36 @@
+# Set-up and the everyday commands. `make demo` and `make test` work on a fresh Debian machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup demo test lint bench bench-quality bench-incremental clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[train,test]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/interest demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: bench-incremental bench-quality
+
+bench-incremental: setup
+	$(PY) bench/incremental.py
+
+bench-quality: setup
+	$(PY) bench/quality.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,75 @@
+from streams.events import Event, Source
+from streams.window import UserState, WindowPolicy, apply_event, trim
+
+
+def make(
+    offset: int,
+    ts: int,
+    event_id: str | None = None,
+    item: str | None = None,
+    topic: str = "clicks",
+    partition: int = 0,
+) -> Event:
+    return Event(
+        event_id=event_id or f"e{offset}",
+        user_id="u",
+        item_id=item or f"i{offset}",
+        event_type="click",
+        timestamp_ms=ts,
+        source=Source(topic, partition, offset),
+    )
+
+
+def test_window_keeps_last_length_events_oldest_first() -> None:
+    state = UserState()
+    policy = WindowPolicy(length=3)
+    for offset in range(5):
+        assert apply_event(state, make(offset, 1000 + offset), policy)
+    assert [e.event_id for e in state.window] == ["e2", "e3", "e4"]
+    assert state.offsets == {"clicks/0": 4}
+
+
+def test_replayed_offset_is_not_applied_twice() -> None:
+    state = UserState()
+    policy = WindowPolicy(length=10)
+    events = [make(offset, 1000 + offset) for offset in range(3)]
+    for e in events:
+        apply_event(state, e, policy)
+    before = list(state.window)
+    assert not any(apply_event(state, e, policy) for e in events)
+    assert state.window == before
+
+
+def test_retried_push_with_same_event_id_is_not_appended() -> None:
+    state = UserState()
+    policy = WindowPolicy(length=10)
+    assert apply_event(state, make(1, 1000, event_id="same"), policy)
+    assert not apply_event(state, make(2, 1001, event_id="same"), policy)
+    assert len(state.window) == 1
+    assert state.offsets["clicks/0"] == 2  # the retry's offset still counts as seen
+
+
+def test_out_of_order_event_from_other_topic_is_inserted_by_time() -> None:
+    state = UserState()
+    policy = WindowPolicy(length=10)
+    apply_event(state, make(1, 1000), policy)
+    apply_event(state, make(2, 3000), policy)
+    apply_event(state, make(7, 2000, topic="purchases", event_id="p"), policy)
+    assert [e.event_id for e in state.window] == ["e1", "p", "e2"]
+    assert state.offsets == {"clicks/0": 2, "purchases/0": 7}
+
+
+def test_max_age_uses_event_time_of_newest_event() -> None:
+    policy = WindowPolicy(length=10, max_age_ms=1000)
+    state = UserState()
+    for offset, ts in enumerate([0, 500, 1200, 1600]):
+        apply_event(state, make(offset, 1_000_000 + ts), policy)
+    assert [e.event_id for e in state.window] == ["e2", "e3"]
+    assert trim(state.window, policy) == state.window
+
+
+def test_seen_items() -> None:
+    state = UserState()
+    apply_event(state, make(1, 1, item="a"), WindowPolicy(5))
+    apply_event(state, make(2, 2, item="b"), WindowPolicy(5))
+    assert state.seen_items() == {"a", "b"}
