@@ -278,6 +278,8 @@ class EncoderRuntime:
         if not (len(irows) == len(trows) == len(grows)):
             raise ValueError("items, types and gaps need one row per user")
         batch = len(irows)
+        if batch == 0:
+            return np.zeros((0, self.d_model), np.float32), self.initial_state(0)
         has_memory = _has_memory(memory, batch)
         kept = []
         for b, (i, t, g) in enumerate(zip(irows, trows, grows, strict=True)):
@@ -314,6 +316,8 @@ class EncoderRuntime:
         if not (len(it) == len(ty) == len(ga) == len(states)):
             raise ValueError("step() needs one item, type and gap per user in states")
         known = it > 0
+        if len(it) == 0:
+            return states.vectors.copy(), states
         if known.all():
             return self._run_step(states, it, ty, ga)
         out = states.take(np.arange(len(states)))  # skipped users: state and vector unchanged

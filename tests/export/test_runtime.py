@@ -100,6 +100,15 @@ def test_unknown_item_ids(runtime: EncoderRuntime) -> None:
     assert st2.arrays["count"].tolist() == [3, 1]
 
 
+def test_empty_batches(runtime: EncoderRuntime) -> None:
+    vec, st = runtime.rebuild([], [], [])
+    assert vec.shape == (0, 16) and len(st) == 0
+    vec, st = runtime.step(st, [], [], [])
+    assert vec.shape == (0, 16) and len(st) == 0
+    idx, scores = runtime.top_k(vec, 5, exclude=[])
+    assert idx.shape == scores.shape == (0, 5)
+
+
 def test_states_stack_split_round_trip(runtime: EncoderRuntime) -> None:
     _, st = runtime.rebuild(
         [[1, 2, 3], [4], [5, 6]], [[0, 0, 0], [1], [2, 2]], [[0, 1, 2], [0], [0, 1]]
