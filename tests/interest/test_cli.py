@@ -1,0 +1,133 @@
+"""The `interest` command line as users run it, against the real embedded stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from streams.settings import Settings
+from streams.stack import StackInfo, _pid_alive
+from tests.conftest import REPO_ROOT, WorkerProcess, wait_for
+
+
+def interest(
+    *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-c", "from interest.cli import main; main()", *args],
+        env={**os.environ, **(env or {})},
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+    )
+
+
+def test_up_prints_addresses_records_them_and_down_leaves_no_process(tmp_path: Path) -> None:
+    env = {"INTEREST_HOME": str(tmp_path)}
+    up = interest("up", env=env)
+    assert up.returncode == 0, up.stderr.decode()
+    lines = dict(line.split("=", 1) for line in up.stdout.decode().split())
+    info = StackInfo.read(tmp_path / "stack.json")
+    assert info is not None
+    assert lines == {"bootstrap_servers": info.bootstrap_servers, "redis_url": info.redis_url}
+    assert _pid_alive(info.broker_pid) and _pid_alive(info.redis_pid)
+
+    again = interest("up", env=env)
+    assert again.returncode == 2
+    assert b"already running" in again.stderr and b"Traceback" not in again.stderr
+
+    down = interest("down", env=env)
+    assert down.returncode == 0
+    assert not (tmp_path / "stack.json").exists()
+    wait_for(
+        lambda: not _pid_alive(info.broker_pid) and not _pid_alive(info.redis_pid),
+        timeout=10,
+        what="stack processes to exit",
+    )
+
+
+def test_up_on_busy_port_says_so_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = interest("up", "--kafka-port", str(port), env={"INTEREST_HOME": str(tmp_path)})
+    assert result.returncode == 2
+    assert result.stderr.decode().strip() == (
+        f"error: port {port} for the broker is in use; choose another or pass 0"
+    )
+
+
+def test_bad_setting_and_missing_file_are_one_line_errors(service_env: dict[str, str]) -> None:
+    bad = interest("lag", env={"INTEREST_WINDOW_LENGTH": "zero"})
+    assert bad.returncode == 2
+    assert bad.stderr.decode().startswith("error: bad setting 'window_length'")
+    missing = interest("push", "/no/such/file.jsonl")
+    assert missing.returncode == 2
+    assert missing.stderr.decode().strip() == "error: no such file: /no/such/file.jsonl"
+
+
+def test_push_subscribe_inspect_and_lag(
+    settings: Settings, start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    events = [
+        {
+            "event_id": f"e{i}",
+            "user_id": "ana",
+            "item_id": f"i{i}",
+            "event_type": "click",
+            "timestamp": 1_767_225_600_000 + i,
+        }
+        for i in range(3)
+    ] + [
+        {
+            "event_id": "b1",
+            "user_id": "bo",
+            "item_id": "i0",
+            "event_type": "purchase",
+            "timestamp": "2026-01-01T00:00:00Z",
+        }
+    ]
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join(json.dumps(e) for e in events) + "\n")
+    pushed = interest("push", str(path))
+    assert pushed.returncode == 0, pushed.stderr.decode()
+    assert b"pushed 4 events" in pushed.stderr
+
+    start_worker()
+    sub = interest(
+        "subscribe",
+        "--user",
+        "ana",
+        "--limit",
+        "3",
+        "--timeout",
+        "60",
+        "--from-beginning",
+        timeout=90,
+    )
+    assert sub.returncode == 0, sub.stderr.decode()
+    recs = [json.loads(line) for line in sub.stdout.decode().splitlines()]
+    assert [r["trigger_event_id"] for r in recs] == ["e0", "e1", "e2"]
+    assert all(r["user_id"] == "ana" for r in recs)
+
+    state = json.loads(interest("inspect", "--user", "ana").stdout)
+    assert [w["item_id"] for w in state["window"]] == ["i0", "i1", "i2"]
+    assert state["updated_at"] > 0
+    unknown = interest("inspect", "--user", "nobody")
+    assert unknown.returncode == 2 and b"no state for user" in unknown.stderr
+
+    def lag_is_zero() -> bool:
+        out = interest("lag").stdout.decode()
+        return "total" in out and re.findall(r"\d+", out.split("total")[1]) == ["0"]
+
+    wait_for(lag_is_zero, timeout=30, what="committed offsets to catch up", interval=1)
+    table = interest("lag").stdout.decode()
+    assert settings.topic_clicks in table and settings.topic_purchases in table
