@@ -32,7 +32,13 @@ from torch import nn
 
 from encoder.features import EVENT_TYPES
 from encoder.model import EncoderConfig, EncoderState, InterestEncoder
-from export.runtime import BUNDLE_FORMAT, MANIFEST, content_version, sha256_file
+from export.runtime import (
+    BUNDLE_FORMAT,
+    MANIFEST,
+    content_version,
+    manifest_digest,
+    sha256_file,
+)
 from interest.errors import UserError
 
 OPSET = 17
@@ -422,10 +428,15 @@ def export_bundle(model_dir: Path, out: Path) -> Path:
             "torch_version": torch.__version__,
             "files": files,
         }
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        if out.exists():
-            shutil.rmtree(out)
+        # Swap by renames: the old bundle stays whole until the new one is in place.
+        old = out.with_name(f".{out.name}.old-{tmp.name}") if out.exists() else None
+        if old is not None:
+            out.rename(old)
         tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -463,7 +463,15 @@ def verify_bundle(path: Path) -> dict[str, Any]:
             )
     if content_version(files) != manifest.get("version"):
         raise BundleError(f"{mpath}: version does not match the file checksums")
+    if manifest_digest(manifest) != manifest.get("manifest_sha256"):
+        raise BundleError(f"{mpath}: manifest was modified after export (manifest_sha256)")
     return manifest
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its own digest field."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def content_version(files: dict[str, str]) -> str:

@@ -48,11 +48,20 @@ def test_missing_items_is_refused(bundle_copy: Path) -> None:
 
 
 def test_missing_or_edited_manifest_is_refused(bundle_copy: Path) -> None:
-    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    path = bundle_copy / "manifest.json"
+    original = path.read_text()
+    manifest = json.loads(original)
     manifest["version"] = "0" * 16
-    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    path.write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="version does not match"):
         EncoderRuntime.load(bundle_copy)
+    manifest = json.loads(original)
+    manifest["receptive_field"] = 3  # everything but the manifest's own digest still matches
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="modified after export"):
+        EncoderRuntime.load(bundle_copy)
+    path.write_text(original)
+    EncoderRuntime.load(bundle_copy)  # and the untouched copy loads
     (bundle_copy / "manifest.json").unlink()
     with pytest.raises(BundleError, match=r"no manifest\.json"):
         EncoderRuntime.load(bundle_copy)
