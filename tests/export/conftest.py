@@ -17,10 +17,18 @@ ITEM_IDS = [f"item-{i}" for i in range(1, N_ITEMS + 1)]
 
 def tiny_model(use_memory: bool = True) -> InterestEncoder:
     torch.manual_seed(0)
+    # dropout > 0 pins that the export leaves the model in eval mode
     cfg = EncoderConfig(
-        n_items=N_ITEMS, d_model=16, n_layers=2, n_heads=2, span=5, n_time_buckets=8,
-        dropout=0.2, memory_decay=0.9, use_memory=use_memory,
-    )  # fmt: skip  (dropout > 0 pins that export leaves the model in eval mode)
+        n_items=N_ITEMS,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        span=5,
+        n_time_buckets=8,
+        dropout=0.2,
+        memory_decay=0.9,
+        use_memory=use_memory,
+    )
     model = InterestEncoder(cfg).eval()
     with torch.no_grad():  # a non-trivial distance bias so positions matter
         for block in model.blocks:
