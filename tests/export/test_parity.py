@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -134,3 +137,23 @@ def test_scores_match_torch(model: InterestEncoder, runtime: EncoderRuntime) -> 
         ref = model.item_scores(_t(vectors)).numpy()
     got = runtime.scores(vectors)
     assert _maxdiff(ref[:, 1:], got[:, 1:]) <= TOL
+
+
+def test_model_without_memory_exports_and_steps(tmp_path: Path) -> None:
+    """use_memory=False (the ablation) exports too; step chain == forward."""
+    from export.bundle import export_bundle, save_model_dir
+
+    from .conftest import ITEM_IDS, tiny_model
+
+    model = tiny_model(use_memory=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle = export_bundle(save_model_dir(model, ITEM_IDS, tmp_path / "m"), tmp_path / "b")
+    rt = EncoderRuntime.load(bundle)
+    items, types, gaps = _history(2, 2 * rt.receptive_field, model.cfg.n_items, seed=11)
+    with torch.no_grad():
+        full = model(_t(items), _t(types), _t(gaps)).numpy()
+    states = rt.initial_state(2)
+    for t in range(items.shape[1]):
+        vec, states = rt.step(states, items[:, t], types[:, t], gaps[:, t])
+        assert _maxdiff(full[:, t], vec) <= TOL
