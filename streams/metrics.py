@@ -27,3 +27,13 @@ EVENT_LAG_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60),
 )
 RETRIES = Counter("interest_batch_retries_total", "Batches retried after an I/O error")
+ONLINE_EVENTS = Counter(
+    "interest_online_events_total",
+    "Events of users who had a recommendation before them",
+    ["model_version"],
+)
+ONLINE_HITS = Counter(
+    "interest_online_hits_total",
+    "Events whose item was in the recommendation made just before them (hit rate@K)",
+    ["model_version"],
+)

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,10 +26,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streams import metrics
 from streams.events import Event, Rejection, Source, validate
-from streams.recommend import Recommender, Request, recommendation_event
+from streams.recommend import Batch, Recommender, Request, StoredModelState, recommendation_event
 from streams.settings import Settings
 from streams.store import StateStore, UserWrite
-from streams.window import UserState, WindowPolicy, apply_event
+from streams.window import UserState, WindowPolicy, apply_event, offsets_signature
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,14 @@ class BatchProcessor:
         store: StateStore,
         recommender: Recommender,
         publisher: Publisher,
+        executor: Executor | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
+        # Swapped between batches by a model rollout (see streams/model_watch.py).
         self.recommender = recommender
         self.publisher = publisher
+        self.executor = executor
         max_age = settings.window_max_age_seconds
         self.policy = WindowPolicy(
             settings.window_length, int(max_age * 1000) if max_age is not None else None
@@ -126,6 +130,8 @@ class BatchProcessor:
             popular_n=settings.top_k + settings.window_length,
         )
         states: dict[str, UserState] = {uid: user.state for uid, user in read.users.items()}
+        prior_windows = {uid: tuple(state.window) for uid, state in states.items()}
+        prior_signatures = {uid: offsets_signature(state) for uid, state in states.items()}
         requests: list[Request] = []
         new_items: list[tuple[str, int]] = []
         for event in events:
@@ -133,7 +139,8 @@ class BatchProcessor:
             if apply_event(state, event, self.policy):
                 result.applied += 1
                 metrics.EVENTS.labels(event.source.topic, "applied").inc()
-                requests.append(Request(event, tuple(state.window)))
+                appended = bool(state.window) and state.window[-1].event_id == event.event_id
+                requests.append(Request(event, tuple(state.window), appended))
                 new_items.append((event.item_id, event.timestamp_ms))
             else:
                 result.duplicates += 1
@@ -142,20 +149,59 @@ class BatchProcessor:
             result.touched_users.add(event.user_id)
 
         popular = self.store.merge_popularity(read.popular, new_items, read.popularity_epoch_ms)
-        recommendations = self.recommender.recommend(requests, popular, settings.top_k)
-        for request, recommendation in zip(requests, recommendations, strict=True):
-            payload = recommendation_event(request.event, recommendation)
-            out.append(
-                OutRecord(
-                    settings.topic_recommendations, request.event.user_id.encode(), _dumps(payload)
+        batch = Batch(
+            requests=requests,
+            prior_windows=prior_windows,
+            stored={
+                uid: StoredModelState(user.vector, user.memory, user.model_version)
+                for uid, user in read.users.items()
+            },
+            prior_signatures=prior_signatures,
+            final_signatures={uid: offsets_signature(states[uid]) for uid in states},
+            popular=popular,
+            k=settings.top_k,
+        )
+        recommender = self.recommender
+        # Inference is CPU work: run it in a thread so the event loop keeps serving Kafka.
+        recommended = await asyncio.get_running_loop().run_in_executor(
+            self.executor, recommender.recommend, batch
+        )
+        last_recs = {uid: user.recs for uid, user in read.users.items()}
+        online: dict[str, int] = {}
+        for request, recommendation in zip(requests, recommended.recommendations, strict=True):
+            event = request.event
+            previous = last_recs.get(event.user_id)
+            if previous is not None:
+                # Online quality: was this event among the items recommended just before it?
+                hit = int(event.item_id in previous)
+                online[f"events:{recommendation.model_version}"] = (
+                    online.get(f"events:{recommendation.model_version}", 0) + 1
                 )
+                online[f"hits:{recommendation.model_version}"] = (
+                    online.get(f"hits:{recommendation.model_version}", 0) + hit
+                )
+                metrics.ONLINE_EVENTS.labels(recommendation.model_version).inc()
+                metrics.ONLINE_HITS.labels(recommendation.model_version).inc(hit)
+            last_recs[event.user_id] = [item for item, _ in recommendation.items]
+            payload = recommendation_event(event, recommendation)
+            out.append(
+                OutRecord(settings.topic_recommendations, event.user_id.encode(), _dumps(payload))
             )
             metrics.RECOMMENDATIONS.labels(recommendation.source).inc()
-        result.recommendations = len(recommendations)
+        result.recommendations = len(requests)
 
         await self.publisher.publish(out)
-        writes = {uid: UserWrite(states[uid]) for uid in result.touched_users}
-        await self.store.write_batch(writes, new_items, read.popularity_epoch_ms)
+        writes = {}
+        for uid in result.touched_users:
+            update = recommended.updates.get(uid)
+            writes[uid] = UserWrite(
+                states[uid],
+                vector=update.vector if update else None,
+                memory=update.memory if update else None,
+                model_version=update.model_version if update else None,
+                recs=last_recs.get(uid),
+            )
+        await self.store.write_batch(writes, new_items, read.popularity_epoch_ms, online)
         now = time.time()
         for request in requests:
             metrics.EVENT_LAG_SECONDS.observe(max(0.0, now - request.event.timestamp_ms / 1000))

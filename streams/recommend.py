@@ -1,7 +1,8 @@
-"""Recommenders behind one interface: the worker asks for top-K per (user, window) request.
+"""Recommenders behind one interface: the worker hands over a micro-batch, gets top-K back.
 
 `PopularityRecommender` is the baseline (popularity with recency, computed from the stream) and
-the cold-start fallback for the encoder.
+the cold-start fallback of the encoder (`streams/encoder_recommender.py`). Both are plain,
+synchronous and CPU-bound: the worker runs them in an executor thread, off the event loop.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from streams.events import Event
@@ -22,20 +23,68 @@ class Request:
     """Recommend for `event.user_id` right after `event`, given the window at that moment."""
 
     event: Event
-    window: Sequence[WindowEntry]
+    window: tuple[WindowEntry, ...]
+    # False when the event was older than the window's newest one and was inserted in the
+    # middle (clicks and purchases arrive on different topics), so it cannot simply be stepped.
+    appended: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class StoredModelState:
+    """What the store holds per user for the model, as read before the batch."""
+
+    vector: bytes | None = None
+    memory: bytes | None = None
+    model_version: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    requests: Sequence[Request]
+    # Per user: the window before this batch's events, and the persisted model state.
+    prior_windows: Mapping[str, tuple[WindowEntry, ...]]
+    stored: Mapping[str, StoredModelState]
+    # Per user: `window.offsets_signature` before and after this batch (cache validation).
+    prior_signatures: Mapping[str, str]
+    final_signatures: Mapping[str, str]
+    popular: Sequence[tuple[str, float]]  # best first
+    k: int
 
 
 @dataclass(frozen=True, slots=True)
 class Recommendation:
     items: list[tuple[str, float]]
     model_version: str
-    source: str  # "popularity" or "encoder"
+    source: str  # "encoder" or "popularity" (cold start / baseline)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUpdate:
+    """The new model state of one user, written in the same atomic batch as its window."""
+
+    vector: bytes
+    memory: bytes
+    model_version: str
+
+
+@dataclass(slots=True)
+class Result:
+    recommendations: list[Recommendation]  # one per request, same order
+    updates: dict[str, ModelUpdate] = field(default_factory=dict)
 
 
 class Recommender(Protocol):
-    def recommend(
-        self, requests: Sequence[Request], popular: Sequence[tuple[str, float]], k: int
-    ) -> list[Recommendation]: ...
+    @property
+    def model_version(self) -> str: ...
+
+    def recommend(self, batch: Batch) -> Result: ...
+
+
+def popular_unseen(
+    popular: Sequence[tuple[str, float]], window: Sequence[WindowEntry], k: int
+) -> list[tuple[str, float]]:
+    seen = {entry.item_id for entry in window}
+    return [(item, score) for item, score in popular if item not in seen][:k]
 
 
 class PopularityRecommender:
@@ -43,15 +92,17 @@ class PopularityRecommender:
 
     model_version = "popularity-v1"
 
-    def recommend(
-        self, requests: Sequence[Request], popular: Sequence[tuple[str, float]], k: int
-    ) -> list[Recommendation]:
-        results = []
-        for request in requests:
-            seen = {entry.item_id for entry in request.window}
-            items = [(item, score) for item, score in popular if item not in seen][:k]
-            results.append(Recommendation(items, self.model_version, "popularity"))
-        return results
+    def recommend(self, batch: Batch) -> Result:
+        return Result(
+            [
+                Recommendation(
+                    popular_unseen(batch.popular, r.window, batch.k),
+                    self.model_version,
+                    "popularity",
+                )
+                for r in batch.requests
+            ]
+        )
 
 
 def recommendation_id(trigger_event_id: str, model_version: str) -> str:

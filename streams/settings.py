@@ -84,7 +84,14 @@ class Settings(BaseSettings):
     window_max_age_seconds: float | None = Field(default=None, gt=0)
     top_k: int = Field(default=10, ge=1, le=1000)
     popularity_half_life_seconds: float = Field(default=6 * 3600, gt=0)
+    # An exported encoder bundle (`interest export`); unset serves the popularity baseline.
+    # The worker polls it for a new version (rollout) every model_poll_seconds.
     model: Path | None = None
+    model_poll_seconds: float = Field(default=5.0, gt=0)
+    # Per-user incremental encoder states kept in worker memory (LRU; tens of KB each).
+    state_cache_users: int = Field(default=10_000, ge=0)
+    # Threads for inference off the event loop.
+    inference_threads: int = Field(default=1, ge=1)
 
     # Micro-batching in the worker (stream.take_events(batch_size, within=batch_within_seconds)).
     batch_size: int = Field(default=500, ge=1)

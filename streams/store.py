@@ -7,9 +7,13 @@ Key layout (pinned by tests/streams/test_store.py; change it only with a migrati
         offsets       JSON {"topic/partition": highest offset applied}, the replay guard
         updated_ms    wall-clock time of the last write
         vector        float32 little-endian bytes, the interest vector (encoder only)
-        model_version the bundle version that produced `vector`
+        memory        float32 bytes, the encoder's long-term memory after the newest event
+        model_version the bundle version that produced `vector` and `memory`
+        recs          JSON list of the item ids last recommended (for online hit rate)
     {prefix}:popularity                zset item_id -> exponentially decayed event count
     {prefix}:popularity:epoch_ms       reference time of the popularity weights
+    {prefix}:online                    hash: "events:<version>", "hits:<version>" counters of
+                                       events that were in the recommendation made before them
 
 The braces around the user id are a Redis Cluster hash tag: everything about one user lives in
 one slot. Writes for a batch go in one MULTI/EXEC, so a crash leaves either the whole batch or
@@ -57,13 +61,19 @@ class KeyLayout:
     def popularity_epoch(self) -> str:
         return f"{self.prefix}:popularity:epoch_ms"
 
+    @property
+    def online(self) -> str:
+        return f"{self.prefix}:online"
+
 
 @dataclass(slots=True)
 class StoredUser:
     state: UserState
     vector: bytes | None = None
+    memory: bytes | None = None
     model_version: str | None = None
     updated_ms: int | None = None
+    recs: list[str] | None = None
 
 
 @dataclass(slots=True)
@@ -77,21 +87,25 @@ class BatchRead:
 class UserWrite:
     state: UserState
     vector: bytes | None = None
+    memory: bytes | None = None
     model_version: str | None = None
+    recs: list[str] | None = None
 
 
-_USER_FIELDS = ("window", "offsets", "vector", "model_version", "updated_ms")
+_USER_FIELDS = ("window", "offsets", "vector", "memory", "model_version", "updated_ms", "recs")
 
 
 def _decode_user(values: list[bytes | None]) -> StoredUser:
-    window_raw, offsets_raw, vector, version, updated = values
+    window_raw, offsets_raw, vector, memory, version, updated, recs = values
     window = [WindowEntry.from_json(e) for e in json.loads(window_raw)] if window_raw else []
     offsets = json.loads(offsets_raw) if offsets_raw else {}
     return StoredUser(
         state=UserState(window=window, offsets=offsets),
         vector=vector,
+        memory=memory,
         model_version=version.decode() if version else None,
         updated_ms=int(updated) if updated else None,
+        recs=json.loads(recs) if recs else None,
     )
 
 
@@ -139,8 +153,10 @@ class StateStore:
         writes: Mapping[str, UserWrite],
         item_timestamps: Iterable[tuple[str, int]],
         popularity_epoch_ms: int | None,
+        online: Mapping[str, int] | None = None,
     ) -> None:
-        """One MULTI/EXEC: all users' new state and the popularity increments of new events."""
+        """One MULTI/EXEC: all users' new state, popularity increments of new events and the
+        online hit-rate counters (`online`: field -> increment)."""
         item_timestamps = list(item_timestamps)
         epoch = popularity_epoch_ms
         if epoch is None and item_timestamps:
@@ -162,6 +178,10 @@ class StateStore:
             if write.vector is not None:
                 mapping["vector"] = write.vector
                 mapping["model_version"] = write.model_version or ""
+            if write.memory is not None:
+                mapping["memory"] = write.memory
+            if write.recs is not None:
+                mapping["recs"] = json.dumps(write.recs, separators=(",", ":"))
             pipe.hset(key, mapping=mapping)
             if self.ttl_ms:
                 pipe.pexpire(key, self.ttl_ms)
@@ -173,6 +193,8 @@ class StateStore:
                 increments[item_id] = increments.get(item_id, 0.0) + weight
             for item_id, weight in increments.items():
                 pipe.zincrby(self.keys.popularity, weight, item_id)
+        for name, increment in (online or {}).items():
+            pipe.hincrby(self.keys.online, name, increment)
         await pipe.execute()
 
     def popularity_weight(self, timestamp_ms: int, epoch_ms: int) -> float:
@@ -205,6 +227,10 @@ class StateStore:
             args=[new_epoch, repr(math.pow(2.0, -shift))],
         )
         return new_epoch
+
+    async def online_counters(self) -> dict[str, int]:
+        raw = await self.client.hgetall(self.keys.online)
+        return {name.decode(): int(value) for name, value in raw.items()}
 
     async def read_user(self, user_id: str) -> StoredUser | None:
         values = await self.client.hmget(self.keys.user(user_id), _USER_FIELDS)

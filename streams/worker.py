@@ -12,14 +12,16 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faust
 from faust.types import AppT
 
 from streams.events import Source
+from streams.model_watch import ModelWatcher, load_recommender
 from streams.pipeline import BatchProcessor, OutRecord, RawMessage, process_with_retry
-from streams.recommend import PopularityRecommender, Recommender
+from streams.recommend import Recommender
 from streams.settings import Settings
 from streams.store import StateStore, connect
 from streams.topics import ensure_topics
@@ -80,13 +82,16 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
         value_serializer="raw",
     )
     source_topic = app.topic(*settings.input_topics, key_type=bytes, value_type=bytes)
-    chosen: Recommender = recommender or PopularityRecommender()
+    watcher = ModelWatcher(settings, recommender or load_recommender(settings))
+    executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="inference")
 
     @app.agent(source_topic, name="interest-events")
     async def interest_events(stream: faust.StreamT) -> None:
         client = connect(settings)
         publisher = FaustPublisher(app, settings.kafka_delivery_timeout_seconds)
-        processor = BatchProcessor(settings, StateStore(client, settings), chosen, publisher)
+        processor = BatchProcessor(
+            settings, StateStore(client, settings), watcher.current, publisher, executor
+        )
         try:
             async for batch in stream.take_events(
                 settings.batch_size, within=settings.batch_within_seconds
@@ -99,6 +104,8 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
                     )
                     for event in batch
                 ]
+                # Between batches: pick up a rolled-out model, if any.
+                processor.recommender = await watcher.refresh(executor)
                 try:
                     await process_with_retry(lambda m=messages: processor.process(m))
                 except Exception:
