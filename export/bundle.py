@@ -21,6 +21,7 @@ import json
 import shutil
 import tempfile
 import time
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -259,7 +260,9 @@ def export_onnx(model: InterestEncoder, out_dir: Path) -> dict[str, Any]:
     batch_axis = {0: "batch"}
     full_ex = _example_inputs(cfg, 2, max(3, cfg.span + 1), seed=0)
     window_axes = {0: "batch", 1: "window"}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter warns about constant folding of dynamic slices: expected.
+        warnings.simplefilter("ignore", UserWarning)
         torch.onnx.export(
             FullGraph(model).eval(),
             tuple(full_ex[n] for n in FULL_INPUTS),
@@ -434,6 +437,7 @@ def export_bundle(model_dir: Path, out: Path) -> Path:
         old = out.with_name(f".{out.name}.old-{tmp.name}") if out.exists() else None
         if old is not None:
             out.rename(old)
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the worker may run as another user
         tmp.rename(out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
