@@ -86,12 +86,18 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = EncoderConfig(n_items=args.n_items)
     model = InterestEncoder(cfg).eval()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-incremental-"))
-    model_dir = save_model_dir(model, [str(i) for i in range(1, cfg.n_items + 1)], tmp / "m")
-    with warnings.catch_warnings():
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-incremental-") as tmp_name,
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore")
+        tmp = Path(tmp_name)
+        model_dir = save_model_dir(model, [str(i) for i in range(1, cfg.n_items + 1)], tmp / "m")
         bundle = export_bundle(model_dir=model_dir, out=tmp / "bundle")
-    rt = EncoderRuntime.load(bundle, device="cpu", intra_op_threads=args.threads, spin=args.spin)
+        # sessions hold the graphs in memory: the directory can go once they are loaded
+        rt = EncoderRuntime.load(
+            bundle, device="cpu", intra_op_threads=args.threads, spin=args.spin
+        )
     print(
         f"config: d_model={cfg.d_model} n_layers={cfg.n_layers} n_heads={cfg.n_heads} "
         f"span={cfg.span} receptive_field={cfg.receptive_field} n_items={cfg.n_items}; "
