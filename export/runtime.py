@@ -99,8 +99,9 @@ def session_options(intra_op_threads: int | None = None, spin: bool = False) -> 
 
     Why these: the worker runs inference in a thread beside its event loop, which needs a
     core for Kafka I/O; a bounded pool that does not spin between runs (spinning would burn
-    that core while the loop waits on the broker) leaves it free. ``spin=True`` trades that
-    for ~0.1 ms less latency per small call (benchmarks on an otherwise idle machine).
+    that core while the loop waits on the broker) leaves it free. ``spin=True`` cut ~0.1 ms
+    off a batch-1 step here when cores were free, and made calls 2-3x slower when they were
+    shared with other processes (bench/README.md).
     """
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -116,8 +117,9 @@ def session_options(intra_op_threads: int | None = None, spin: bool = False) -> 
 class EncoderStates:
     """Incremental encoder state for a batch of users: numpy arrays with the user on axis 0.
 
-    ``arrays`` holds the model's state tensors by name (attention caches, valid mask, count,
-    long-term memory, as listed in the bundle manifest); ``vectors`` is each user's latest
+    ``arrays`` holds the graph's state tensors by name, as listed in the bundle manifest
+    (``keys_<layer>``/``values_<layer>`` attention caches of the last span-1 events, ``count``
+    of events in them, ``memory`` the long-term memory); ``vectors`` is each user's latest
     interest vector (zeros before any event), kept so a skipped event can return it.
     Keep one batch-1 state per user in an LRU (``split``) and ``stack`` them for a batch.
     """
@@ -178,7 +180,6 @@ class EncoderRuntime:
         self.receptive_field: int = int(manifest["receptive_field"])
         self.d_model: int = int(manifest["d_model"])
         self.state_names: list[str] = [s["name"] for s in manifest["state"]]
-        self.memory_name: str | None = manifest.get("memory_state")
         self.event_types: list[str] = list(manifest.get("event_types", []))
         self.n_time_buckets: int = int(manifest["config"]["n_time_buckets"])
         # Index = model item index; item_ids[0] is None (padding).
