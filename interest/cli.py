@@ -176,6 +176,33 @@ def inspect(user: Annotated[str, typer.Option(help="user id")]) -> None:
 
 
 @app.command()
+def stats() -> None:
+    """Live quality per model version: how often an event was in the recommendation before it."""
+    import asyncio
+
+    from streams.store import StateStore, connect
+
+    settings = _settings()
+
+    async def read() -> dict[str, int]:
+        client = connect(settings)
+        try:
+            return await StateStore(client, settings).online_counters()
+        finally:
+            await client.aclose()
+
+    counters = asyncio.run(read())
+    versions = sorted({name.split(":", 1)[1] for name in counters})
+    rows = {}
+    for version in versions:
+        events = counters.get(f"events:{version}", 0)
+        hits = counters.get(f"hits:{version}", 0)
+        rate = round(hits / events, 4) if events else None
+        rows[version] = {"events": events, "hits": hits, f"hit_rate@{settings.top_k}": rate}
+    print(json.dumps(rows))
+
+
+@app.command()
 def lag() -> None:
     """Committed offset, end offset and lag per input topic/partition for the worker group."""
     from rich.console import Console

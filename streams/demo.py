@@ -6,6 +6,7 @@ Everything runs in a private temporary home, so it never touches a stack started
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,25 @@ from streams.stack import StackInfo, start_stack, stop_stack
 from streams.topics import ensure_topics
 
 
+def train_small_model(home: Path, console: Console) -> Path | None:
+    """Train and export a small encoder on a synthetic history; None without the train extra."""
+    try:
+        from encoder.train import train
+        from export.bundle import export_bundle
+    except ImportError:
+        console.print("torch is not installed (pip install -e .[train]): serving popularity")
+        return None
+    history = home / "history.jsonl"
+    with history.open("w") as out:
+        for event in sample_events(users=300, events_per_user=30, items=200, seed=11):
+            out.write(json.dumps(event) + "\n")
+    console.print("training a small encoder on a synthetic history (a few seconds)...")
+    summary = train(data=history, out=home / "model", epochs=8, progress=False, d_model=32, span=16)
+    ndcg = summary["best_val_ndcg@10"]
+    console.print(f"trained in {summary['train_minutes']} min, validation ndcg@10 {ndcg}")
+    return export_bundle(model_dir=home / "model", out=home / "bundle")
+
+
 def run_demo(users: int = 20, events_per_user: int = 10, show: int = 40) -> int:
     """Returns the number of recommendation events received."""
     console = Console(stderr=True)
@@ -33,6 +53,9 @@ def run_demo(users: int = 20, events_per_user: int = 10, show: int = 40) -> int:
         info = start_stack(home)
         console.print(f"stack up: kafka {info.bootstrap_servers}, redis {info.redis_url}")
         env = {**os.environ, "INTEREST_HOME": str(home), "INTEREST_METRICS_PORT": "0"}
+        bundle = train_small_model(home, console)
+        if bundle is not None:
+            env["INTEREST_MODEL"] = str(bundle)
         settings = Settings(home=home, **_recorded(info))
         ensure_topics(settings)
         worker = subprocess.Popen(
@@ -54,7 +77,7 @@ def run_demo(users: int = 20, events_per_user: int = 10, show: int = 40) -> int:
                     items = ", ".join(
                         f"{item['item_id']} ({item['score']:.2f})" for item in rec["items"][:5]
                     )
-                    print(f"{rec['user_id']} <- {items}", flush=True)
+                    print(f"{rec['user_id']} [{rec['source']}] <- {items}", flush=True)
             pusher.join()
         console.print(f"{received} recommendation events for {len(events)} pushed events")
         return received
