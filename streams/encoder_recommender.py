@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,37 +36,62 @@ from streams.recommend import (
 from streams.window import WindowEntry
 
 
-@dataclass(frozen=True, slots=True)
-class CachedState:
-    version: str
-    # The user's applied offsets when this state was made (`window.offsets_signature`): any
-    # event applied elsewhere since (another worker, before a rebalance) changes it.
-    signature: str
-    state: EncoderStates  # batch of one
+class StateSlab:
+    """Per-user encoder states in preallocated arrays, one row per cached user, LRU-evicted.
 
+    Why a slab: a state is ~100 KB (attention caches); keeping one small array set per user
+    meant a copy to stack users into a batch and another to split them again, which cost more
+    than the model itself. Rows are gathered and scattered with one fancy-index per tensor.
+    np.zeros pages are only committed when a row is first written.
+    """
 
-class StateCache:
-    """Bounded LRU of per-user encoder states (a state is tens of KB: bound it by users)."""
-
-    def __init__(self, max_users: int) -> None:
+    def __init__(self, template: EncoderStates, max_users: int) -> None:
         self.max_users = max_users
-        self._entries: OrderedDict[str, CachedState] = OrderedDict()
+        self.arrays = {
+            name: np.zeros((max_users, *a.shape[1:]), a.dtype)
+            for name, a in template.arrays.items()
+        }
+        self.vectors = np.zeros((max_users, template.vectors.shape[1]), np.float32)
+        # user -> (row, version, offsets signature the state matches)
+        self.rows: OrderedDict[str, tuple[int, str, str]] = OrderedDict()
+        self.free = list(range(max_users - 1, -1, -1))
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.rows)
 
-    def get(self, user_id: str, version: str, signature: str) -> EncoderStates | None:
-        entry = self._entries.get(user_id)
-        if entry is None or entry.version != version or entry.signature != signature:
+    def lookup(self, user_id: str, version: str, signature: str) -> int | None:
+        entry = self.rows.get(user_id)
+        if entry is None or entry[1] != version or entry[2] != signature:
             return None
-        self._entries.move_to_end(user_id)
-        return entry.state
+        self.rows.move_to_end(user_id)
+        return entry[0]
 
-    def put(self, user_id: str, entry: CachedState) -> None:
-        self._entries[user_id] = entry
-        self._entries.move_to_end(user_id)
-        while len(self._entries) > self.max_users:
-            self._entries.popitem(last=False)
+    def gather(self, rows: Sequence[int]) -> EncoderStates:
+        index = np.asarray(rows, np.int64)
+        return EncoderStates({n: a[index] for n, a in self.arrays.items()}, self.vectors[index])
+
+    def store(
+        self, users: Sequence[str], states: EncoderStates, version: str, signatures: Sequence[str]
+    ) -> None:
+        if self.max_users == 0:
+            return
+        rows = []
+        for user_id, signature in zip(users, signatures, strict=True):
+            entry = self.rows.pop(user_id, None)
+            if entry is not None:
+                row = entry[0]
+            elif self.free:
+                row = self.free.pop()
+            else:  # evict the least recently used user
+                _, (row, _, _) = self.rows.popitem(last=False)
+            self.rows[user_id] = (row, version, signature)
+            rows.append(row)
+        # More users in one batch than rows: only the last max_users of them stay cached.
+        rows, states = rows[-self.max_users :], states.take(range(len(users))[-self.max_users :])
+        index = np.asarray(rows, np.int64)
+        for name, a in self.arrays.items():
+            a[index] = states.arrays[name]
+        self.vectors[index] = states.vectors
 
 
 class EncoderRecommender:
@@ -75,7 +99,7 @@ class EncoderRecommender:
 
     def __init__(self, runtime: EncoderRuntime, cache_users: int = 10_000) -> None:
         self.runtime = runtime
-        self.cache = StateCache(cache_users)
+        self.cache = StateSlab(runtime.initial_state(1), cache_users)
         self._type_index = {name: i for i, name in enumerate(runtime.event_types)}
 
     @property
@@ -111,7 +135,7 @@ class EncoderRecommender:
 
     def _rebuild(
         self, windows: list[Sequence[WindowEntry]], memories: list[np.ndarray | None]
-    ) -> list[EncoderStates]:
+    ) -> EncoderStates:
         features = [self._features(window) for window in windows]
         _, states = self.runtime.rebuild(
             [f[0] for f in features],
@@ -119,7 +143,14 @@ class EncoderRecommender:
             [f[2] for f in features],
             memory=[None if m is None else m[0] for m in memories],
         )
-        return states.split()
+        return states
+
+    @staticmethod
+    def _put(work: EncoderStates, rows: Sequence[int], states: EncoderStates) -> None:
+        index = np.asarray(rows, np.int64)
+        for name, a in work.arrays.items():
+            a[index] = states.arrays[name]
+        work.vectors[index] = states.vectors
 
     # ------------------------------------------------------------------ the batch
 
@@ -130,83 +161,108 @@ class EncoderRecommender:
         for index, request in enumerate(requests):
             per_user.setdefault(request.event.user_id, []).append(index)
 
-        # 1. Start states: cache hits, empty users, and one batched rebuild for the rest.
-        current: dict[str, EncoderStates] = {}
+        # 1. Start states, one row per user in `work`: cache hits gathered from the slab,
+        # zeros for users without history, one batched rebuild for the rest.
+        users = list(per_user)
+        row_of = {user_id: i for i, user_id in enumerate(users)}
+        hits: list[tuple[int, int]] = []  # (work row, slab row)
         missing: list[str] = []
-        for user_id in per_user:
-            prior = batch.prior_windows.get(user_id, ())
-            cached = self.cache.get(user_id, rt.version, batch.prior_signatures[user_id])
-            if cached is not None:
-                current[user_id] = cached
-            elif not prior:
-                current[user_id] = rt.initial_state(1)
-            else:
+        for user_id in users:
+            slab_row = self.cache.lookup(user_id, rt.version, batch.prior_signatures[user_id])
+            if slab_row is not None:
+                hits.append((row_of[user_id], slab_row))
+            elif batch.prior_windows.get(user_id):
                 missing.append(user_id)
+        if len(hits) == len(users):  # the steady state: one gather, no zero-fill
+            work = self.cache.gather([c for _, c in hits])
+        else:
+            work = rt.initial_state(len(users))
+            if hits:
+                self._put(work, [w for w, _ in hits], self.cache.gather([c for _, c in hits]))
         if missing:
             rebuilt = self._rebuild(
                 [batch.prior_windows[u] for u in missing],
                 [self._memory(batch.stored.get(u)) for u in missing],
             )
-            current.update(zip(missing, rebuilt, strict=True))
+            self._put(work, [row_of[u] for u in missing], rebuilt)
 
         # 2. One step per event, batched across users round by round.
         vectors = np.zeros((len(requests), rt.d_model), np.float32)
         rounds = max((len(indices) for indices in per_user.values()), default=0)
         for r in range(rounds):
-            stepping: list[tuple[str, int]] = []
-            inserted: list[tuple[str, int]] = []
+            stepping: list[tuple[int, int]] = []  # (work row, request index)
+            inserted: list[tuple[int, int]] = []
             for user_id, indices in per_user.items():
                 if r < len(indices):
                     index = indices[r]
-                    (stepping if requests[index].appended else inserted).append((user_id, index))
+                    target = stepping if requests[index].appended else inserted
+                    target.append((row_of[user_id], index))
             if stepping:
                 features = np.array(
                     [self._event_features(requests[i]) for _, i in stepping], np.int64
                 )
-                stacked = EncoderStates.stack([current[u] for u, _ in stepping])
-                out, states = rt.step(stacked, features[:, 0], features[:, 1], features[:, 2])
-                for (user_id, index), state, vector in zip(
-                    stepping, states.split(), out, strict=True
-                ):
-                    current[user_id] = state
-                    vectors[index] = vector
+                rows = [w for w, _ in stepping]
+                if len(rows) == len(users):  # everyone steps, in work order: no gather/scatter
+                    out, work = rt.step(work, features[:, 0], features[:, 1], features[:, 2])
+                else:
+                    out, states = rt.step(
+                        work.take(rows), features[:, 0], features[:, 1], features[:, 2]
+                    )
+                    self._put(work, rows, states)
+                vectors[[i for _, i in stepping]] = out
             if inserted:
                 # Out of time order: recompute from the window; the persisted memory is that of
                 # the events before, so the long-term part is approximate for this event.
+                rows = [w for w, _ in inserted]
                 rebuilt = self._rebuild(
                     [requests[i].window for _, i in inserted],
-                    [current[u].memory for u, _ in inserted],
+                    list(work.take(rows).memory[:, None]),
                 )
-                for (user_id, index), state in zip(inserted, rebuilt, strict=True):
-                    current[user_id] = state
-                    vectors[index] = state.vectors[0]
+                self._put(work, rows, rebuilt)
+                vectors[[i for _, i in inserted]] = rebuilt.vectors
 
-        # 3. Top-K with seen items excluded; cold users fall back to popularity.
-        seen = [rt.index_of([e.item_id for e in r.window]) for r in requests]
-        known = [bool((s > 0).any()) for s in seen]
-        top, scores = rt.top_k(vectors, batch.k, exclude=seen)
+        # 3. Top-K with seen items excluded; cold users fall back to popularity. The seen items
+        # grow per user event by event, so the cost per event does not depend on the window.
+        event_items = rt.index_of([r.event.item_id for r in requests])
+        prior_seen: dict[str, np.ndarray] = {}
+        batch_seen: dict[str, list[int]] = {}
+        exclude: list[np.ndarray] = []
+        for request, item in zip(requests, event_items, strict=True):
+            user_id = request.event.user_id
+            if user_id not in prior_seen:
+                prior = batch.prior_windows.get(user_id, ())
+                prior_seen[user_id] = rt.index_of([e.item_id for e in prior])
+                batch_seen[user_id] = []
+            batch_seen[user_id].append(int(item))
+            exclude.append(np.concatenate([prior_seen[user_id], batch_seen[user_id]]))
+        top, scores = rt.top_k(vectors, batch.k, exclude=exclude)
+        popular_seen: dict[str, set[str]] = {}
         recommendations = []
-        for request, is_known, row, row_scores in zip(requests, known, top, scores, strict=True):
-            if is_known:
+        for request, seen, row, row_scores in zip(requests, exclude, top, scores, strict=True):
+            if (seen > 0).any():
                 items = [
                     (rt.item_ids[int(i)], float(s))
                     for i, s in zip(row, row_scores, strict=True)
                     if i > 0
                 ]
                 recommendations.append(Recommendation(items, rt.version, "encoder"))
-            else:
-                items = popular_unseen(batch.popular, request.window, batch.k)
+            else:  # the model knows none of this user's items yet
+                user_id = request.event.user_id
+                names = popular_seen.setdefault(
+                    user_id, {e.item_id for e in batch.prior_windows.get(user_id, ())}
+                )
+                names.add(request.event.item_id)
+                items = popular_unseen(batch.popular, names, batch.k)
                 recommendations.append(Recommendation(items, rt.version, "popularity"))
 
         # 4. Persist and cache each user's state after its last event.
-        updates: dict[str, ModelUpdate] = {}
-        for user_id in per_user:
-            state = current[user_id]
-            signature = batch.final_signatures[user_id]
-            self.cache.put(user_id, CachedState(rt.version, signature, state))
-            updates[user_id] = ModelUpdate(
-                vector=np.ascontiguousarray(state.vectors[0], np.float32).tobytes(),
-                memory=np.ascontiguousarray(state.memory[0], np.float32).tobytes(),
+        self.cache.store(users, work, rt.version, [batch.final_signatures[u] for u in users])
+        updates = {
+            user_id: ModelUpdate(
+                vector=work.vectors[i].tobytes(),
+                memory=np.ascontiguousarray(work.memory[i], np.float32).tobytes(),
                 model_version=rt.version,
             )
+            for i, user_id in enumerate(users)
+        }
         return Result(recommendations, updates)

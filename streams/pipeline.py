@@ -12,14 +12,15 @@ offsets and skipped, and recommendation ids are deterministic, so consumers can 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import orjson
 from aiokafka.errors import KafkaError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -29,7 +30,13 @@ from streams.events import Event, Rejection, Source, validate
 from streams.recommend import Batch, Recommender, Request, StoredModelState, recommendation_event
 from streams.settings import Settings
 from streams.store import StateStore, UserWrite
-from streams.window import UserState, WindowPolicy, apply_event, offsets_signature
+from streams.window import (
+    UserState,
+    WindowEntry,
+    WindowPolicy,
+    apply_event,
+    offsets_signature,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +70,7 @@ class BatchResult:
 
 
 def _dumps(payload: object) -> bytes:
-    return json.dumps(payload, separators=(",", ":")).encode()
+    return orjson.dumps(payload)
 
 
 class BatchProcessor:
@@ -111,14 +118,16 @@ class BatchProcessor:
 
     async def _process(self, messages: Sequence[RawMessage]) -> BatchResult:
         result = BatchResult()
+        # Metrics are counted per batch and reported once: a labelled inc() per event costs.
+        outcomes: Counter[tuple[str, str]] = Counter()
+        sources: Counter[str] = Counter()
         events: list[Event] = []
         out: list[OutRecord] = []
         for message in messages:
             checked = self._validate(message)
             if isinstance(checked, Rejection):
                 result.rejected += 1
-                metrics.EVENTS.labels(message.source.topic, "rejected").inc()
-                metrics.DLQ.labels(message.source.topic).inc()
+                outcomes[(message.source.topic, "rejected")] += 1
                 record = checked.dlq_record(self.settings.dlq_raw_max_bytes)
                 out.append(OutRecord(self.settings.topic_dlq, message.key, _dumps(record)))
             else:
@@ -134,17 +143,23 @@ class BatchProcessor:
         prior_signatures = {uid: offsets_signature(state) for uid, state in states.items()}
         requests: list[Request] = []
         new_items: list[tuple[str, int]] = []
+        appended_entries: dict[str, list[WindowEntry]] = {}
+        rewritten: set[str] = set()
         for event in events:
             state = states[event.user_id]
             if apply_event(state, event, self.policy):
                 result.applied += 1
-                metrics.EVENTS.labels(event.source.topic, "applied").inc()
+                outcomes[(event.source.topic, "applied")] += 1
                 appended = bool(state.window) and state.window[-1].event_id == event.event_id
+                if appended:
+                    appended_entries.setdefault(event.user_id, []).append(state.window[-1])
+                else:
+                    rewritten.add(event.user_id)
                 requests.append(Request(event, tuple(state.window), appended))
                 new_items.append((event.item_id, event.timestamp_ms))
             else:
                 result.duplicates += 1
-                metrics.EVENTS.labels(event.source.topic, "duplicate").inc()
+                outcomes[(event.source.topic, "duplicate")] += 1
             # A replay still advances offsets, so a duplicate's user is written too.
             result.touched_users.add(event.user_id)
 
@@ -167,35 +182,40 @@ class BatchProcessor:
             self.executor, recommender.recommend, batch
         )
         last_recs = {uid: user.recs for uid, user in read.users.items()}
-        online: dict[str, int] = {}
+        online: Counter[str] = Counter()
         for request, recommendation in zip(requests, recommended.recommendations, strict=True):
             event = request.event
             previous = last_recs.get(event.user_id)
             if previous is not None:
                 # Online quality: was this event among the items recommended just before it?
-                hit = int(event.item_id in previous)
-                online[f"events:{recommendation.model_version}"] = (
-                    online.get(f"events:{recommendation.model_version}", 0) + 1
-                )
-                online[f"hits:{recommendation.model_version}"] = (
-                    online.get(f"hits:{recommendation.model_version}", 0) + hit
-                )
-                metrics.ONLINE_EVENTS.labels(recommendation.model_version).inc()
-                metrics.ONLINE_HITS.labels(recommendation.model_version).inc(hit)
+                online[f"events:{recommendation.model_version}"] += 1
+                online[f"hits:{recommendation.model_version}"] += event.item_id in previous
             last_recs[event.user_id] = [item for item, _ in recommendation.items]
             payload = recommendation_event(event, recommendation)
             out.append(
                 OutRecord(settings.topic_recommendations, event.user_id.encode(), _dumps(payload))
             )
-            metrics.RECOMMENDATIONS.labels(recommendation.source).inc()
+            sources[recommendation.source] += 1
         result.recommendations = len(requests)
 
+        for (topic, outcome), count in outcomes.items():
+            metrics.EVENTS.labels(topic, outcome).inc(count)
+            if outcome == "rejected":
+                metrics.DLQ.labels(topic).inc(count)
+        for source, count in sources.items():
+            metrics.RECOMMENDATIONS.labels(source).inc(count)
+        for name, count in online.items():
+            kind, version = name.split(":", 1)
+            counter = metrics.ONLINE_HITS if kind == "hits" else metrics.ONLINE_EVENTS
+            counter.labels(version).inc(count)
         await self.publisher.publish(out)
         writes = {}
         for uid in result.touched_users:
             update = recommended.updates.get(uid)
             writes[uid] = UserWrite(
                 states[uid],
+                new_entries=appended_entries.get(uid, ()),
+                replace=uid in rewritten,
                 vector=update.vector if update else None,
                 memory=update.memory if update else None,
                 model_version=update.model_version if update else None,

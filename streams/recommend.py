@@ -81,10 +81,16 @@ class Recommender(Protocol):
 
 
 def popular_unseen(
-    popular: Sequence[tuple[str, float]], window: Sequence[WindowEntry], k: int
+    popular: Sequence[tuple[str, float]], seen: set[str], k: int
 ) -> list[tuple[str, float]]:
-    seen = {entry.item_id for entry in window}
-    return [(item, score) for item, score in popular if item not in seen][:k]
+    """The first k popular items not in `seen` (the popular list is short: stop early)."""
+    out: list[tuple[str, float]] = []
+    for item, score in popular:
+        if item not in seen:
+            out.append((item, score))
+            if len(out) == k:
+                break
+    return out
 
 
 class PopularityRecommender:
@@ -93,16 +99,21 @@ class PopularityRecommender:
     model_version = "popularity-v1"
 
     def recommend(self, batch: Batch) -> Result:
-        return Result(
-            [
-                Recommendation(
-                    popular_unseen(batch.popular, r.window, batch.k),
-                    self.model_version,
-                    "popularity",
-                )
-                for r in batch.requests
-            ]
-        )
+        # Seen items grow per user event by event: the cost per event does not depend on the
+        # window length. Items that left the window during this batch stay excluded until
+        # the next batch.
+        per_user: dict[str, set[str]] = {}
+        recommendations = []
+        for request in batch.requests:
+            user_id = request.event.user_id
+            seen = per_user.get(user_id)
+            if seen is None:
+                prior = batch.prior_windows.get(user_id, ())
+                seen = per_user[user_id] = {entry.item_id for entry in prior}
+            seen.add(request.event.item_id)
+            items = popular_unseen(batch.popular, seen, batch.k)
+            recommendations.append(Recommendation(items, self.model_version, "popularity"))
+        return Result(recommendations)
 
 
 def recommendation_id(trigger_event_id: str, model_version: str) -> str:

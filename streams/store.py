@@ -1,33 +1,42 @@
-"""Redis state: one small interface, two round trips per micro-batch (read, then atomic write).
+"""Redis state: one small interface, two commands per micro-batch (a read script, a write script).
 
 Key layout (pinned by tests/streams/test_store.py; change it only with a migration):
 
-    {prefix}:user:{<user_id>}          hash, one per user, expires after state_ttl_seconds idle
-        window        JSON list of {event_id, item_id, event_type, timestamp}, oldest first
+    {prefix}:user:{<user_id>}          hash, one per user
         offsets       JSON {"topic/partition": highest offset applied}, the replay guard
         updated_ms    wall-clock time of the last write
         vector        float32 little-endian bytes, the interest vector (encoder only)
         memory        float32 bytes, the encoder's long-term memory after the newest event
         model_version the bundle version that produced `vector` and `memory`
         recs          JSON list of the item ids last recommended (for online hit rate)
+    {prefix}:window:{<user_id>}        list, the rolling window, oldest first; each element a
+                                       JSON {event_id, item_id, event_type, timestamp}
     {prefix}:popularity                zset item_id -> exponentially decayed event count
     {prefix}:popularity:epoch_ms       reference time of the popularity weights
     {prefix}:online                    hash: "events:<version>", "hits:<version>" counters of
                                        events that were in the recommendation made before them
+    Both per-user keys expire after state_ttl_seconds without events.
 
 The braces around the user id are a Redis Cluster hash tag: everything about one user lives in
-one slot. Writes for a batch go in one MULTI/EXEC, so a crash leaves either the whole batch or
-none of it; together with the `offsets` guard a replayed batch changes nothing.
+one slot. The write for a batch is one Lua script, atomic in Redis: a crash leaves either the
+whole batch or none of it, and with the `offsets` guard a replayed batch changes nothing.
+
+Why scripts and a list: with a hash per user written field by field, a batch of 500 events cost
+thousands of commands, and re-encoding every touched window (up to 200 entries each) dominated
+the worker. Now windows only grow by RPUSH of the new entries (LTRIM drops the oldest), and the
+worker keeps decoded windows in memory, re-reading a window only when the user's `offsets`
+differ from what this worker last wrote (another worker, or a restart, applied events since).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
+import orjson
 import redis.asyncio as aioredis
 
 from streams.settings import Settings
@@ -45,6 +54,73 @@ end
 return 1
 """
 
+# KEYS: popularity, epoch, then (user hash, window list) per user.
+# ARGV: popular_n, then per user the offsets JSON this worker last wrote ("" if none).
+# Returns {popular (flat item, score), epoch, per user {offsets, vector, memory, version, recs,
+# updated_ms, window or false}}: the window only where offsets differ from ARGV (cache miss).
+_READ_SCRIPT = """
+local out = {}
+out[1] = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
+out[2] = redis.call('GET', KEYS[2])
+for u = 1, (#KEYS - 2) / 2 do
+  local hash, list = KEYS[2 * u + 1], KEYS[2 * u + 2]
+  local row = redis.call('HMGET', hash, 'offsets', 'vector', 'memory', 'model_version', 'recs',
+                         'updated_ms')
+  if row[1] and row[1] == ARGV[u + 1] then
+    row[7] = false
+  else
+    row[7] = redis.call('LRANGE', list, 0, -1)
+  end
+  out[u + 2] = row
+end
+return out
+"""
+
+# KEYS: popularity, epoch, online, then (user hash, window list) per user.
+# ARGV: ttl_ms, now_ms, epoch ("" = none), n_items, n_online, item/weight pairs, online
+# name/increment pairs, then per user 8 values: mode ("append" or "replace"), new window entries
+# joined by newlines (JSON never contains a raw newline), window length after the batch,
+# offsets, vector ("" = unchanged), memory, model_version, recs ("" = unchanged).
+_WRITE_SCRIPT = """
+local ttl, now = tonumber(ARGV[1]), ARGV[2]
+local n_items, n_online = tonumber(ARGV[4]), tonumber(ARGV[5])
+local a = 6
+if ARGV[3] ~= '' and n_items > 0 then
+  redis.call('SET', KEYS[2], ARGV[3], 'NX')
+  for i = 1, n_items do
+    redis.call('ZINCRBY', KEYS[1], ARGV[a + 1], ARGV[a])
+    a = a + 2
+  end
+else
+  a = a + 2 * n_items
+end
+for i = 1, n_online do
+  redis.call('HINCRBY', KEYS[3], ARGV[a], ARGV[a + 1])
+  a = a + 2
+end
+for u = 1, (#KEYS - 3) / 2 do
+  local hash, list = KEYS[2 * u + 2], KEYS[2 * u + 3]
+  if ARGV[a] == 'replace' then redis.call('DEL', list) end
+  local entries = {}
+  for entry in string.gmatch(ARGV[a + 1], '[^\\n]+') do entries[#entries + 1] = entry end
+  if #entries > 0 then redis.call('RPUSH', list, unpack(entries)) end
+  local keep = tonumber(ARGV[a + 2])
+  if keep > 0 then redis.call('LTRIM', list, -keep, -1) else redis.call('DEL', list) end
+  redis.call('HSET', hash, 'offsets', ARGV[a + 3], 'updated_ms', now)
+  if ARGV[a + 4] ~= '' then
+    redis.call('HSET', hash, 'vector', ARGV[a + 4], 'memory', ARGV[a + 5],
+               'model_version', ARGV[a + 6])
+  end
+  if ARGV[a + 7] ~= '' then redis.call('HSET', hash, 'recs', ARGV[a + 7]) end
+  if ttl > 0 then
+    redis.call('PEXPIRE', hash, ttl)
+    if keep > 0 then redis.call('PEXPIRE', list, ttl) end
+  end
+  a = a + 8
+end
+return 1
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class KeyLayout:
@@ -52,6 +128,9 @@ class KeyLayout:
 
     def user(self, user_id: str) -> str:
         return f"{self.prefix}:user:{{{user_id}}}"
+
+    def window(self, user_id: str) -> str:
+        return f"{self.prefix}:window:{{{user_id}}}"
 
     @property
     def popularity(self) -> str:
@@ -85,32 +164,27 @@ class BatchRead:
 
 @dataclass(slots=True)
 class UserWrite:
-    state: UserState
+    state: UserState  # after the batch
+    # Entries appended at the end of the window by this batch; `replace` rewrites the whole
+    # window instead (an event was inserted out of time order).
+    new_entries: Sequence[WindowEntry] = ()
+    replace: bool = False
     vector: bytes | None = None
     memory: bytes | None = None
     model_version: str | None = None
     recs: list[str] | None = None
 
 
-_USER_FIELDS = ("window", "offsets", "vector", "memory", "model_version", "updated_ms", "recs")
+def encode_entry(entry: WindowEntry) -> bytes:
+    return orjson.dumps(entry.to_json())
 
 
-def _decode_user(values: list[bytes | None]) -> StoredUser:
-    window_raw, offsets_raw, vector, memory, version, updated, recs = values
-    window = [WindowEntry.from_json(e) for e in json.loads(window_raw)] if window_raw else []
-    offsets = json.loads(offsets_raw) if offsets_raw else {}
-    return StoredUser(
-        state=UserState(window=window, offsets=offsets),
-        vector=vector,
-        memory=memory,
-        model_version=version.decode() if version else None,
-        updated_ms=int(updated) if updated else None,
-        recs=json.loads(recs) if recs else None,
-    )
+def encode_offsets(offsets: Mapping[str, int]) -> bytes:
+    return orjson.dumps(dict(sorted(offsets.items())))
 
 
-def encode_window(window: Iterable[WindowEntry]) -> str:
-    return json.dumps([entry.to_json() for entry in window], separators=(",", ":"))
+def _text(value: bytes | None) -> str | None:
+    return value.decode() if value is not None else None
 
 
 def connect(settings: Settings) -> aioredis.Redis:
@@ -122,6 +196,29 @@ def connect(settings: Settings) -> aioredis.Redis:
     return aioredis.Redis.from_url(settings.redis_url, **options)
 
 
+@dataclass(slots=True)
+class _WindowCache:
+    """Decoded windows this worker last wrote, keyed by user, with the offsets they match."""
+
+    max_users: int
+    entries: OrderedDict[str, tuple[bytes, list[WindowEntry]]] = field(default_factory=OrderedDict)
+
+    def signature(self, user_id: str) -> bytes:
+        entry = self.entries.get(user_id)
+        return entry[0] if entry else b""
+
+    def get(self, user_id: str) -> list[WindowEntry]:
+        _, window = self.entries[user_id]
+        self.entries.move_to_end(user_id)
+        return list(window)  # a copy: the batch mutates it and may fail before writing
+
+    def put(self, user_id: str, offsets: bytes, window: list[WindowEntry]) -> None:
+        self.entries[user_id] = (offsets, list(window))
+        self.entries.move_to_end(user_id)
+        while len(self.entries) > self.max_users:
+            self.entries.popitem(last=False)
+
+
 class StateStore:
     """Per-user windows, vectors and shared popularity in Redis."""
 
@@ -131,71 +228,37 @@ class StateStore:
         self.ttl_ms = settings.state_ttl_seconds * 1000
         self.half_life_ms = settings.popularity_half_life_seconds * 1000
         self._rebase = client.register_script(_REBASE_SCRIPT)
+        self._read = client.register_script(_READ_SCRIPT)
+        self._write = client.register_script(_WRITE_SCRIPT)
+        self._windows = _WindowCache(settings.window_cache_users)
 
     async def read_batch(self, user_ids: Iterable[str], popular_n: int) -> BatchRead:
-        """One round trip: every user's hash plus the current popular items."""
+        """One command: every user's state plus the current popular items."""
         ids = list(dict.fromkeys(user_ids))
-        pipe = self.client.pipeline(transaction=False)
+        keys = [self.keys.popularity, self.keys.popularity_epoch]
         for user_id in ids:
-            pipe.hmget(self.keys.user(user_id), _USER_FIELDS)
-        pipe.zrevrange(self.keys.popularity, 0, popular_n - 1, withscores=True)
-        pipe.get(self.keys.popularity_epoch)
-        results = await pipe.execute()
-        users = {
-            user_id: _decode_user(values) for user_id, values in zip(ids, results, strict=False)
-        }
-        popular = [(item.decode(), float(score)) for item, score in results[len(ids)]]
-        epoch = results[len(ids) + 1]
+            keys += [self.keys.user(user_id), self.keys.window(user_id)]
+        args = [popular_n, *(self._windows.signature(user_id) for user_id in ids)]
+        result = await self._read(keys=keys, args=args)
+        flat, epoch = result[0], result[1]
+        popular = [(flat[i].decode(), float(flat[i + 1])) for i in range(0, len(flat), 2)]
+        users = {uid: self._decode(uid, row) for uid, row in zip(ids, result[2:], strict=True)}
         return BatchRead(users, popular, int(epoch) if epoch else None)
 
-    async def write_batch(
-        self,
-        writes: Mapping[str, UserWrite],
-        item_timestamps: Iterable[tuple[str, int]],
-        popularity_epoch_ms: int | None,
-        online: Mapping[str, int] | None = None,
-    ) -> None:
-        """One MULTI/EXEC: all users' new state, popularity increments of new events and the
-        online hit-rate counters (`online`: field -> increment)."""
-        item_timestamps = list(item_timestamps)
-        epoch = popularity_epoch_ms
-        if epoch is None and item_timestamps:
-            epoch = min(ts for _, ts in item_timestamps)
-        if epoch is not None and item_timestamps:
-            newest = max(ts for _, ts in item_timestamps)
-            half_lives = (newest - epoch) / self.half_life_ms
-            if half_lives > REBASE_AFTER_HALF_LIVES:
-                epoch = await self._rebase_popularity(epoch, half_lives)
-        now_ms = int(time.time() * 1000)
-        pipe = self.client.pipeline(transaction=True)
-        for user_id, write in writes.items():
-            key = self.keys.user(user_id)
-            mapping: dict[str, str | bytes | int] = {
-                "window": encode_window(write.state.window),
-                "offsets": json.dumps(write.state.offsets, separators=(",", ":")),
-                "updated_ms": now_ms,
-            }
-            if write.vector is not None:
-                mapping["vector"] = write.vector
-                mapping["model_version"] = write.model_version or ""
-            if write.memory is not None:
-                mapping["memory"] = write.memory
-            if write.recs is not None:
-                mapping["recs"] = json.dumps(write.recs, separators=(",", ":"))
-            pipe.hset(key, mapping=mapping)
-            if self.ttl_ms:
-                pipe.pexpire(key, self.ttl_ms)
-        if epoch is not None and item_timestamps:
-            pipe.set(self.keys.popularity_epoch, epoch, nx=True)
-            increments: dict[str, float] = {}
-            for item_id, ts in item_timestamps:
-                weight = self.popularity_weight(ts, epoch)
-                increments[item_id] = increments.get(item_id, 0.0) + weight
-            for item_id, weight in increments.items():
-                pipe.zincrby(self.keys.popularity, weight, item_id)
-        for name, increment in (online or {}).items():
-            pipe.hincrby(self.keys.online, name, increment)
-        await pipe.execute()
+    def _decode(self, user_id: str, row: list) -> StoredUser:  # type: ignore[type-arg]
+        offsets_raw, vector, memory, version, recs, updated, window_raw = row
+        if window_raw is None:  # Lua false: the cached window is current
+            window = self._windows.get(user_id)
+        else:
+            window = [WindowEntry.from_json(orjson.loads(e)) for e in window_raw]
+        return StoredUser(
+            state=UserState(window, orjson.loads(offsets_raw) if offsets_raw else {}),
+            vector=vector,
+            memory=memory,
+            model_version=_text(version),
+            updated_ms=int(updated) if updated else None,
+            recs=orjson.loads(recs) if recs else None,
+        )
 
     def popularity_weight(self, timestamp_ms: int, epoch_ms: int) -> float:
         return math.pow(2.0, (timestamp_ms - epoch_ms) / self.half_life_ms)
@@ -219,6 +282,62 @@ class StateStore:
             scores[item_id] = scores.get(item_id, 0.0) + self.popularity_weight(ts, epoch_ms)
         return sorted(scores.items(), key=lambda pair: pair[1], reverse=True)
 
+    async def write_batch(
+        self,
+        writes: Mapping[str, UserWrite],
+        item_timestamps: Iterable[tuple[str, int]],
+        popularity_epoch_ms: int | None,
+        online: Mapping[str, int] | None = None,
+    ) -> None:
+        """One atomic script: all users' new state, popularity increments of new events and
+        the online hit-rate counters (`online`: field -> increment)."""
+        item_timestamps = list(item_timestamps)
+        epoch = popularity_epoch_ms
+        if epoch is None and item_timestamps:
+            epoch = min(ts for _, ts in item_timestamps)
+        if epoch is not None and item_timestamps:
+            newest = max(ts for _, ts in item_timestamps)
+            half_lives = (newest - epoch) / self.half_life_ms
+            if half_lives > REBASE_AFTER_HALF_LIVES:
+                epoch = await self._rebase_popularity(epoch, half_lives)
+        increments: dict[str, float] = {}
+        if epoch is not None:
+            for item_id, ts in item_timestamps:
+                weight = self.popularity_weight(ts, epoch)
+                increments[item_id] = increments.get(item_id, 0.0) + weight
+        online = dict(online or {})
+        keys = [self.keys.popularity, self.keys.popularity_epoch, self.keys.online]
+        args: list[bytes | str | int | float] = [
+            self.ttl_ms,
+            int(time.time() * 1000),
+            "" if epoch is None else epoch,
+            len(increments),
+            len(online),
+        ]
+        for item_id, weight in increments.items():
+            args += [item_id, repr(weight)]
+        for name, increment in online.items():
+            args += [name, increment]
+        signatures: dict[str, bytes] = {}
+        for user_id, write in writes.items():
+            keys += [self.keys.user(user_id), self.keys.window(user_id)]
+            entries = write.state.window if write.replace else write.new_entries
+            offsets = encode_offsets(write.state.offsets)
+            signatures[user_id] = offsets
+            args += [
+                "replace" if write.replace else "append",
+                b"\n".join(encode_entry(entry) for entry in entries),
+                len(write.state.window),
+                offsets,
+                write.vector if write.vector is not None else b"",
+                write.memory if write.memory is not None else b"",
+                write.model_version or "",
+                orjson.dumps(write.recs) if write.recs is not None else b"",
+            ]
+        await self._write(keys=keys, args=args)
+        for user_id, write in writes.items():
+            self._windows.put(user_id, signatures[user_id], write.state.window)
+
     async def _rebase_popularity(self, epoch: int, half_lives: float) -> int:
         shift = math.floor(half_lives) - 1
         new_epoch = int(epoch + shift * self.half_life_ms)
@@ -233,7 +352,28 @@ class StateStore:
         return {name.decode(): int(value) for name, value in raw.items()}
 
     async def read_user(self, user_id: str) -> StoredUser | None:
-        values = await self.client.hmget(self.keys.user(user_id), _USER_FIELDS)
-        if all(value is None for value in values):
+        """A fresh read (no cache), for `interest inspect`."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(
+            self.keys.user(user_id),
+            ["offsets", "vector", "memory", "model_version", "recs", "updated_ms"],
+        )
+        pipe.lrange(self.keys.window(user_id), 0, -1)
+        fields, window = await pipe.execute()
+        if all(value is None for value in fields) and not window:
             return None
-        return _decode_user(values)
+        return self._decode_fresh(fields, window)
+
+    def _decode_fresh(self, fields: list, window: list) -> StoredUser:  # type: ignore[type-arg]
+        offsets_raw, vector, memory, version, recs, updated = fields
+        return StoredUser(
+            state=UserState(
+                [WindowEntry.from_json(orjson.loads(e)) for e in window],
+                orjson.loads(offsets_raw) if offsets_raw else {},
+            ),
+            vector=vector,
+            memory=memory,
+            model_version=_text(version),
+            updated_ms=int(updated) if updated else None,
+            recs=orjson.loads(recs) if recs else None,
+        )

@@ -17,8 +17,10 @@ def run(coro):
 def test_key_layout_is_stable() -> None:
     keys = KeyLayout("is")
     assert keys.user("alice") == "is:user:{alice}"
+    assert keys.window("alice") == "is:window:{alice}"
     assert keys.popularity == "is:popularity"
     assert keys.popularity_epoch == "is:popularity:epoch_ms"
+    assert keys.online == "is:online"
 
 
 async def _write_and_read(settings: Settings) -> None:
@@ -32,14 +34,30 @@ async def _write_and_read(settings: Settings) -> None:
         offsets={"clicks/3": 17},
     )
     await store.write_batch(
-        {"alice": UserWrite(state, vector=b"\x00\x00\x80?", model_version="m1")},
+        {
+            "alice": UserWrite(
+                state,
+                new_entries=state.window,
+                vector=b"\x00\x00\x80?",
+                memory=b"\x00\x00\x00@",
+                model_version="m1",
+                recs=["i3"],
+            )
+        },
         [("i1", 1_000), ("i2", 2_000)],
         None,
+        {"events:m1": 2, "hits:m1": 1},
     )
     read = await store.read_batch(["alice", "bob"], popular_n=10)
     assert read.users["alice"].state.window == state.window
     assert read.users["alice"].state.offsets == {"clicks/3": 17}
     assert read.users["alice"].model_version == "m1"
+    assert read.users["alice"].memory == b"\x00\x00\x00@"
+    assert read.users["alice"].recs == ["i3"]
+    assert await store.online_counters() == {"events:m1": 2, "hits:m1": 1}
+    # A second store (another worker, or after a restart) has no cache: same answer from Redis.
+    fresh = await StateStore(client, settings).read_batch(["alice"], popular_n=10)
+    assert fresh.users["alice"].state.window == state.window
     assert read.users["bob"].state.window == []
     assert [item for item, _ in read.popular] == ["i2", "i1"]  # newer event weighs more
     await client.aclose()
@@ -50,20 +68,32 @@ def test_write_then_read_uses_documented_keys(settings: Settings) -> None:
     raw = redis.Redis.from_url(settings.redis_url)
     prefix = settings.redis_key_prefix
     assert sorted(k.decode() for k in raw.keys(f"{prefix}:*")) == [
+        f"{prefix}:online",
         f"{prefix}:popularity",
         f"{prefix}:popularity:epoch_ms",
         f"{prefix}:user:{{alice}}",
+        f"{prefix}:window:{{alice}}",
     ]
     fields = raw.hgetall(f"{prefix}:user:{{alice}}")
-    assert set(fields) == {b"window", b"offsets", b"updated_ms", b"vector", b"model_version"}
-    assert json.loads(fields[b"window"])[0] == {
+    assert set(fields) == {
+        b"offsets",
+        b"updated_ms",
+        b"vector",
+        b"memory",
+        b"model_version",
+        b"recs",
+    }
+    assert json.loads(fields[b"offsets"]) == {"clicks/3": 17}
+    window = [json.loads(e) for e in raw.lrange(f"{prefix}:window:{{alice}}", 0, -1)]
+    assert len(window) == 2
+    assert window[0] == {
         "event_id": "e1",
         "item_id": "i1",
         "event_type": "click",
         "timestamp": 1000,
     }
-    ttl = raw.pttl(f"{prefix}:user:{{alice}}")
-    assert 0 < ttl <= settings.state_ttl_seconds * 1000
+    for key in (f"{prefix}:user:{{alice}}", f"{prefix}:window:{{alice}}"):
+        assert 0 < raw.pttl(key) <= settings.state_ttl_seconds * 1000
 
 
 async def _rebase(settings: Settings) -> None:
@@ -81,3 +111,33 @@ async def _rebase(settings: Settings) -> None:
 
 def test_popularity_rebase_keeps_weights_finite(settings: Settings) -> None:
     run(_rebase(settings))
+
+
+async def _append_trim_replace(settings: Settings) -> None:
+    client = connect(settings)
+    store = StateStore(client, settings)
+    raw = redis.Redis.from_url(settings.redis_url)
+    key = KeyLayout(settings.redis_key_prefix).window("bob")
+
+    def entry(n: int) -> WindowEntry:
+        return WindowEntry(f"e{n}", f"i{n}", "click", 1000 + n)
+
+    def ids() -> list[str]:
+        return [json.loads(e)["event_id"] for e in raw.lrange(key, 0, -1)]
+
+    state = UserState(window=[entry(0), entry(1), entry(2)], offsets={"clicks/0": 2})
+    await store.write_batch({"bob": UserWrite(state, new_entries=state.window)}, [], None)
+    # Append two, window length 3: the oldest two are trimmed in Redis too.
+    state = UserState(window=[entry(2), entry(3), entry(4)], offsets={"clicks/0": 4})
+    await store.write_batch({"bob": UserWrite(state, new_entries=[entry(3), entry(4)])}, [], None)
+    assert ids() == ["e2", "e3", "e4"]
+    # An out-of-order insert rewrites the whole window.
+    state = UserState(window=[entry(2), entry(9), entry(4)], offsets={"clicks/0": 5})
+    await store.write_batch({"bob": UserWrite(state, replace=True)}, [], None)
+    assert ids() == ["e2", "e9", "e4"]
+    raw.close()
+    await client.aclose()
+
+
+def test_window_list_appends_trims_and_replaces(settings: Settings) -> None:
+    run(_append_trim_replace(settings))

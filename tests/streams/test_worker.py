@@ -35,10 +35,9 @@ def windows(settings: Settings) -> dict[str, list[dict[str, Any]]]:
     client = redis.Redis.from_url(settings.redis_url)
     layout = KeyLayout(settings.redis_key_prefix)
     result = {}
-    for key in client.scan_iter(match=layout.user("*")):
+    for key in client.scan_iter(match=layout.window("*")):
         user = key.decode().split("{", 1)[1].rstrip("}")
-        raw = client.hget(key, "window")
-        result[user] = json.loads(raw) if raw else []
+        result[user] = [json.loads(entry) for entry in client.lrange(key, 0, -1)]
     client.close()
     return result
 
