@@ -34,3 +34,6 @@ bench-quality: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+bench-stream: setup
+	$(PY) bench/stream.py

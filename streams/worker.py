@@ -25,6 +25,7 @@ from streams.recommend import Recommender
 from streams.settings import Settings
 from streams.store import StateStore, connect
 from streams.topics import ensure_topics
+from streams.transport import SCHEME as TRANSPORT_SCHEME
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def _credentials(settings: Settings) -> object | None:
 def create_app(settings: Settings, datadir: Path, recommender: Recommender | None = None) -> AppT:
     app = faust.App(
         settings.group_id,
-        broker=f"kafka://{settings.bootstrap_servers}",
+        # faust's aiokafka driver minus a task per delivered message (streams/transport.py).
+        broker=f"{TRANSPORT_SCHEME}://{settings.bootstrap_servers}",
         broker_credentials=_credentials(settings),
         datadir=str(datadir),
         consumer_auto_offset_reset="earliest",

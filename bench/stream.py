@@ -1,0 +1,521 @@
+"""Streaming benchmark: client ceiling vs a naive worker vs `interest worker`, ml-1m events.
+
+One run on a private embedded stack (Tansu + Redis in a temporary home, stopped at the end):
+
+  (a) ceiling: aiokafka consume + json.loads of the clicks topic (4 partitions), events/s;
+  (b) naive: per event a Redis GET/SET of the window, a full ONNX recompute of it at batch 1
+      (EncoderRuntime.rebuild, no persisted memory), top-k, one awaited send; events/s over a
+      bounded sample, in its own consumer group;
+  (c) `interest worker` (subprocess, INTEREST_MODEL = the bundle, fresh group): sustained
+      events/s over a backlog of N events (first to last recommendation, by the recommendation
+      records' broker timestamps), then p50/p99 latency from produce to recommendation received
+      while producing at half that rate.
+
+    python bench/stream.py [--events 150000] [--naive-events 2000] [--latency-seconds 25]
+
+Events: ml-1m.txt (SASRec `user item` lines) interleaved across users (each user's events in
+order, user by user per rank), as click events with synthetic per-user timestamps. The bundle:
+--model, else a cached export under --workdir, else an export of a model directory found under
+/tmp/runs, else a quick training run (throughput does not depend on model quality).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+DATA = REPO_ROOT.parent / "shared" / "data" / "ml-1m.txt"
+BASE_TS_MS = 1_700_000_000_000
+
+
+def load_events(path: Path, n: int) -> list[tuple[str, str, int]]:
+    """(user, item, rank) for the first n events in user-interleaved order."""
+    per_user: dict[str, list[str]] = {}
+    with path.open() as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2:
+                per_user.setdefault(parts[0], []).append(parts[1])
+    rows = [
+        (rank, user, item) for user, items in per_user.items() for rank, item in enumerate(items)
+    ]
+    rows.sort(key=lambda r: (r[0], int(r[1]) if r[1].isdigit() else r[1]))
+    return [(user, item, rank) for rank, user, item in rows[:n]]
+
+
+def event_bytes(user: str, item: str, rank: int, tag: str) -> bytes:
+    return json.dumps(
+        {
+            "event_id": f"{tag}-{user}-{rank}",
+            "user_id": user,
+            "item_id": item,
+            "event_type": "click",
+            "timestamp": BASE_TS_MS + rank * 60_000,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def find_bundle(workdir: Path, model: Path | None) -> Path:
+    from export.bundle import export_bundle
+
+    if model is not None:
+        return model
+    bundle = workdir / "bundle"
+    if (bundle / "manifest.json").is_file():
+        return bundle
+    runs = Path("/tmp/runs")
+    candidates = (
+        sorted(
+            (
+                p
+                for p in runs.glob("*")
+                if all((p / f).is_file() for f in ("config.json", "model.pt", "vocab.json"))
+            ),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if runs.is_dir()
+        else []
+    )
+    if candidates:
+        model_dir = candidates[-1]
+        print(f"bundle: exporting {model_dir}", flush=True)
+    else:
+        from encoder.train import train
+
+        model_dir = workdir / "model"
+        print(
+            "bundle: no trained model found; training a quick one (2 epochs, <= 3 min)", flush=True
+        )
+        train(data=DATA, out=model_dir, epochs=2, max_minutes=3, progress=False)
+    return export_bundle(model_dir=model_dir, out=bundle)
+
+
+async def produce(
+    bootstrap: str, topic: str, events: list[tuple[str, str, int]], tag: str
+) -> float:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=256 * 1024)
+    await producer.start()
+    t0 = time.perf_counter()
+    try:
+        pending = []
+        for user, item, rank in events:
+            pending.append(
+                await producer.send(topic, event_bytes(user, item, rank, tag), key=user.encode())
+            )
+            if len(pending) >= 5000:
+                await asyncio.gather(*pending)
+                pending = []
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return time.perf_counter() - t0
+
+
+def _consumer(bootstrap: str, **kw: object):
+    from aiokafka import AIOKafkaConsumer
+
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False, **kw
+    )
+
+
+async def assign_all(consumer, topic: str) -> None:
+    from aiokafka import TopicPartition
+
+    await consumer.start()
+    parts = consumer.partitions_for_topic(topic)
+    while not parts:
+        await asyncio.sleep(0.1)
+        await consumer._client.force_metadata_update()
+        parts = consumer.partitions_for_topic(topic)
+    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    consumer.assign(tps)
+    await consumer.seek_to_beginning(*tps)
+
+
+async def bench_ceiling(bootstrap: str, topic: str, n: int) -> float:
+    """(a) aiokafka consume + json.loads of n events, events/s."""
+    consumer = _consumer(
+        bootstrap, max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=16 * 1024 * 1024
+    )
+    await assign_all(consumer, topic)
+    loads = json.loads
+    seen = 0
+    t0 = time.perf_counter()
+    try:
+        while seen < n:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+            for records in batches.values():
+                for record in records:
+                    loads(record.value)
+                seen += sum(len(r) for r in batches.values())
+    finally:
+        await consumer.stop()
+    return seen / (time.perf_counter() - t0)
+
+
+async def bench_naive(
+    bootstrap: str, redis_url: str, topic: str, out_topic: str, bundle: Path, n: int, k: int
+) -> float:
+    """(b) per event: Redis GET/SET, full recompute at batch 1, top-k, one awaited send."""
+    import numpy as np
+    import redis.asyncio as aioredis
+    from aiokafka import AIOKafkaProducer
+
+    from export.runtime import EncoderRuntime
+
+    rt = EncoderRuntime.load(bundle, device="cpu")
+    click = rt.event_types.index("click") if "click" in rt.event_types else 0
+    r = aioredis.Redis.from_url(redis_url)
+    prefix = f"naive-{uuid.uuid4().hex[:8]}"
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    consumer = _consumer(bootstrap, group_id=prefix, max_poll_records=100)
+    consumer.subscribe([topic])
+    await consumer.start()
+    done = 0
+    t0 = None
+    try:
+        while done < n:
+            batches = await consumer.getmany(timeout_ms=1000)
+            for records in batches.values():
+                for record in records:
+                    if done >= n:
+                        break
+                    if t0 is None:
+                        t0 = time.perf_counter()
+                    ev = json.loads(record.value)
+                    key = f"{prefix}:w:{ev['user_id']}"
+                    raw = await r.get(key)
+                    window = json.loads(raw) if raw else []
+                    window = [*window, [ev["item_id"], ev["timestamp"]]][-200:]
+                    await r.set(key, json.dumps(window))
+                    items = rt.index_of([w[0] for w in window])
+                    ts = np.array([w[1] for w in window], dtype=np.int64)
+                    gaps = np.clip(np.diff(ts, prepend=ts[0]) // 60_000, 0, rt.n_time_buckets - 1)
+                    vec, _ = rt.rebuild([items], [np.full(len(items), click)], [gaps])
+                    idx, scores = rt.top_k(vec, k, [items[items > 0]])
+                    payload = {
+                        "user_id": ev["user_id"],
+                        "items": [
+                            {"item_id": i, "score": float(s)}
+                            for i, s in zip(rt.ids_of(idx[0]), scores[0], strict=True)
+                        ],
+                        "trigger_event_id": ev["event_id"],
+                    }
+                    await (
+                        await producer.send(
+                            out_topic, json.dumps(payload).encode(), key=ev["user_id"].encode()
+                        )
+                    )
+                    done += 1
+    finally:
+        await consumer.stop()
+        await producer.stop()
+        await r.aclose()
+    assert t0 is not None
+    return done / (time.perf_counter() - t0)
+
+
+async def wait_end_offsets(
+    bootstrap: str, topic: str, n: int, timeout: float, worker: subprocess.Popen
+) -> None:
+    from aiokafka import TopicPartition
+
+    consumer = _consumer(bootstrap)
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + timeout
+        last, last_t = -1, time.monotonic()
+        while True:
+            parts = consumer.partitions_for_topic(topic) or set()
+            if not parts:
+                await consumer._client.force_metadata_update()
+            ends = (
+                await consumer.end_offsets([TopicPartition(topic, p) for p in parts])
+                if parts
+                else {}
+            )
+            total = sum(ends.values())
+            if total >= n:
+                return
+            if worker.poll() is not None:
+                raise RuntimeError(f"worker exited with {worker.returncode}")
+            if total != last:
+                last, last_t = total, time.monotonic()
+                print(f"  worker: {total:,}/{n:,} recommendations", flush=True)
+            if total >= 0.99 * n and time.monotonic() - last_t > 10:
+                print(f"  worker: stopped at {total:,}/{n:,} (the rest went elsewhere)", flush=True)
+                return
+            if time.monotonic() > deadline or time.monotonic() - last_t > 90:
+                raise RuntimeError(f"worker made {total}/{n} recommendations before the timeout")
+            await asyncio.sleep(2)
+    finally:
+        await consumer.stop()
+
+
+async def backlog_rate(bootstrap: str, topic: str, n: int) -> tuple[float, float, int]:
+    """Sustained events/s from the recommendation records' broker timestamps (first to last)."""
+    consumer = _consumer(bootstrap, max_partition_fetch_bytes=4 * 1024 * 1024)
+    await assign_all(consumer, topic)
+    stamps: list[int] = []
+    try:
+        while len(stamps) < n:
+            batches = await consumer.getmany(timeout_ms=2000, max_records=20_000)
+            if not batches:
+                break
+            for records in batches.values():
+                stamps.extend(r.timestamp for r in records)
+    finally:
+        await consumer.stop()
+    stamps.sort()
+    span = (stamps[-1] - stamps[0]) / 1000
+    # Also the middle 80%: excludes the start (cold caches, join) and the tail.
+    lo, hi = stamps[len(stamps) // 10], stamps[len(stamps) * 9 // 10]
+    mid = (len(stamps) * 8 // 10) / max((hi - lo) / 1000, 1e-9)
+    return (len(stamps) - 1) / span, mid, len(stamps)
+
+
+async def latency(
+    bootstrap: str,
+    topic: str,
+    out_topic: str,
+    events: list[tuple[str, str, int]],
+    rate: float,
+    seconds: float,
+) -> dict[str, float]:
+    """Produce at ``rate`` for ``seconds``; latency produce -> recommendation received."""
+    from aiokafka import AIOKafkaProducer, TopicPartition
+
+    consumer = _consumer(bootstrap, max_partition_fetch_bytes=4 * 1024 * 1024)
+    await consumer.start()
+    parts = consumer.partitions_for_topic(out_topic)
+    tps = [TopicPartition(out_topic, p) for p in sorted(parts)]
+    consumer.assign(tps)
+    await consumer.seek_to_end(*tps)
+    for tp in tps:
+        await consumer.position(tp)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=1)
+    await producer.start()
+    sent: dict[str, float] = {}
+    got: list[float] = []
+    n_total = min(len(events), int(rate * seconds))
+    stop = asyncio.Event()
+
+    async def receive() -> None:
+        while not (stop.is_set() and len(got) >= len(sent)):
+            batches = await consumer.getmany(timeout_ms=200)
+            now = time.perf_counter()
+            for records in batches.values():
+                for record in records:
+                    trig = json.loads(record.value).get("trigger_event_id")
+                    t = sent.get(trig)
+                    if t is not None:
+                        got.append(now - t)
+
+    receiver = asyncio.create_task(receive())
+    t0 = time.perf_counter()
+    tick = 0.01
+    i = 0
+    while i < n_total:
+        due = int((time.perf_counter() - t0) * rate) + 1
+        while i < min(due, n_total):
+            user, item, rank = events[i]
+            value = event_bytes(user, item, rank, "lat")
+            sent[f"lat-{user}-{rank}"] = time.perf_counter()
+            await producer.send(topic, value, key=user.encode())
+            i += 1
+        await asyncio.sleep(tick)
+    elapsed = time.perf_counter() - t0
+    await producer.flush()
+    stop.set()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(receiver, 30)
+    await producer.stop()
+    await consumer.stop()
+    ms = sorted(x * 1000 for x in got)
+    q = statistics.quantiles(ms, n=100) if len(ms) > 1 else [float("nan")] * 99
+    return {
+        "sent": n_total,
+        "received": len(ms),
+        "rate": n_total / elapsed,
+        "p50_ms": q[49],
+        "p99_ms": q[98],
+        "max_ms": ms[-1] if ms else float("nan"),
+    }
+
+
+def batch_metrics(port: int) -> dict[str, float]:
+    """interest_batch_* sums and counts from the worker's Prometheus endpoint."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in (
+            "interest_batch_seconds_sum",
+            "interest_batch_seconds_count",
+            "interest_batch_size_sum",
+        ):
+            out[name] = float(value)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=150_000, help="backlog size for (a) and (c)")
+    ap.add_argument("--naive-events", type=int, default=2000)
+    ap.add_argument("--latency-seconds", type=float, default=25.0)
+    ap.add_argument("--model", type=Path, default=None, help="bundle (default: cached/exported)")
+    ap.add_argument(
+        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "interest-bench-stream"
+    )
+    ap.add_argument("--keep-worker-log", action="store_true")
+    args = ap.parse_args()
+    if not DATA.is_file():
+        print(f"skipped: {DATA} is missing (licensed data is never committed; see DESIGN.md)")
+        return
+
+    from streams.settings import Settings
+    from streams.stack import free_port, start_stack, stop_stack
+    from streams.topics import ensure_topics
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    bundle = find_bundle(args.workdir, args.model)
+    n_lat_max = int(args.latency_seconds * 20_000)
+    events = load_events(DATA, args.events + n_lat_max)
+    backlog, later = events[: args.events], events[args.events :]
+    n = len(backlog)
+    home = Path(tempfile.mkdtemp(prefix="interest-bench-home-"))
+    worker = None
+    log_path = args.workdir / "worker.log"
+    try:
+        info = start_stack(home)
+        tag = f"b{uuid.uuid4().hex[:6]}"
+        metrics_port = free_port()
+        env = {
+            "INTEREST_HOME": str(home),
+            "INTEREST_TOPIC_CLICKS": f"{tag}.clicks",
+            "INTEREST_TOPIC_PURCHASES": f"{tag}.purchases",
+            "INTEREST_TOPIC_RECOMMENDATIONS": f"{tag}.recommendations",
+            "INTEREST_TOPIC_DLQ": f"{tag}.dlq",
+            "INTEREST_GROUP_ID": f"{tag}-worker",
+            "INTEREST_REDIS_KEY_PREFIX": tag,
+            "INTEREST_METRICS_PORT": str(metrics_port),
+            "INTEREST_MODEL": str(bundle),
+        }
+        os.environ.update(env)
+        settings = Settings()
+        ensure_topics(settings)
+        naive_topic = f"{tag}.naive"
+        ensure_topics(Settings(topic_recommendations=naive_topic))
+        clicks, recs = settings.topic_clicks, settings.topic_recommendations
+        bootstrap = info.bootstrap_servers
+        print(f"stack: {bootstrap} {info.redis_url}; bundle {bundle}; {n:,} events", flush=True)
+        secs = asyncio.run(produce(bootstrap, clicks, backlog, "ml1m"))
+        print(f"produced {n:,} events in {secs:.1f}s ({n / secs:,.0f}/s)", flush=True)
+
+        ceiling = asyncio.run(bench_ceiling(bootstrap, clicks, n))
+        print(f"(a) ceiling: aiokafka consume + json.loads: {ceiling:,.0f} events/s", flush=True)
+
+        naive = asyncio.run(
+            bench_naive(
+                bootstrap,
+                info.redis_url,
+                clicks,
+                naive_topic,
+                bundle,
+                args.naive_events,
+                settings.top_k,
+            )
+        )
+        print(
+            f"(b) naive (per-event Redis GET/SET, full recompute, awaited send): "
+            f"{naive:,.0f} events/s over {args.naive_events:,} events",
+            flush=True,
+        )
+
+        log = log_path.open("wb")
+        worker = subprocess.Popen(
+            [sys.executable, "-c", "from interest.cli import main; main()", "worker"],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+        )
+        print(
+            f"(c) worker pid {worker.pid} started (log {log_path}); draining the backlog",
+            flush=True,
+        )
+        asyncio.run(wait_end_offsets(bootstrap, recs, n, timeout=max(600, n / 500), worker=worker))
+        rate, rate_mid, n_recs = asyncio.run(backlog_rate(bootstrap, recs, n))
+        print(
+            f"(c) worker sustained: {rate:,.0f} events/s first->last over {n_recs:,} "
+            f"recommendations (middle 80%: {rate_mid:,.0f}/s)",
+            flush=True,
+        )
+        bm = batch_metrics(metrics_port)
+        n_batches = bm.get("interest_batch_seconds_count", 0) or 1
+        busy = bm.get("interest_batch_seconds_sum", 0.0)
+        print(
+            f"    {n_batches:,.0f} batches, mean"
+            f" {bm.get('interest_batch_size_sum', 0) / n_batches:,.0f} events, mean"
+            f" {1000 * busy / n_batches:,.1f} ms in BatchProcessor.process;"
+            f" {busy:,.1f} s in process over the {n_recs / rate:,.1f} s span",
+            flush=True,
+        )
+        lat = asyncio.run(latency(bootstrap, clicks, recs, later, rate / 2, args.latency_seconds))
+        print(
+            f"(c) latency at {lat['rate']:,.0f} events/s for {args.latency_seconds:.0f}s: "
+            f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms, max {lat['max_ms']:.1f} ms "
+            f"({lat['received']:,}/{lat['sent']:,} received)",
+            flush=True,
+        )
+        summary = {
+            "events": n,
+            "ceiling_eps": round(ceiling),
+            "naive_eps": round(naive, 1),
+            "worker_eps": round(rate),
+            "worker_eps_middle80": round(rate_mid),
+            "latency_rate_eps": round(lat["rate"]),
+            "latency_p50_ms": round(lat["p50_ms"], 1),
+            "latency_p99_ms": round(lat["p99_ms"], 1),
+            "latency_received": lat["received"],
+            "latency_sent": lat["sent"],
+            "worker_over_naive": round(rate / naive, 1),
+            "worker_over_ceiling": round(rate / ceiling, 3),
+        }
+        print(f"ratios: c/b = {rate / naive:,.1f}x, c/a = {rate / ceiling:.2f}")
+        print("SUMMARY " + json.dumps(summary), flush=True)
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait(10)
+        stop_stack(home)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
