@@ -413,8 +413,9 @@ def _top_k_masked(
     k = max(0, min(k, n))
     if k == 0:
         return np.zeros((batch, 0), np.int64), np.zeros((batch, 0), np.float32)
-    # argpartition is O(n) per row; only the k winners get sorted.
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    # argpartition is O(n) per row; only the k winners get sorted. Partitioning for the
+    # (n-k)-th smallest leaves the k largest at the end, without negating a copy of scores.
+    part = np.argpartition(scores, n - k, axis=1)[:, n - k :]
     part_scores = np.take_along_axis(scores, part, axis=1)
     order = np.argsort(-part_scores, axis=1, kind="stable")
     idx = np.take_along_axis(part, order, axis=1).astype(np.int64)

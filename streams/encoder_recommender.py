@@ -86,8 +86,9 @@ class StateSlab:
                 _, (row, _, _) = self.rows.popitem(last=False)
             self.rows[user_id] = (row, version, signature)
             rows.append(row)
-        # More users in one batch than rows: only the last max_users of them stay cached.
-        rows, states = rows[-self.max_users :], states.take(range(len(users))[-self.max_users :])
+        if len(rows) > self.max_users:  # only the last max_users of this batch stay cached
+            rows = rows[-self.max_users :]
+            states = states.take(range(len(users))[-self.max_users :])
         index = np.asarray(rows, np.int64)
         for name, a in self.arrays.items():
             a[index] = states.arrays[name]
@@ -238,13 +239,12 @@ class EncoderRecommender:
         top, scores = rt.top_k(vectors, batch.k, exclude=exclude)
         popular_seen: dict[str, set[str]] = {}
         recommendations = []
-        for request, seen, row, row_scores in zip(requests, exclude, top, scores, strict=True):
+        item_ids = rt.item_ids
+        for request, seen, row, row_scores in zip(
+            requests, exclude, top.tolist(), scores.tolist(), strict=True
+        ):
             if (seen > 0).any():
-                items = [
-                    (rt.item_ids[int(i)], float(s))
-                    for i, s in zip(row, row_scores, strict=True)
-                    if i > 0
-                ]
+                items = [(item_ids[i], s) for i, s in zip(row, row_scores, strict=True) if i > 0]
                 recommendations.append(Recommendation(items, rt.version, "encoder"))
             else:  # the model knows none of this user's items yet
                 user_id = request.event.user_id
