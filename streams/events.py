@@ -6,11 +6,12 @@ happens to it.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 EVENT_TYPES = ("click", "purchase", "view", "add_to_cart")
 # Epoch milliseconds between 1990 and 2200: catches seconds-vs-millis mistakes and garbage.
@@ -60,10 +61,6 @@ class InvalidEvent(ValueError):
     """Raised inside validation; its message becomes the DLQ reason."""
 
 
-def _reject_constant(name: str) -> float:
-    raise InvalidEvent(f"non-finite number {name} is not allowed")
-
-
 def parse_timestamp(value: object) -> int:
     """Epoch milliseconds (int) or an ISO-8601 string (naive means UTC) -> epoch milliseconds."""
     if isinstance(value, bool):
@@ -109,15 +106,17 @@ def parse_event(raw: bytes, source: Source, *, max_id_length: int, max_event_byt
     if len(raw) > max_event_bytes:
         raise InvalidEvent(f"event is {len(raw)} bytes, more than {max_event_bytes}")
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidEvent("event is not valid UTF-8") from None
-    try:
-        payload = json.loads(text, parse_constant=_reject_constant)
-    except InvalidEvent:
-        raise
-    except ValueError as exc:
-        raise InvalidEvent(f"event is not JSON: {exc}") from None
+        # orjson rejects what the contract forbids: bad UTF-8, NaN/Infinity, lone surrogates.
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        reason = str(exc)
+        if "UTF-8" in reason:
+            raise InvalidEvent("event is not valid UTF-8") from None
+        if "surrogate" in reason:
+            raise InvalidEvent("event is not valid Unicode (lone surrogate)") from None
+        if b"NaN" in raw or b"Infinity" in raw:
+            raise InvalidEvent("non-finite number (NaN or Infinity) is not allowed") from None
+        raise InvalidEvent(f"event is not JSON: {reason}") from None
     if not isinstance(payload, dict):
         raise InvalidEvent("event must be a JSON object")
 
