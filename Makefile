@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test lint bench bench-quality bench-incremental clean
+.PHONY: setup demo test lint bench bench-quality bench-incremental bench-stream clean
 
 setup: $(VENV)/.installed
 
@@ -24,7 +24,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: bench-incremental bench-quality
+bench: bench-incremental bench-quality bench-stream
 
 bench-incremental: setup
 	$(PY) bench/incremental.py
