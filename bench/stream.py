@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -395,7 +394,7 @@ def main() -> None:
         return
 
     from streams.settings import Settings
-    from streams.stack import free_port, start_stack, stop_stack
+    from streams.stack import free_port, start_stack, stop_process, stop_stack
     from streams.topics import ensure_topics
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -506,13 +505,8 @@ def main() -> None:
         print(f"ratios: c/b = {rate / naive:,.1f}x, c/a = {rate / ceiling:.2f}")
         print("SUMMARY " + json.dumps(summary), flush=True)
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait(10)
+        if worker is not None:
+            stop_process(worker)
         stop_stack(home)
         shutil.rmtree(home, ignore_errors=True)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from rich.console import Console
 from streams.client import InterestClient
 from streams.sample import sample_events
 from streams.settings import Settings
-from streams.stack import StackInfo, start_stack, stop_stack
+from streams.stack import StackInfo, start_stack, stop_process, stop_stack
 from streams.topics import ensure_topics
 
 
@@ -82,12 +81,8 @@ def run_demo(users: int = 20, events_per_user: int = 10, show: int = 40) -> int:
         console.print(f"{received} recommendation events for {len(events)} pushed events")
         return received
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        if worker is not None:
+            stop_process(worker)
         stop_stack(home)
 
 

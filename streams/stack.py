@@ -241,6 +241,18 @@ def _terminate(pid: int, grace_seconds: float = 5.0) -> None:
         os.waitpid(pid, 0)
 
 
+def stop_process(process: subprocess.Popen[bytes], grace_seconds: float = 30.0) -> None:
+    """SIGTERM a child (a worker: it shuts down gracefully), SIGKILL it after the grace period."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace_seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
 def stop_stack(home: Path) -> StackInfo | None:
     """Stop what `start_stack` recorded in `home`; returns it, or None if nothing was running."""
     state_file = home / "stack.json"

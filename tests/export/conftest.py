@@ -15,11 +15,12 @@ N_ITEMS = 40
 ITEM_IDS = [f"item-{i}" for i in range(1, N_ITEMS + 1)]
 
 
-def tiny_model(use_memory: bool = True) -> InterestEncoder:
-    torch.manual_seed(0)
+def tiny_model(use_memory: bool = True, n_items: int = N_ITEMS, seed: int = 0) -> InterestEncoder:
+    """A small random encoder with position and memory effects large enough to notice."""
+    torch.manual_seed(seed)
     # dropout > 0 pins that the export leaves the model in eval mode
     cfg = EncoderConfig(
-        n_items=N_ITEMS,
+        n_items=n_items,
         d_model=16,
         n_layers=2,
         n_heads=2,

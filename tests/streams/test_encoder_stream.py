@@ -22,13 +22,14 @@ import redis
 torch = pytest.importorskip("torch", reason="needs the training extra (pip install -e .[train])")
 
 from encoder.data import load_interactions  # noqa: E402
-from encoder.model import EncoderConfig, InterestEncoder  # noqa: E402
+from encoder.model import InterestEncoder  # noqa: E402
 from export.bundle import export_bundle, save_model_dir  # noqa: E402
 from streams.client import InterestClient  # noqa: E402
 from streams.sample import sample_events  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.store import KeyLayout, StateStore, connect  # noqa: E402
 from tests.conftest import WorkerProcess, wait_for  # noqa: E402
+from tests.export.conftest import tiny_model  # noqa: E402
 from tests.streams.test_worker import read_topic  # noqa: E402
 
 N_ITEMS = 30
@@ -36,22 +37,7 @@ ITEMS = [f"item-{i}" for i in range(N_ITEMS)]
 
 
 def make_bundle(tmp: Path, seed: int) -> tuple[InterestEncoder, Path]:
-    torch.manual_seed(seed)
-    cfg = EncoderConfig(
-        n_items=N_ITEMS,
-        d_model=16,
-        n_layers=2,
-        n_heads=2,
-        span=4,
-        n_time_buckets=8,
-        dropout=0.0,
-        memory_decay=0.9,
-        use_memory=True,
-    )
-    model = InterestEncoder(cfg).eval()
-    with torch.no_grad():  # make positions and memory matter
-        for block in model.blocks:
-            block.attn.rel_bias.normal_(0, 1.0)
+    model = tiny_model(n_items=N_ITEMS, seed=seed)
     model_dir = save_model_dir(model, ITEMS, tmp / f"model-{seed}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -105,7 +91,7 @@ def test_replayed_log_gives_the_offline_models_vectors_across_a_restart(
     events = single_topic_events(users=6, per_user=24)
     first = [e for e in events if int(e["event_id"].rsplit("-", 1)[1]) < 12]
     second = [e for e in events if e not in first]
-    # Window 10 < history 24, receptive field 2*(4-1)+1 = 7 <= 10: after the restart every user
+    # Window 10 < history 24, receptive field 2*(5-1)+1 = 9 <= 10: after the restart every user
     # is rebuilt from its Redis window plus the persisted long-term memory.
     env = {"INTEREST_MODEL": str(bundle), "INTEREST_WINDOW_LENGTH": "10"}
 
