@@ -43,10 +43,12 @@ def load_recommender(settings: Settings) -> Recommender:
         runtime = EncoderRuntime.load(settings.model)
     except (BundleError, OSError) as exc:
         raise UserError(f"cannot load INTEREST_MODEL={settings.model}: {exc}") from None
-    if runtime.receptive_field > settings.window_length:
+    # Rebuilding needs the last receptive_field events plus the one before the oldest of them
+    # (its time gap is a model input).
+    if runtime.receptive_field >= settings.window_length:
         raise UserError(
-            f"the model needs the last {runtime.receptive_field} events to rebuild a user's "
-            f"state but INTEREST_WINDOW_LENGTH is {settings.window_length}"
+            f"the model needs the last {runtime.receptive_field + 1} events to rebuild a "
+            f"user's state but INTEREST_WINDOW_LENGTH is {settings.window_length}"
         )
     log.info("serving model %s on %s", runtime.version, runtime.provider)
     return EncoderRecommender(runtime, cache_users=settings.state_cache_users)
@@ -73,8 +75,8 @@ class ModelWatcher:
         try:
             candidate = await loop.run_in_executor(executor, load_recommender, self.settings)
         except UserError as exc:
+            # Not recorded as seen: a bundle caught mid-copy loads on a later poll.
             log.error("model rollout failed, still serving %s: %s", self.current.model_version, exc)
-            self._stamp = stamp  # do not retry the same broken bundle every poll
             return self.current
         self._stamp = stamp
         if candidate.model_version != self.current.model_version:

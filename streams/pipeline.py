@@ -29,7 +29,7 @@ from streams import metrics
 from streams.events import Event, Rejection, Source, validate
 from streams.recommend import Batch, Recommender, Request, StoredModelState, recommendation_event
 from streams.settings import Settings
-from streams.store import StateStore, UserWrite
+from streams.store import StaleStateError, StateStore, UserWrite
 from streams.window import (
     UserState,
     WindowEntry,
@@ -100,13 +100,15 @@ class BatchProcessor:
             max_id_length=self.settings.max_id_length,
             max_event_bytes=self.settings.max_event_bytes,
         )
-        if (
-            isinstance(result, Event)
-            and message.key is not None
-            and message.key != result.user_id.encode()
-        ):
-            # Keys route a user's events to one partition (and so one worker, in order).
-            return Rejection("message key does not match user_id", message.source, message.value)
+        if isinstance(result, Event) and message.key != result.user_id.encode():
+            # Keys route a user's events to one partition (and so one worker, in order); an
+            # unkeyed or mis-keyed event could be applied by two workers at once.
+            reason = "message has no key" if message.key is None else "message key"
+            return Rejection(
+                f"{reason} does not match user_id (the key must be the user_id)",
+                message.source,
+                message.value,
+            )
         return result
 
     async def process(self, messages: Sequence[RawMessage]) -> BatchResult:
@@ -214,6 +216,7 @@ class BatchProcessor:
             update = recommended.updates.get(uid)
             writes[uid] = UserWrite(
                 states[uid],
+                read_offsets=read.users[uid].raw_offsets,
                 new_entries=appended_entries.get(uid, ()),
                 replace=uid in rewritten,
                 vector=update.vector if update else None,
@@ -228,7 +231,14 @@ class BatchProcessor:
         return result
 
 
-RETRYABLE = (RedisConnectionError, RedisTimeoutError, KafkaError, OSError, asyncio.TimeoutError)
+RETRYABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    StaleStateError,
+    KafkaError,
+    OSError,
+    asyncio.TimeoutError,
+)
 
 
 async def process_with_retry(

@@ -20,6 +20,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from interest.errors import UserError
+
 STACK_FILE_NAME = "stack.json"
 
 
@@ -165,13 +167,18 @@ class Settings(BaseSettings):
         if self.security_protocol in ("SSL", "SASL_SSL"):
             import ssl
 
-            context = ssl.create_default_context(
-                cafile=str(self.ssl_cafile) if self.ssl_cafile else None
-            )
-            if self.ssl_certfile:
-                context.load_cert_chain(
-                    str(self.ssl_certfile), str(self.ssl_keyfile) if self.ssl_keyfile else None
+            try:
+                context = ssl.create_default_context(
+                    cafile=str(self.ssl_cafile) if self.ssl_cafile else None
                 )
+                if self.ssl_certfile:
+                    context.load_cert_chain(
+                        str(self.ssl_certfile), str(self.ssl_keyfile) if self.ssl_keyfile else None
+                    )
+            except (OSError, ssl.SSLError) as exc:
+                raise UserError(
+                    f"cannot use the Kafka TLS files in INTEREST_SSL_*: {exc}"
+                ) from None
             options["ssl_context"] = context
         return options
 

@@ -18,8 +18,11 @@ Key layout (pinned by tests/streams/test_store.py; change it only with a migrati
     Both per-user keys expire after state_ttl_seconds without events.
 
 The braces around the user id are a Redis Cluster hash tag: everything about one user lives in
-one slot. The write for a batch is one Lua script, atomic in Redis: a crash leaves either the
-whole batch or none of it, and with the `offsets` guard a replayed batch changes nothing.
+one slot. The write for a batch is one Lua script: Redis runs it without interleaving other
+commands, so a worker crash leaves either the whole batch or none of it, and with the `offsets`
+guard a replayed batch changes nothing. The script first checks that every user's `offsets` (and
+the popularity epoch) are still what the batch read and writes nothing otherwise: two workers
+that both think they own a user (a zombie during a rebalance) cannot interleave their writes.
 
 Why scripts and a list: with a hash per user written field by field, a batch of 500 events cost
 thousands of commands, and re-encoding every touched window (up to 200 entries each) dominated
@@ -44,11 +47,17 @@ from streams.window import UserState, WindowEntry
 
 # Popularity weights are 2 ** ((t - epoch) / half_life); rebase before they leave float range.
 REBASE_AFTER_HALF_LIVES = 256
+MAX_WEIGHT_EXPONENT = 1000.0
+MAX_CLOCK_SKEW_MS = 3_600_000
 
+# KEYS: popularity, epoch. ARGV: new epoch, half-life ms. The scale comes from the stored
+# epoch, so two workers rebasing at once cannot scale twice.
 _REBASE_SCRIPT = """
 local current = tonumber(redis.call('GET', KEYS[2]))
-if current and current < tonumber(ARGV[1]) then
-  redis.call('ZUNIONSTORE', KEYS[1], 1, KEYS[1], 'WEIGHTS', ARGV[2])
+local target = tonumber(ARGV[1])
+if current and current < target then
+  local factor = 2 ^ ((current - target) / tonumber(ARGV[2]))
+  redis.call('ZUNIONSTORE', KEYS[1], 1, KEYS[1], 'WEIGHTS', tostring(factor))
   redis.call('SET', KEYS[2], ARGV[1])
 end
 return 1
@@ -77,49 +86,67 @@ return out
 """
 
 # KEYS: popularity, epoch, online, then (user hash, window list) per user.
-# ARGV: ttl_ms, now_ms, epoch ("" = none), n_items, n_online, item/weight pairs, online
-# name/increment pairs, then per user 8 values: mode ("append" or "replace"), new window entries
-# joined by newlines (JSON never contains a raw newline), window length after the batch,
-# offsets, vector ("" = unchanged), memory, model_version, recs ("" = unchanged).
+# ARGV: ttl_ms, now_ms, epoch the weights are relative to ("" = none), n_items, n_online,
+# item/weight pairs, online name/increment pairs, then per user 9 values: the offsets JSON read
+# before the batch ("" = none), mode ("append" or "replace"), new window entries joined by
+# newlines (JSON never contains a raw newline), window length after the batch, offsets, vector
+# ("" = unchanged), memory, model_version, recs ("" = unchanged).
+# Compare-and-set: if the popularity epoch or any user's offsets changed since the read (another
+# worker wrote), nothing is written and the script returns 0; the caller retries the batch.
 _WRITE_SCRIPT = """
 local ttl, now = tonumber(ARGV[1]), ARGV[2]
 local n_items, n_online = tonumber(ARGV[4]), tonumber(ARGV[5])
-local a = 6
-if ARGV[3] ~= '' and n_items > 0 then
-  redis.call('SET', KEYS[2], ARGV[3], 'NX')
+local first_user = 6 + 2 * n_items + 2 * n_online
+local epoch = redis.call('GET', KEYS[2])
+if n_items > 0 and epoch and epoch ~= ARGV[3] then return 0 end
+local a = first_user
+for u = 1, (#KEYS - 3) / 2 do
+  local stored = redis.call('HGET', KEYS[2 * u + 2], 'offsets')
+  if (stored or '') ~= ARGV[a] then return 0 end
+  a = a + 9
+end
+a = 6
+if n_items > 0 then
+  if not epoch then redis.call('SET', KEYS[2], ARGV[3]) end
   for i = 1, n_items do
     redis.call('ZINCRBY', KEYS[1], ARGV[a + 1], ARGV[a])
     a = a + 2
   end
-else
-  a = a + 2 * n_items
 end
+a = 6 + 2 * n_items
 for i = 1, n_online do
   redis.call('HINCRBY', KEYS[3], ARGV[a], ARGV[a + 1])
   a = a + 2
 end
+a = first_user
 for u = 1, (#KEYS - 3) / 2 do
   local hash, list = KEYS[2 * u + 2], KEYS[2 * u + 3]
-  if ARGV[a] == 'replace' then redis.call('DEL', list) end
+  if ARGV[a + 1] == 'replace' then redis.call('DEL', list) end
   local entries = {}
-  for entry in string.gmatch(ARGV[a + 1], '[^\\n]+') do entries[#entries + 1] = entry end
-  if #entries > 0 then redis.call('RPUSH', list, unpack(entries)) end
-  local keep = tonumber(ARGV[a + 2])
-  if keep > 0 then redis.call('LTRIM', list, -keep, -1) else redis.call('DEL', list) end
-  redis.call('HSET', hash, 'offsets', ARGV[a + 3], 'updated_ms', now)
-  if ARGV[a + 4] ~= '' then
-    redis.call('HSET', hash, 'vector', ARGV[a + 4], 'memory', ARGV[a + 5],
-               'model_version', ARGV[a + 6])
+  for entry in string.gmatch(ARGV[a + 2], '[^\\n]+') do entries[#entries + 1] = entry end
+  for i = 1, #entries, 1000 do  -- unpack() fails past ~8000 values
+    redis.call('RPUSH', list, unpack(entries, i, math.min(i + 999, #entries)))
   end
-  if ARGV[a + 7] ~= '' then redis.call('HSET', hash, 'recs', ARGV[a + 7]) end
+  local keep = tonumber(ARGV[a + 3])
+  if keep > 0 then redis.call('LTRIM', list, -keep, -1) else redis.call('DEL', list) end
+  redis.call('HSET', hash, 'offsets', ARGV[a + 4], 'updated_ms', now)
+  if ARGV[a + 5] ~= '' then
+    redis.call('HSET', hash, 'vector', ARGV[a + 5], 'memory', ARGV[a + 6],
+               'model_version', ARGV[a + 7])
+  end
+  if ARGV[a + 8] ~= '' then redis.call('HSET', hash, 'recs', ARGV[a + 8]) end
   if ttl > 0 then
     redis.call('PEXPIRE', hash, ttl)
     if keep > 0 then redis.call('PEXPIRE', list, ttl) end
   end
-  a = a + 8
+  a = a + 9
 end
 return 1
 """
+
+
+class StaleStateError(Exception):
+    """Another writer changed a user's state or the popularity epoch since this batch read it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +175,7 @@ class KeyLayout:
 @dataclass(slots=True)
 class StoredUser:
     state: UserState
+    raw_offsets: bytes | None = None  # as stored, for the write's compare-and-set
     vector: bytes | None = None
     memory: bytes | None = None
     model_version: str | None = None
@@ -165,6 +193,7 @@ class BatchRead:
 @dataclass(slots=True)
 class UserWrite:
     state: UserState  # after the batch
+    read_offsets: bytes | None = None  # `offsets` exactly as read before the batch (the CAS)
     # Entries appended at the end of the window by this batch; `replace` rewrites the whole
     # window instead (an event was inserted out of time order).
     new_entries: Sequence[WindowEntry] = ()
@@ -253,6 +282,7 @@ class StateStore:
             window = [WindowEntry.from_json(orjson.loads(e)) for e in window_raw]
         return StoredUser(
             state=UserState(window, orjson.loads(offsets_raw) if offsets_raw else {}),
+            raw_offsets=offsets_raw,
             vector=vector,
             memory=memory,
             model_version=_text(version),
@@ -261,7 +291,15 @@ class StateStore:
         )
 
     def popularity_weight(self, timestamp_ms: int, epoch_ms: int) -> float:
-        return math.pow(2.0, (timestamp_ms - epoch_ms) / self.half_life_ms)
+        # Bounded exponent: an event far from the epoch must not overflow a float.
+        exponent = (self.popularity_time(timestamp_ms) - epoch_ms) / self.half_life_ms
+        return math.pow(2.0, min(exponent, MAX_WEIGHT_EXPONENT))
+
+    @staticmethod
+    def popularity_time(timestamp_ms: int) -> int:
+        """Event time, but never in the future: one event stamped next year (a client clock
+        bug) must not make everything else weightless."""
+        return min(timestamp_ms, int(time.time() * 1000) + MAX_CLOCK_SKEW_MS)
 
     def merge_popularity(
         self,
@@ -296,7 +334,7 @@ class StateStore:
         if epoch is None and item_timestamps:
             epoch = min(ts for _, ts in item_timestamps)
         if epoch is not None and item_timestamps:
-            newest = max(ts for _, ts in item_timestamps)
+            newest = self.popularity_time(max(ts for _, ts in item_timestamps))
             half_lives = (newest - epoch) / self.half_life_ms
             if half_lives > REBASE_AFTER_HALF_LIVES:
                 epoch = await self._rebase_popularity(epoch, half_lives)
@@ -325,6 +363,7 @@ class StateStore:
             offsets = encode_offsets(write.state.offsets)
             signatures[user_id] = offsets
             args += [
+                write.read_offsets or b"",
                 "replace" if write.replace else "append",
                 b"\n".join(encode_entry(entry) for entry in entries),
                 len(write.state.window),
@@ -334,7 +373,8 @@ class StateStore:
                 write.model_version or "",
                 orjson.dumps(write.recs) if write.recs is not None else b"",
             ]
-        await self._write(keys=keys, args=args)
+        if not await self._write(keys=keys, args=args):
+            raise StaleStateError("state changed since this batch read it; retrying the batch")
         for user_id, write in writes.items():
             self._windows.put(user_id, signatures[user_id], write.state.window)
 
@@ -343,7 +383,7 @@ class StateStore:
         new_epoch = int(epoch + shift * self.half_life_ms)
         await self._rebase(
             keys=[self.keys.popularity, self.keys.popularity_epoch],
-            args=[new_epoch, repr(math.pow(2.0, -shift))],
+            args=[new_epoch, repr(self.half_life_ms)],
         )
         return new_epoch
 

@@ -46,6 +46,21 @@ def ensure_topics(settings: Settings) -> list[str]:
             ]
             with contextlib.suppress(TopicAlreadyExistsError):  # another process won the race
                 admin.create_topics(topics)
+        _check_copartitioned(admin, settings)
         return missing
     finally:
         admin.close()
+
+
+def _check_copartitioned(admin: KafkaAdminClient, settings: Settings) -> None:
+    """Clicks and purchases must have the same partition count: the consumer group assigns
+    equal partition numbers of both to one worker, which keeps each user on one worker."""
+    counts = {
+        topic["name"]: len(topic["partitions"])
+        for topic in admin.describe_topics(list(settings.input_topics))
+    }
+    if len(set(counts.values())) > 1:
+        raise UserError(
+            f"input topics must have the same number of partitions, found {counts}; "
+            "a user's clicks and purchases would be processed by different workers"
+        )

@@ -2,11 +2,21 @@
 
 import asyncio
 import json
+import math
+import time
 
+import pytest
 import redis
 
 from streams.settings import Settings
-from streams.store import KeyLayout, StateStore, UserWrite, connect
+from streams.store import (
+    KeyLayout,
+    StaleStateError,
+    StateStore,
+    UserWrite,
+    connect,
+    encode_offsets,
+)
 from streams.window import UserState, WindowEntry
 
 
@@ -129,11 +139,19 @@ async def _append_trim_replace(settings: Settings) -> None:
     await store.write_batch({"bob": UserWrite(state, new_entries=state.window)}, [], None)
     # Append two, window length 3: the oldest two are trimmed in Redis too.
     state = UserState(window=[entry(2), entry(3), entry(4)], offsets={"clicks/0": 4})
-    await store.write_batch({"bob": UserWrite(state, new_entries=[entry(3), entry(4)])}, [], None)
+    read_offsets = encode_offsets({"clicks/0": 2})
+    await store.write_batch(
+        {"bob": UserWrite(state, read_offsets=read_offsets, new_entries=[entry(3), entry(4)])},
+        [],
+        None,
+    )
     assert ids() == ["e2", "e3", "e4"]
     # An out-of-order insert rewrites the whole window.
     state = UserState(window=[entry(2), entry(9), entry(4)], offsets={"clicks/0": 5})
-    await store.write_batch({"bob": UserWrite(state, replace=True)}, [], None)
+    read_offsets = encode_offsets({"clicks/0": 4})
+    await store.write_batch(
+        {"bob": UserWrite(state, read_offsets=read_offsets, replace=True)}, [], None
+    )
     assert ids() == ["e2", "e9", "e4"]
     raw.close()
     await client.aclose()
@@ -141,3 +159,73 @@ async def _append_trim_replace(settings: Settings) -> None:
 
 def test_window_list_appends_trims_and_replaces(settings: Settings) -> None:
     run(_append_trim_replace(settings))
+
+
+async def _two_writers(settings: Settings) -> None:
+    client = connect(settings)
+    first, second = StateStore(client, settings), StateStore(client, settings)
+    a, b = await first.read_batch(["carol"], 5), await second.read_batch(["carol"], 5)
+    entry = WindowEntry("e1", "i1", "click", 1_000)
+    state = UserState(window=[entry], offsets={"clicks/0": 1})
+    await first.write_batch(
+        {"carol": UserWrite(state, read_offsets=a.users["carol"].raw_offsets, new_entries=[entry])},
+        [],
+        None,
+    )
+    # The second writer read before the first wrote: it must not interleave (a zombie worker).
+    with pytest.raises(StaleStateError):
+        await second.write_batch(
+            {
+                "carol": UserWrite(
+                    state, read_offsets=b.users["carol"].raw_offsets, new_entries=[entry]
+                )
+            },
+            [("i1", 1_000)],
+            None,
+        )
+    again = await second.read_batch(["carol"], 5)
+    assert again.users["carol"].state.window == [entry]  # written once
+    assert again.popular == []  # the refused write changed nothing, popularity included
+    await client.aclose()
+
+
+def test_a_writer_with_stale_state_is_refused_and_changes_nothing(settings: Settings) -> None:
+    run(_two_writers(settings))
+
+
+async def _huge_window(settings: Settings) -> None:
+    client = connect(settings)
+    store = StateStore(client, settings)
+    window = [WindowEntry(f"e{n}", f"i{n}", "click", 1_000 + n) for n in range(9_000)]
+    state = UserState(window=window, offsets={"clicks/0": 9_000})
+    await store.write_batch({"dave": UserWrite(state, replace=True)}, [], None)
+    fresh = await StateStore(client, settings).read_batch(["dave"], 5)
+    assert fresh.users["dave"].state.window == window
+    await client.aclose()
+
+
+def test_windows_longer_than_lua_unpack_limit_are_written(settings: Settings) -> None:
+    run(_huge_window(settings))
+
+
+async def _future_event(settings: Settings) -> None:
+    client = connect(settings)
+    store = StateStore(client, settings)
+    now = int(time.time() * 1000)
+    year = 365 * 24 * 3600 * 1000
+    await store.write_batch({}, [("hot", now)] * 3, None)
+    read = await store.read_batch([], 5)
+    # A clock bug stamps one event next year: it counts as "now", not as the only item.
+    ranked = store.merge_popularity(
+        read.popular, [("future", now + year)], read.popularity_epoch_ms
+    )
+    assert ranked[0][0] == "hot"
+    await store.write_batch({}, [("future", now + year)], read.popularity_epoch_ms)
+    read = await store.read_batch([], 5)
+    assert read.popular[0][0] == "hot"
+    assert all(math.isfinite(score) for _, score in read.popular)
+    await client.aclose()
+
+
+def test_future_timestamps_neither_overflow_nor_take_over_popularity(settings: Settings) -> None:
+    run(_future_event(settings))
