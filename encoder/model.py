@@ -47,6 +47,11 @@ class EncoderConfig:
     memory_decay: float = 0.98  # gamma of the long-term memory
     use_memory: bool = True
     max_len: int = 200  # training/evaluation sequence length (not a model limit)
+    # Whether the training data had event types / timestamps. A model trained without them
+    # (SASRec-format files) only ever saw the default type and the unknown gap bucket, so
+    # whoever serves it must feed those too (the streaming worker reads these flags).
+    uses_event_types: bool = True
+    uses_time_gaps: bool = True
 
     @property
     def receptive_field(self) -> int:

@@ -28,7 +28,7 @@ from encoder.data import (
     train_batch,
 )
 from encoder.evaluate import rank_split
-from encoder.features import EVENT_TYPES
+from encoder.features import DEFAULT_EVENT_TYPE, EVENT_TYPES
 from encoder.model import EncoderConfig, InterestEncoder
 from interest.errors import UserError
 
@@ -144,7 +144,13 @@ def train(
     enc_over = {k: v for k, v in overrides.items() if k in enc_fields}
     n_buckets = enc_over.get("n_time_buckets", EncoderConfig.n_time_buckets)
     inter = load_interactions(Path(data), n_time_buckets=n_buckets)
-    cfg = EncoderConfig(n_items=inter.n_items, **enc_over)
+    seen_features = {
+        "uses_event_types": any(
+            bool((q.types != DEFAULT_EVENT_TYPE).any()) for q in inter.sequences
+        ),
+        "uses_time_gaps": any(bool(q.gaps.any()) for q in inter.sequences),
+    }
+    cfg = EncoderConfig(n_items=inter.n_items, **{**seen_features, **enc_over})
     prefix = memory_horizon(cfg.memory_decay) if cfg.use_memory else 0
     train_set = train_batch(inter, cfg.max_len, prefix)
     try:

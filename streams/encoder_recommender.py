@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from encoder.features import time_gap_bucket
+from encoder.features import DEFAULT_EVENT_TYPE, time_gap_bucket
 from export.runtime import EncoderRuntime, EncoderStates
 from streams.recommend import (
     Batch,
@@ -101,7 +101,14 @@ class EncoderRecommender:
     def __init__(self, runtime: EncoderRuntime, cache_users: int = 10_000) -> None:
         self.runtime = runtime
         self.cache = StateSlab(runtime.initial_state(1), cache_users)
-        self._type_index = {name: i for i, name in enumerate(runtime.event_types)}
+        config = runtime.manifest.get("config", {})
+        # A model trained without types/timestamps saw only the defaults: feed it the same.
+        self._use_types = bool(config.get("uses_event_types", True))
+        self._use_gaps = bool(config.get("uses_time_gaps", True))
+        self._type_index = {
+            name: (i if self._use_types else DEFAULT_EVENT_TYPE)
+            for i, name in enumerate(runtime.event_types)
+        }
 
     @property
     def model_version(self) -> str:
@@ -115,7 +122,7 @@ class EncoderRecommender:
         items = rt.index_of([entry.item_id for entry in window])
         types = np.fromiter((self._type_index[e.event_type] for e in window), np.int64, len(window))
         gaps = np.zeros(len(window), np.int64)
-        for i in range(1, len(window)):
+        for i in range(1, len(window) if self._use_gaps else 0):
             seconds = (window[i].timestamp_ms - window[i - 1].timestamp_ms) / 1000
             gaps[i] = time_gap_bucket(seconds, rt.n_time_buckets)
         return items, types, gaps
@@ -124,7 +131,7 @@ class EncoderRecommender:
         window = request.window
         item = int(self.runtime.index_of([request.event.item_id])[0])
         gap = 0
-        if len(window) > 1:
+        if self._use_gaps and len(window) > 1:
             seconds = (window[-1].timestamp_ms - window[-2].timestamp_ms) / 1000
             gap = time_gap_bucket(seconds, self.runtime.n_time_buckets)
         return item, self._type_index[request.event.event_type], gap

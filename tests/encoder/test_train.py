@@ -82,3 +82,30 @@ def test_bad_inputs_are_user_errors(tmp_path: Path) -> None:
         train(data, tmp_path / "m", no_such_option=1)
     with pytest.raises(UserError):
         evaluate(tmp_path / "not-a-model", data)
+
+
+def test_config_records_whether_the_data_had_types_and_times(tmp_path: Path) -> None:
+    sasrec = _synthetic_log(tmp_path / "log.txt")
+    train(sasrec, tmp_path / "a", epochs=1, progress=False, **TINY)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["uses_event_types"] is False and config["uses_time_gaps"] is False
+
+    events = tmp_path / "log.jsonl"
+    lines = []
+    for n, line in enumerate(sasrec.read_text().splitlines()):
+        user, item = line.split()
+        kind = "purchase" if n % 5 == 0 else "click"
+        lines.append(
+            json.dumps(
+                {
+                    "user_id": user,
+                    "item_id": item,
+                    "event_type": kind,
+                    "timestamp": 1_700_000_000_000 + n * 60_000,
+                }
+            )
+        )
+    events.write_text("\n".join(lines) + "\n")
+    train(events, tmp_path / "b", epochs=1, progress=False, **TINY)
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["uses_event_types"] is True and config["uses_time_gaps"] is True

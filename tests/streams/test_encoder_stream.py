@@ -191,3 +191,23 @@ def test_rollout_switches_version_between_batches_and_cold_users_get_popularity(
     assert online.get(f"events:{version_a}", 0) > 0
     assert online.get(f"events:{version_b}", 0) > 0
     assert 0 <= online.get(f"hits:{version_b}", 0) <= online[f"events:{version_b}"]
+
+
+def test_a_model_trained_without_types_or_times_is_fed_the_defaults(tmp_path: Path) -> None:
+    from export.runtime import EncoderRuntime
+    from streams.encoder_recommender import EncoderRecommender
+    from streams.window import WindowEntry
+
+    _, bundle = make_bundle(tmp_path, seed=3)
+    window = [
+        WindowEntry("a", "item-1", "click", 1_000_000),
+        WindowEntry("b", "item-2", "purchase", 1_900_000),
+    ]
+    runtime = EncoderRuntime.load(bundle)
+    items, types, gaps = EncoderRecommender(runtime)._features(window)
+    assert types.tolist() == [0, 1] and gaps[1] > 0  # trained with both: real features
+
+    runtime.manifest["config"].update(uses_event_types=False, uses_time_gaps=False)
+    items, types, gaps = EncoderRecommender(runtime)._features(window)
+    assert items.tolist() == [2, 3]
+    assert types.tolist() == [0, 0] and gaps.tolist() == [0, 0]
