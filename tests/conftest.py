@@ -6,6 +6,7 @@ and Redis key prefix, so tests cannot see each other's data.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,8 +15,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from kafka import KafkaConsumer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
 
 from streams.settings import Settings
 from streams.stack import StackInfo, start_stack, stop_process, stop_stack
@@ -127,6 +131,38 @@ def wait_for(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def read_records(
+    settings: Settings, topic: str, expected: int = 0, timeout: float = 10.0
+) -> list[ConsumerRecord]:
+    """Every record on `topic`, polling until `expected` arrived (or timeout), then once more
+    so that extra records (a bug) are seen too."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        enable_auto_commit=False,
+        **settings.kafka_client_options(),
+    )
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        records: list[ConsumerRecord] = []
+        deadline = time.monotonic() + timeout
+        while len(records) < expected and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=200).values():
+                records.extend(batch)
+        for batch in consumer.poll(timeout_ms=300).values():
+            records.extend(batch)
+        return records
+    finally:
+        consumer.close()
+
+
+def read_json(
+    settings: Settings, topic: str, expected: int = 0, timeout: float = 10.0
+) -> list[dict[str, Any]]:
+    return [json.loads(r.value) for r in read_records(settings, topic, expected, timeout)]
 
 
 def shared_data(name: str) -> Path:

@@ -28,9 +28,8 @@ from streams.client import InterestClient  # noqa: E402
 from streams.sample import sample_events  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.store import KeyLayout, StateStore, connect  # noqa: E402
-from tests.conftest import WorkerProcess, wait_for  # noqa: E402
+from tests.conftest import WorkerProcess, read_json  # noqa: E402
 from tests.export.conftest import tiny_model  # noqa: E402
-from tests.streams.test_worker import read_topic  # noqa: E402
 
 N_ITEMS = 30
 ITEMS = [f"item-{i}" for i in range(N_ITEMS)]
@@ -98,23 +97,13 @@ def test_replayed_log_gives_the_offline_models_vectors_across_a_restart(
     with InterestClient(settings) as client:
         client.push(first)
         worker = start_worker(**env)
-        wait_for(
-            lambda: len(read_topic(settings, settings.topic_recommendations, 0.3)) >= len(first),
-            timeout=60,
-            what="first half processed",
+        assert len(read_json(settings, settings.topic_recommendations, len(first), 60)) == len(
+            first
         )
         worker.stop()
         start_worker(**env)
         client.push(second)
-    recs = wait_for(
-        lambda: (
-            (r := read_topic(settings, settings.topic_recommendations, 0.3))
-            and len(r) >= len(events)
-            and r
-        ),
-        timeout=60,
-        what="second half processed",
-    )
+    recs = read_json(settings, settings.topic_recommendations, len(events), timeout=60)
     assert {r["trigger_event_id"] for r in recs} == {e["event_id"] for e in events}
 
     streamed = stored_vectors(settings)
@@ -152,25 +141,13 @@ def test_rollout_switches_version_between_batches_and_cold_users_get_popularity(
     }
     with InterestClient(settings) as client:
         client.push([*events[:20], cold])
-        wait_for(
-            lambda: len(read_topic(settings, settings.topic_recommendations, 0.3)) >= 21,
-            timeout=60,
-            what="recommendations from model A",
-        )
+        assert len(read_json(settings, settings.topic_recommendations, 21, timeout=60)) == 21
         tmp_link = tmp_path / "current.new"
         tmp_link.symlink_to(bundle_b)
         os.replace(tmp_link, current)  # atomic switch, as an operator would do it
         time.sleep(1.0)  # > poll interval: the next batch runs on B
         client.push(events[20:])
-    recs = wait_for(
-        lambda: (
-            (r := read_topic(settings, settings.topic_recommendations, 0.3))
-            and len(r) >= len(events) + 1
-            and r
-        ),
-        timeout=60,
-        what="recommendations after the rollout",
-    )
+    recs = read_json(settings, settings.topic_recommendations, len(events) + 1, timeout=60)
     by_trigger = {r["trigger_event_id"]: r for r in recs}
     assert set(by_trigger) == {e["event_id"] for e in events} | {"cold-1"}  # nothing dropped
     assert {by_trigger[e["event_id"]]["model_version"] for e in events[:20]} == {version_a}

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
-from kafka import KafkaConsumer, TopicPartition
-from kafka.consumer.fetcher import ConsumerRecord
 from pydantic import SecretStr
 
 from streams.http import content_event_id, create_http_app
 from streams.settings import Settings
+from tests.conftest import read_records
 
 Scenario = Callable[[TestClient], Awaitable[None]]
 
@@ -48,31 +46,6 @@ async def post(client: TestClient, body: object, **headers: str) -> ClientRespon
     )
 
 
-def read_topic(
-    settings: Settings, topic: str, expected: int, timeout: float = 10.0
-) -> list[ConsumerRecord]:
-    """Every record on `topic`, polling until `expected` arrived, then once more for extras."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
-        enable_auto_commit=False,
-        **settings.kafka_client_options(),
-    )
-    try:
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        records: list[ConsumerRecord] = []
-        deadline = time.monotonic() + timeout
-        while len(records) < expected and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=200).values():
-                records.extend(batch)
-        for batch in consumer.poll(timeout_ms=300).values():
-            records.extend(batch)
-        return records
-    finally:
-        consumer.close()
-
-
 def test_single_event_and_array_land_on_their_topics_keyed_by_user(settings: Settings) -> None:
     answers: list[dict[str, Any]] = []
 
@@ -95,8 +68,8 @@ def test_single_event_and_array_land_on_their_topics_keyed_by_user(settings: Set
     assert generated[0] == content_event_id(event("u2", "i2"))  # same content, same id
     assert len(set(generated)) == 3
 
-    clicks = read_topic(settings, settings.topic_clicks, 3)
-    purchases = read_topic(settings, settings.topic_purchases, 1)
+    clicks = read_records(settings, settings.topic_clicks, 3)
+    purchases = read_records(settings, settings.topic_purchases, 1)
     by_id = {json.loads(r.value)["event_id"]: r for r in clicks + purchases}
     assert sorted(by_id) == sorted(["mine-1", *generated])
     for record in clicks + purchases:
@@ -125,7 +98,7 @@ def test_one_bad_event_refuses_the_whole_request(settings: Settings) -> None:
         assert response.status == 202
 
     serve(settings, scenario)
-    records = read_topic(settings, settings.topic_clicks, 1)
+    records = read_records(settings, settings.topic_clicks, 1)
     assert [json.loads(r.value)["user_id"] for r in records] == ["marker"]
 
 
@@ -156,7 +129,7 @@ def test_oversize_body_and_too_many_events_are_413(settings: Settings) -> None:
         assert (await post(client, event("marker"))).status == 202
 
     serve(small, scenario)
-    records = read_topic(small, small.topic_clicks, 1)
+    records = read_records(small, small.topic_clicks, 1)
     assert [json.loads(r.value)["user_id"] for r in records] == ["marker"]
 
 
@@ -175,7 +148,7 @@ def test_bearer_token_is_required_when_configured(settings: Settings) -> None:
         assert response.status == 202
 
     serve(guarded, scenario)
-    records = read_topic(guarded, guarded.topic_clicks, 1)
+    records = read_records(guarded, guarded.topic_clicks, 1)
     assert [json.loads(r.value)["item_id"] for r in records] == ["ok"]
 
 
@@ -199,5 +172,5 @@ def test_malformed_requests_get_a_reason(settings: Settings) -> None:
         assert (await post(client, event("marker"))).status == 202
 
     serve(settings, scenario)
-    records = read_topic(settings, settings.topic_clicks, 1)
+    records = read_records(settings, settings.topic_clicks, 1)
     assert [json.loads(r.value)["user_id"] for r in records] == ["marker"]

@@ -8,27 +8,13 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 
 from streams.client import InterestClient
 from streams.sample import sample_events
 from streams.settings import Settings
 from streams.store import KeyLayout
-from tests.conftest import WorkerProcess, wait_for
-
-
-def read_topic(settings: Settings, topic: str, timeout: float = 2.0) -> list[dict[str, Any]]:
-    consumer = KafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
-        enable_auto_commit=False,
-        consumer_timeout_ms=int(timeout * 1000),
-    )
-    partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
-    consumer.assign(partitions)
-    consumer.seek_to_beginning(*partitions)
-    records = [json.loads(record.value) for record in consumer]
-    consumer.close()
-    return records
+from tests.conftest import WorkerProcess, read_json, wait_for
 
 
 def windows(settings: Settings) -> dict[str, list[dict[str, Any]]]:
@@ -62,25 +48,13 @@ def test_events_become_state_recommendations_and_dead_letters(
     producer.close()
 
     worker = start_worker()
-    recs = wait_for(
-        lambda: (
-            (r := read_topic(settings, settings.topic_recommendations, 0.5))
-            and len(r) >= len(events)
-            and r
-        ),
-        timeout=60,
-        what="a recommendation per valid event",
-    )
+    recs = read_json(settings, settings.topic_recommendations, len(events), timeout=60)
     assert len(recs) == len(events), worker.log()
     assert {r["trigger_event_id"] for r in recs} == {e["event_id"] for e in events}
     by_user = Counter(r["user_id"] for r in recs)
     assert set(by_user.values()) == {6}
 
-    dlq = wait_for(
-        lambda: (d := read_topic(settings, settings.topic_dlq, 0.5)) and len(d) >= 5 and d,
-        timeout=30,
-        what="dead letters",
-    )
+    dlq = read_json(settings, settings.topic_dlq, 5, timeout=30)
     reasons = sorted(d["error"] for d in dlq)
     assert len(dlq) == 5
     assert any("not JSON" in r for r in reasons)
@@ -142,7 +116,7 @@ def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(
         assert [w["event_id"] for w in state[user]] == ids, f"user {user}"
 
     # Every accepted event produced a recommendation; a replay republishes the same id.
-    recs = read_topic(settings, settings.topic_recommendations, 1.0)
+    recs = read_json(settings, settings.topic_recommendations, len(events), timeout=30)
     assert {r["trigger_event_id"] for r in recs} == {e["event_id"] for e in events}
     ids_per_trigger: dict[str, set[str]] = {}
     for r in recs:
