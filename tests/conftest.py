@@ -69,6 +69,20 @@ def settings(service_env: dict[str, str]) -> Settings:
     return loaded
 
 
+def interest(
+    *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    """Run the `interest` command line as a user would (environment: this test's settings)."""
+    return subprocess.run(
+        [sys.executable, "-c", "from interest.cli import main; main()", *args],
+        env={**os.environ, **(env or {})},
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+    )
+
+
 class WorkerProcess:
     """`interest worker` in a subprocess, as an operator would run it."""
 

@@ -3,30 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from streams.settings import Settings
 from streams.stack import StackInfo, _pid_alive
-from tests.conftest import REPO_ROOT, WorkerProcess, wait_for
-
-
-def interest(
-    *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-c", "from interest.cli import main; main()", *args],
-        env={**os.environ, **(env or {})},
-        input=stdin,
-        capture_output=True,
-        timeout=timeout,
-        cwd=REPO_ROOT,
-    )
+from tests.conftest import WorkerProcess, interest, wait_for
 
 
 def test_up_prints_addresses_records_them_and_down_leaves_no_process(tmp_path: Path) -> None:

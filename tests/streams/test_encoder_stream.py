@@ -27,8 +27,8 @@ from export.bundle import export_bundle, save_model_dir  # noqa: E402
 from streams.client import InterestClient  # noqa: E402
 from streams.sample import sample_events  # noqa: E402
 from streams.settings import Settings  # noqa: E402
-from streams.store import KeyLayout, StateStore, connect  # noqa: E402
-from tests.conftest import WorkerProcess, read_json  # noqa: E402
+from streams.store import KeyLayout  # noqa: E402
+from tests.conftest import WorkerProcess, interest, read_json  # noqa: E402
 from tests.export.conftest import tiny_model  # noqa: E402
 
 N_ITEMS = 30
@@ -155,19 +155,15 @@ def test_rollout_switches_version_between_batches_and_cold_users_get_popularity(
     assert by_trigger["cold-1"]["source"] == "popularity"
     assert by_trigger["cold-1"]["items"], "cold users still get recommendations"
 
-    async def counters() -> dict[str, int]:
-        client = connect(settings)
-        try:
-            return await StateStore(client, settings).online_counters()
-        finally:
-            await client.aclose()
-
-    import asyncio
-
-    online = asyncio.run(counters())
-    assert online.get(f"events:{version_a}", 0) > 0
-    assert online.get(f"events:{version_b}", 0) > 0
-    assert 0 <= online.get(f"hits:{version_b}", 0) <= online[f"events:{version_b}"]
+    stats = interest("stats")  # live quality, as an operator reads it
+    assert stats.returncode == 0, stats.stderr.decode()
+    online = json.loads(stats.stdout)
+    assert online[version_a]["events"] > 0
+    assert online[version_b]["events"] > 0
+    assert 0 <= online[version_b]["hits"] <= online[version_b]["events"]
+    assert online[version_b]["hit_rate@10"] == round(
+        online[version_b]["hits"] / online[version_b]["events"], 4
+    )
 
 
 def test_a_model_trained_without_types_or_times_is_fed_the_defaults(tmp_path: Path) -> None:
