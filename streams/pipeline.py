@@ -69,6 +69,14 @@ class BatchResult:
     touched_users: set[str] = field(default_factory=set)
 
 
+@dataclass(slots=True)
+class _Applied:
+    requests: list[Request] = field(default_factory=list)
+    new_items: list[tuple[str, int]] = field(default_factory=list)  # (item, timestamp)
+    appended: dict[str, list[WindowEntry]] = field(default_factory=dict)
+    rewritten: set[str] = field(default_factory=set)
+
+
 def _dumps(payload: object) -> bytes:
     return orjson.dumps(payload)
 
@@ -111,6 +119,34 @@ class BatchProcessor:
             )
         return result
 
+    def _apply(
+        self,
+        events: Sequence[Event],
+        states: dict[str, UserState],
+        result: BatchResult,
+        outcomes: Counter[tuple[str, str]],
+    ) -> _Applied:
+        """Window updates in arrival order; what changed, for the recommender and the write."""
+        applied = _Applied()
+        for event in events:
+            state = states[event.user_id]
+            # A replay still advances offsets, so a duplicate's user is written too.
+            result.touched_users.add(event.user_id)
+            if not apply_event(state, event, self.policy):
+                result.duplicates += 1
+                outcomes[(event.source.topic, "duplicate")] += 1
+                continue
+            result.applied += 1
+            outcomes[(event.source.topic, "applied")] += 1
+            appended = bool(state.window) and state.window[-1].event_id == event.event_id
+            if appended:
+                applied.appended.setdefault(event.user_id, []).append(state.window[-1])
+            else:  # out of time order: inserted, so the stored window is rewritten
+                applied.rewritten.add(event.user_id)
+            applied.requests.append(Request(event, tuple(state.window), appended))
+            applied.new_items.append((event.item_id, event.timestamp_ms))
+        return applied
+
     async def process(self, messages: Sequence[RawMessage]) -> BatchResult:
         started = time.perf_counter()
         result = await self._process(messages)
@@ -143,27 +179,8 @@ class BatchProcessor:
         states: dict[str, UserState] = {uid: user.state for uid, user in read.users.items()}
         prior_windows = {uid: tuple(state.window) for uid, state in states.items()}
         prior_signatures = {uid: offsets_signature(state) for uid, state in states.items()}
-        requests: list[Request] = []
-        new_items: list[tuple[str, int]] = []
-        appended_entries: dict[str, list[WindowEntry]] = {}
-        rewritten: set[str] = set()
-        for event in events:
-            state = states[event.user_id]
-            if apply_event(state, event, self.policy):
-                result.applied += 1
-                outcomes[(event.source.topic, "applied")] += 1
-                appended = bool(state.window) and state.window[-1].event_id == event.event_id
-                if appended:
-                    appended_entries.setdefault(event.user_id, []).append(state.window[-1])
-                else:
-                    rewritten.add(event.user_id)
-                requests.append(Request(event, tuple(state.window), appended))
-                new_items.append((event.item_id, event.timestamp_ms))
-            else:
-                result.duplicates += 1
-                outcomes[(event.source.topic, "duplicate")] += 1
-            # A replay still advances offsets, so a duplicate's user is written too.
-            result.touched_users.add(event.user_id)
+        applied = self._apply(events, states, result, outcomes)
+        requests, new_items = applied.requests, applied.new_items
 
         popular = self.store.merge_popularity(read.popular, new_items, read.popularity_epoch_ms)
         batch = Batch(
@@ -200,16 +217,6 @@ class BatchProcessor:
             sources[recommendation.source] += 1
         result.recommendations = len(requests)
 
-        for (topic, outcome), count in outcomes.items():
-            metrics.EVENTS.labels(topic, outcome).inc(count)
-            if outcome == "rejected":
-                metrics.DLQ.labels(topic).inc(count)
-        for source, count in sources.items():
-            metrics.RECOMMENDATIONS.labels(source).inc(count)
-        for name, count in online.items():
-            kind, version = name.split(":", 1)
-            counter = metrics.ONLINE_HITS if kind == "hits" else metrics.ONLINE_EVENTS
-            counter.labels(version).inc(count)
         await self.publisher.publish(out)
         writes = {}
         for uid in result.touched_users:
@@ -217,18 +224,38 @@ class BatchProcessor:
             writes[uid] = UserWrite(
                 states[uid],
                 read_offsets=read.users[uid].raw_offsets,
-                new_entries=appended_entries.get(uid, ()),
-                replace=uid in rewritten,
+                new_entries=applied.appended.get(uid, ()),
+                replace=uid in applied.rewritten,
                 vector=update.vector if update else None,
                 memory=update.memory if update else None,
                 model_version=update.model_version if update else None,
                 recs=last_recs.get(uid),
             )
         await self.store.write_batch(writes, new_items, read.popularity_epoch_ms, online)
-        now = time.time()
-        for request in requests:
-            metrics.EVENT_LAG_SECONDS.observe(max(0.0, now - request.event.timestamp_ms / 1000))
+        _report(outcomes, sources, online, requests)  # only once the batch has succeeded
         return result
+
+
+def _report(
+    outcomes: Counter[tuple[str, str]],
+    sources: Counter[str],
+    online: Counter[str],
+    requests: Sequence[Request],
+) -> None:
+    """Metrics of a finished batch (a retried batch is counted once)."""
+    for (topic, outcome), count in outcomes.items():
+        metrics.EVENTS.labels(topic, outcome).inc(count)
+        if outcome == "rejected":
+            metrics.DLQ.labels(topic).inc(count)
+    for source, count in sources.items():
+        metrics.RECOMMENDATIONS.labels(source).inc(count)
+    for name, count in online.items():
+        kind, version = name.split(":", 1)
+        counter = metrics.ONLINE_HITS if kind == "hits" else metrics.ONLINE_EVENTS
+        counter.labels(version).inc(count)
+    now = time.time()
+    for request in requests:
+        metrics.EVENT_LAG_SECONDS.observe(max(0.0, now - request.event.timestamp_ms / 1000))
 
 
 RETRYABLE = (
