@@ -126,3 +126,17 @@ def test_leave_one_out_split(tmp_path: Path) -> None:
     assert te.prefix[0].tolist() == [1, 2]
     assert seen_items(inter, te.users, "test")[0].tolist() == [1, 2, 3, 4, 5]
     assert seen_items(inter, va.users, "valid")[1].tolist() == [7]
+
+
+DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+@pytest.mark.data
+def test_ml1m_counts_and_split() -> None:
+    path = DATA_DIR / "ml-1m.txt"
+    if not path.is_file():
+        pytest.skip(f"{path} not found (data is not committed; see ../shared/data)")
+    inter = load_interactions(path)
+    assert (len(inter.user_ids), inter.n_items, inter.n_events) == (6040, 3416, 999_611)
+    te = eval_batch(inter, "test", max_len=200, prefix_len=0)
+    assert len(te) == 6040 and te.items.shape == (6040, 200)
