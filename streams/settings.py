@@ -97,6 +97,10 @@ class Settings(BaseSettings):
     # Threads for inference off the event loop.
     inference_threads: int = Field(default=1, ge=1)
 
+    # Hand fetched messages to the agent without a task per message (streams/transport.py);
+    # false falls back to faust's stock aiokafka driver.
+    fast_consumer: bool = True
+
     # Micro-batching in the worker (stream.take_events(batch_size, within=batch_within_seconds)).
     batch_size: int = Field(default=500, ge=1)
     batch_within_seconds: float = Field(default=0.05, gt=0)

@@ -66,7 +66,8 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
     app = faust.App(
         settings.group_id,
         # faust's aiokafka driver minus a task per delivered message (streams/transport.py).
-        broker=f"{TRANSPORT_SCHEME}://{settings.bootstrap_servers}",
+        broker=f"{TRANSPORT_SCHEME if settings.fast_consumer else 'kafka'}://"
+        f"{settings.bootstrap_servers}",
         broker_credentials=_credentials(settings),
         datadir=str(datadir),
         consumer_auto_offset_reset="earliest",
