@@ -127,9 +127,8 @@ class EncoderRecommender:
             gaps[i] = time_gap_bucket(seconds, rt.n_time_buckets)
         return items, types, gaps
 
-    def _event_features(self, request: Request) -> tuple[int, int, int]:
+    def _event_features(self, request: Request, item: int) -> tuple[int, int, int]:
         window = request.window
-        item = int(self.runtime.index_of([request.event.item_id])[0])
         gap = 0
         if self._use_gaps and len(window) > 1:
             seconds = (window[-1].timestamp_ms - window[-2].timestamp_ms) / 1000
@@ -173,6 +172,7 @@ class EncoderRecommender:
         # zeros for users without history, one batched rebuild for the rest.
         users = list(per_user)
         row_of = {user_id: i for i, user_id in enumerate(users)}
+        event_items = rt.index_of([r.event.item_id for r in requests])  # once per batch
         hits: list[tuple[int, int]] = []  # (work row, slab row)
         missing: list[str] = []
         for user_id in users:
@@ -207,7 +207,8 @@ class EncoderRecommender:
                     target.append((row_of[user_id], index))
             if stepping:
                 features = np.array(
-                    [self._event_features(requests[i]) for _, i in stepping], np.int64
+                    [self._event_features(requests[i], int(event_items[i])) for _, i in stepping],
+                    np.int64,
                 )
                 rows = [w for w, _ in stepping]
                 if len(rows) == len(users):  # everyone steps, in work order: no gather/scatter
@@ -231,7 +232,6 @@ class EncoderRecommender:
 
         # 3. Top-K with seen items excluded; cold users fall back to popularity. The seen items
         # grow per user event by event, so the cost per event does not depend on the window.
-        event_items = rt.index_of([r.event.item_id for r in requests])
         prior_seen: dict[str, np.ndarray] = {}
         batch_seen: dict[str, list[int]] = {}
         exclude: list[np.ndarray] = []
