@@ -122,19 +122,23 @@ class SlidingWindowAttention(nn.Module):
     def step(
         self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, count: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One event. x: (B,d); caches (B,H,S-1,hd); count (B,). Returns y (B,d), new k, new v."""
-        B, d = x.shape
-        q, k, v = self._split(x)  # (B,H,hd)
-        keys = torch.cat([k_cache, k[:, :, None]], dim=2)  # (B,H,S,hd), newest last
-        vals = torch.cat([v_cache, v[:, :, None]], dim=2)
-        S = self.span
+        """One event. x: (B,d); caches (B,H,S-1,hd); count (B,). Returns y (B,d), new k, new v.
+
+        Written for a small exported graph (batch-1 latency is ORT's per-node overhead): shapes
+        are constants with -1 for the batch, so no Shape/Gather/Concat chains, and the query,
+        key and value are shaped (B,H,1,hd) once, so the matmuls need no squeeze/unsqueeze.
+        """
+        H, hd, S = self.n_heads, self.head_dim, self.span
+        q, k, v = self.qkv(x).reshape(-1, 3 * H, 1, hd).split(H, dim=1)  # 3 x (B,H,1,hd)
+        keys = torch.cat([k_cache, k], dim=2)  # (B,H,S,hd), newest last
+        vals = torch.cat([v_cache, v], dim=2)
         slot = torch.arange(S, device=x.device)
         dist = (S - 1) - slot  # (S,): slot S-1 is the event itself
         allowed = dist[None, :] < (count[:, None] + 1)  # (B,S): only events that happened
-        att = (keys @ q[:, :, :, None]).squeeze(-1) * (1.0 / math.sqrt(self.head_dim))
-        att = att + self.rel_bias[:, dist][None]  # (B,H,S)
-        att = att.masked_fill(~allowed[:, None], NEG_INF).softmax(dim=-1)
-        y = (att[:, :, None, :] @ vals).squeeze(2).reshape(B, d)  # (B,d)
+        att = (q @ keys.transpose(-1, -2)) * (1.0 / math.sqrt(hd))  # (B,H,1,S)
+        att = att + self.rel_bias[:, None, dist]  # (H,1,S) broadcast
+        att = att.masked_fill(~allowed[:, None, None], NEG_INF).softmax(dim=-1)
+        y = (att @ vals).reshape(-1, H * hd)  # (B,H,1,hd) -> (B,d)
         return self.proj(y), keys[:, :, 1:], vals[:, :, 1:]
 
 

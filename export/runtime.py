@@ -34,13 +34,14 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from export.scoring import PADDING, TopKScorer
+
 log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "interest-bundle/1"
 MANIFEST = "manifest.json"
 # Sentinel index_of() returns for an item id the model has never seen.
 UNKNOWN = -1
-PADDING = 0
 
 
 class BundleError(Exception):
@@ -173,6 +174,7 @@ class EncoderRuntime:
         item_embeddings: np.ndarray,
         full: ort.InferenceSession,
         step: ort.InferenceSession,
+        scorer: TopKScorer,
     ) -> None:
         self.path = path
         self.manifest = manifest
@@ -188,6 +190,7 @@ class EncoderRuntime:
         self.item_embeddings = item_embeddings  # (n_items + 1, d) float32, row 0 = padding
         self._full = full
         self._step = step
+        self._scorer = scorer
         # The provider the sessions actually run on (ORT silently falls back to CPU).
         self.provider: str = step.get_providers()[0]
 
@@ -224,9 +227,10 @@ class EncoderRuntime:
         try:
             full = ort.InferenceSession(str(path / "full.onnx"), so, providers=providers)
             step = ort.InferenceSession(str(path / "step.onnx"), so, providers=providers)
+            scorer = TopKScorer(emb, so, providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError(f"{path}: cannot load ONNX graph: {exc}") from exc
-        rt = cls(path, manifest, item_ids, emb, full, step)
+        rt = cls(path, manifest, item_ids, emb, full, step, scorer)
         if providers[0] != rt.provider:
             log.warning("asked for %s, running on %s", providers[0], rt.provider)
         log.info("loaded bundle %s version %s on %s", path, rt.version, rt.provider)
@@ -348,10 +352,10 @@ class EncoderRuntime:
         """Best k items per user by dot product, padding and ``exclude[b]`` (seen items) removed.
 
         Returns (indices (B, k) int64, scores (B, k) float32), best first. Where fewer than k
-        items remain, the tail has index 0 and score -inf. Reference: ``top_k_reference``.
+        items remain, the tail has index 0 and score -inf. Runs export/scoring.py's graph;
+        reference: ``top_k_reference``.
         """
-        scores = self.scores(vectors)
-        return _top_k_masked(scores, k, exclude)
+        return self._scorer.top_k(vectors, k, exclude)
 
     def scores(self, vectors: np.ndarray) -> np.ndarray:
         """(B, n_items + 1) dot-product scores, as the model's item_scores()."""
@@ -395,33 +399,6 @@ def _has_memory(memory: np.ndarray | Sequence[np.ndarray | None] | None, batch: 
     if len(memory) != batch:
         raise ValueError("memory needs one entry (array or None) per user")
     return np.array([m is not None for m in memory], dtype=bool)
-
-
-def _top_k_masked(
-    scores: np.ndarray, k: int, exclude: Sequence[Sequence[int] | np.ndarray] | None
-) -> tuple[np.ndarray, np.ndarray]:
-    scores = np.array(scores, dtype=np.float32, copy=True)
-    batch, n = scores.shape
-    scores[:, PADDING] = -np.inf
-    if exclude is not None:
-        if len(exclude) != batch:
-            raise ValueError("exclude needs one list of item indices per user")
-        for b, seen in enumerate(exclude):
-            seen = np.asarray(seen, dtype=np.int64).reshape(-1)
-            seen = seen[(seen >= 0) & (seen < n)]
-            scores[b, seen] = -np.inf
-    k = max(0, min(k, n))
-    if k == 0:
-        return np.zeros((batch, 0), np.int64), np.zeros((batch, 0), np.float32)
-    # argpartition is O(n) per row; only the k winners get sorted. Partitioning for the
-    # (n-k)-th smallest leaves the k largest at the end, without negating a copy of scores.
-    part = np.argpartition(scores, n - k, axis=1)[:, n - k :]
-    part_scores = np.take_along_axis(scores, part, axis=1)
-    order = np.argsort(-part_scores, axis=1, kind="stable")
-    idx = np.take_along_axis(part, order, axis=1).astype(np.int64)
-    top = np.take_along_axis(part_scores, order, axis=1)
-    idx[~np.isfinite(top)] = PADDING
-    return idx, top
 
 
 def top_k_reference(

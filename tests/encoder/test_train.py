@@ -12,7 +12,7 @@ import torch
 from encoder.data import load_interactions, memory_horizon, train_batch
 from encoder.evaluate import evaluate
 from encoder.model import EncoderConfig, InterestEncoder
-from encoder.train import next_item_loss, train
+from encoder.train import next_item_loss, popularity_proposal, train
 from interest.errors import UserError
 
 TINY = {"d_model": 16, "n_heads": 2, "span": 4, "max_len": 12, "dropout": 0.0}
@@ -29,22 +29,70 @@ def _synthetic_log(path: Path, users: int = 40, items: int = 30, length: int = 1
     return path
 
 
-@pytest.mark.parametrize("n_negatives", [0, 8])
-def test_a_few_steps_reduce_the_loss(tmp_path: Path, n_negatives: int) -> None:
+@pytest.mark.parametrize(("n_negatives", "popular"), [(0, False), (8, False), (8, True)])
+def test_a_few_steps_reduce_the_loss(tmp_path: Path, n_negatives: int, popular: bool) -> None:
     torch.manual_seed(0)
     inter = load_interactions(_synthetic_log(tmp_path / "d.txt"))
     cfg = EncoderConfig(n_items=inter.n_items, **TINY)
     batch = train_batch(inter, cfg.max_len, memory_horizon(cfg.memory_decay))
+    proposal = popularity_proposal(batch.targets, cfg.n_items) if popular else None
     model = InterestEncoder(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(30):
-        loss = next_item_loss(model, batch, n_negatives)
+        loss = next_item_loss(model, batch, n_negatives, proposal)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_popularity_proposal_is_a_distribution_over_real_items() -> None:
+    targets = torch.tensor([[0, 1, 1, 1], [0, 0, 2, 1]])  # item 1 four times, 2 once, 3 never
+    q = popularity_proposal(targets, n_items=3, mix=0.5)
+    assert q[0] == 0.0
+    assert torch.isclose(q.sum(), torch.tensor(1.0))
+    assert q[1] > q[2] > q[3] > 0.0  # popular first, unseen items still sampled
+    assert torch.isclose(q[3], torch.tensor(0.5 / 3))
+
+
+def test_logq_corrected_sampled_loss_estimates_the_full_softmax(tmp_path: Path) -> None:
+    """With a popularity-skewed proposal the corrected sampled loss still estimates the full
+    cross-entropy; uncorrected, it would over-penalise the popular items drawn most often."""
+    torch.manual_seed(0)
+    inter = load_interactions(_synthetic_log(tmp_path / "d.txt", items=3000))
+    cfg = EncoderConfig(n_items=inter.n_items, **TINY)  # ~480 items seen
+    batch = train_batch(inter, cfg.max_len, memory_horizon(cfg.memory_decay))
+    model = InterestEncoder(cfg).eval()
+    k = cfg.n_items - 1  # still the sampled path
+    with torch.no_grad():
+        model.item_emb.weight.normal_(0, 0.5)  # spread-out scores make any bias visible
+        q = torch.zeros(cfg.n_items + 1)
+        q[1:] = torch.linspace(1.0, 30.0, cfg.n_items)  # popular items drawn 30x as often
+        q /= q.sum()
+        full = next_item_loss(model, batch, 0).item()
+        draws = [next_item_loss(model, batch, k, q).item() for _ in range(20)]
+    assert abs(sum(draws) / len(draws) - full) < 0.05 * full
+
+
+def test_cosine_schedule_ends_near_zero(tmp_path: Path) -> None:
+    data = _synthetic_log(tmp_path / "d.txt")
+    summary = train(
+        data,
+        tmp_path / "m",
+        epochs=3,
+        progress=False,
+        lr_schedule="cosine",
+        lr=0.01,
+        warmup_steps=1,
+        **TINY,
+    )
+    rates = [
+        json.loads(line)["lr"] for line in (tmp_path / "m" / "history.jsonl").read_text().splitlines()
+    ]
+    assert summary["epochs"] == 3
+    assert rates[0] < 0.01 and rates == sorted(rates, reverse=True) and rates[-1] < 1e-3
 
 
 def test_train_writes_a_model_that_evaluate_reads(tmp_path: Path) -> None:
@@ -80,6 +128,10 @@ def test_bad_inputs_are_user_errors(tmp_path: Path) -> None:
         train(data, tmp_path / "m", max_minutes=-1)
     with pytest.raises(UserError):
         train(data, tmp_path / "m", no_such_option=1)
+    with pytest.raises(UserError):
+        train(data, tmp_path / "m", lr_schedule="linear")
+    with pytest.raises(UserError):
+        train(data, tmp_path / "m", negative_sampling="hard")
     with pytest.raises(UserError):
         evaluate(tmp_path / "not-a-model", data)
 

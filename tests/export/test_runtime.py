@@ -18,8 +18,6 @@ from export.runtime import (
     BundleError,
     EncoderRuntime,
     EncoderStates,
-    _top_k_masked,
-    top_k_reference,
 )
 
 from .conftest import ITEM_IDS
@@ -129,20 +127,6 @@ def test_states_stack_split_round_trip(runtime: EncoderRuntime) -> None:
         np.testing.assert_array_equal(again.arrays[name], st.arrays[name])
     assert not np.shares_memory(parts[0].arrays["keys_0"], st.arrays["keys_0"])
     assert st.nbytes == sum(p.nbytes for p in parts)
-
-
-def test_top_k_matches_reference() -> None:
-    rng = np.random.default_rng(0)
-    scores = rng.normal(size=(5, 30)).astype(np.float32)
-    exclude = [[1, 2, 3], [], list(range(1, 28)), [29, 0, -1, 99], list(range(30))]
-    for k in (1, 5, 40):
-        got_i, got_s = _top_k_masked(scores, k, exclude)
-        ref_i, ref_s = top_k_reference(scores, min(k, 30), exclude)
-        np.testing.assert_array_equal(got_i, ref_i)
-        np.testing.assert_array_equal(got_s, ref_s)
-    idx, _ = _top_k_masked(scores, 5, exclude)
-    assert 0 not in idx[1] and not set(idx[0]) & {1, 2, 3}
-    assert sorted(idx[2].tolist()) == [0, 0, 0, 28, 29]  # fewer than k left: 0 / -inf tail
 
 
 def test_top_k_on_runtime(runtime: EncoderRuntime) -> None:
