@@ -33,6 +33,7 @@ from encoder.features import DEFAULT_EVENT_TYPE, EVENT_TYPES
 from encoder.model import EncoderConfig, InterestEncoder
 from interest.errors import UserError
 
+SCHEDULES = ("constant", "cosine", "wsd")
 DENSE_EVENTS_PER_USER = 20  # ml-1m has 165 events per user, Amazon Beauty 9
 
 
@@ -52,11 +53,13 @@ class TrainConfig:
     # "uniform"
     negative_sampling: str = "popularity"
     logits_per_epoch: float = 5e8
-    # linear warm-up over warmup_steps, then "constant", or "cosine": decay to 0 over the run
-    # (whichever of max_epochs and max_minutes ends it first, so a time-boxed run still ends at
-    # a low rate)
+    # Linear warm-up over warmup_steps, then "constant"; "cosine": decay to 0 over the run;
+    # "wsd" (warmup-stable-decay): constant, then linear decay to 0 over the last
+    # decay_fraction of the run. "The run" ends at max_epochs or max_minutes, whichever comes
+    # first, so a time-boxed run still ends at a low rate.
     lr_schedule: str = "constant"
     warmup_steps: int = 100
+    decay_fraction: float = 0.3
     val_users: int = 1500  # validate on a fixed random subset of users per epoch (0 = all)
     seed: int = 0
     threads: int = 0  # 0 = all cores available to this process
@@ -180,8 +183,8 @@ def train(
         raise UserError(
             f"negative_sampling must be 'uniform' or 'popularity', not {tc.negative_sampling!r}"
         )
-    if tc.lr_schedule not in ("constant", "cosine"):
-        raise UserError(f"lr_schedule must be 'constant' or 'cosine', not {tc.lr_schedule!r}")
+    if tc.lr_schedule not in SCHEDULES:
+        raise UserError(f"lr_schedule must be one of {SCHEDULES}, not {tc.lr_schedule!r}")
     if epochs is not None:
         if epochs < 1:
             raise UserError("--epochs must be at least 1")
@@ -250,7 +253,11 @@ def train(
         done = max(
             (time.monotonic() - t_start) / budget_s, step / (steps_per_epoch * tc.max_epochs)
         )
-        return tc.lr * warm * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+        done = min(done, 1.0)
+        if tc.lr_schedule == "wsd":
+            left = 1.0 - done
+            return tc.lr * warm * min(1.0, left / max(tc.decay_fraction, 1e-9))
+        return tc.lr * warm * 0.5 * (1.0 + math.cos(math.pi * done))
 
     for epoch in range(1, tc.max_epochs + 1):
         elapsed = time.monotonic() - t_start

@@ -101,6 +101,7 @@ class EncoderRecommender:
     def __init__(self, runtime: EncoderRuntime, cache_users: int = 10_000) -> None:
         self.runtime = runtime
         self.cache = StateSlab(runtime.initial_state(1), cache_users)
+        self._item_names = np.array(runtime.item_ids, dtype=object)  # index -> id, 0 -> None
         config = runtime.manifest.get("config", {})
         # A model trained without types/timestamps saw only the defaults: feed it the same.
         self._use_types = bool(config.get("uses_event_types", True))
@@ -234,32 +235,37 @@ class EncoderRecommender:
         # grow per user event by event, so the cost per event does not depend on the window.
         prior_seen: dict[str, np.ndarray] = {}
         batch_seen: dict[str, list[int]] = {}
+        knows_user: dict[str, bool] = {}  # the model knows at least one of the user's items
         exclude: list[np.ndarray] = []
+        known: list[bool] = []
         for request, item in zip(requests, event_items, strict=True):
             user_id = request.event.user_id
             if user_id not in prior_seen:
                 prior = batch.prior_windows.get(user_id, ())
                 prior_seen[user_id] = rt.index_of([e.item_id for e in prior])
                 batch_seen[user_id] = []
+                knows_user[user_id] = bool((prior_seen[user_id] > 0).any())
             batch_seen[user_id].append(int(item))
+            knows_user[user_id] = knows_user[user_id] or item > 0
+            known.append(knows_user[user_id])
             exclude.append(np.concatenate([prior_seen[user_id], batch_seen[user_id]]))
         top, scores = rt.top_k(vectors, batch.k, exclude=exclude)
+        names = self._item_names[top].tolist()  # (B, k) item ids, None for padding
         popular_seen: dict[str, set[str]] = {}
         recommendations = []
-        item_ids = rt.item_ids
-        for request, seen, row, row_scores in zip(
-            requests, exclude, top.tolist(), scores.tolist(), strict=True
+        for request, is_known, row_names, row_scores in zip(
+            requests, known, names, scores.tolist(), strict=True
         ):
-            if (seen > 0).any():
-                items = [(item_ids[i], s) for i, s in zip(row, row_scores, strict=True) if i > 0]
+            if is_known:
+                items = [(n, s) for n, s in zip(row_names, row_scores, strict=True) if n]
                 recommendations.append(Recommendation(items, rt.version, "encoder"))
             else:  # the model knows none of this user's items yet
                 user_id = request.event.user_id
-                names = popular_seen.setdefault(
+                seen_names = popular_seen.setdefault(
                     user_id, {e.item_id for e in batch.prior_windows.get(user_id, ())}
                 )
-                names.add(request.event.item_id)
-                items = popular_unseen(batch.popular, names, batch.k)
+                seen_names.add(request.event.item_id)
+                items = popular_unseen(batch.popular, seen_names, batch.k)
                 recommendations.append(Recommendation(items, rt.version, "popularity"))
 
         # 4. Persist and cache each user's state after its last event.

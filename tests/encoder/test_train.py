@@ -76,23 +76,27 @@ def test_logq_corrected_sampled_loss_estimates_the_full_softmax(tmp_path: Path) 
     assert abs(sum(draws) / len(draws) - full) < 0.05 * full
 
 
-def test_cosine_schedule_ends_near_zero(tmp_path: Path) -> None:
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_decaying_schedules_end_near_zero(tmp_path: Path, schedule: str) -> None:
     data = _synthetic_log(tmp_path / "d.txt")
     summary = train(
         data,
         tmp_path / "m",
-        epochs=3,
+        epochs=4,
         progress=False,
-        lr_schedule="cosine",
+        lr_schedule=schedule,
         lr=0.01,
         warmup_steps=1,
         **TINY,
     )
-    rates = [
-        json.loads(line)["lr"] for line in (tmp_path / "m" / "history.jsonl").read_text().splitlines()
-    ]
-    assert summary["epochs"] == 3
-    assert rates[0] < 0.01 and rates == sorted(rates, reverse=True) and rates[-1] < 1e-3
+    history = (tmp_path / "m" / "history.jsonl").read_text().splitlines()
+    rates = [json.loads(line)["lr"] for line in history]  # the rate after each epoch
+    assert summary["epochs"] == 4
+    assert rates == sorted(rates, reverse=True) and rates[-1] < 1e-3
+    if schedule == "wsd":  # stable until the last 30%, then linear
+        assert rates[:2] == [0.01, 0.01] and 0.0 < rates[2] < 0.01
+    else:
+        assert rates[0] < 0.01
 
 
 def test_train_writes_a_model_that_evaluate_reads(tmp_path: Path) -> None:
