@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test lint bench bench-quality bench-incremental bench-stream clean
+.PHONY: setup demo test lint bench bench-quality bench-incremental bench-stream bench-batch clean
 
 setup: $(VENV)/.installed
 
@@ -24,7 +24,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: bench-incremental bench-quality bench-stream
+bench: bench-incremental bench-quality bench-stream bench-batch
 
 bench-incremental: setup
 	$(PY) bench/incremental.py
@@ -37,3 +37,6 @@ clean:
 
 bench-stream: setup
 	$(PY) bench/stream.py
+
+bench-batch: setup
+	$(PY) bench/batch.py
