@@ -1,4 +1,4 @@
-"""Load an exported encoder bundle and run it with ONNX Runtime and numpy only.
+"""Load an exported encoder bundle and run it with ONNX Runtime, onnx and numpy (no torch).
 
 This is what the streaming worker imports, so it must never import torch (a test pins that).
 The worker's loop per micro-batch (all calls are batched over users; one row per user):
