@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -81,7 +82,7 @@ def messages(n: int) -> list[RawMessage]:
     offsets = [0] * PARTITIONS
     out = []
     for user, item, rank in load_events(DATA, n):
-        partition = hash(user) % PARTITIONS
+        partition = zlib.crc32(user.encode()) % PARTITIONS  # stable across runs, unlike hash()
         out.append(
             RawMessage(
                 user.encode(),
