@@ -128,6 +128,26 @@ def test_leave_one_out_split(tmp_path: Path) -> None:
     assert seen_items(inter, va.users, "valid")[1].tolist() == [7]
 
 
+
+def test_every_window_makes_each_training_event_a_target_once(tmp_path: Path) -> None:
+    # u: events 1..10, trains on 1..8 (9 = valid, 10 = test); windows of 3 inputs
+    lines = [f"u {i}" for i in range(1, 11)] + ["v 1", "v 2"]
+    inter = load_interactions(_write(tmp_path, "d.txt", "\n".join(lines) + "\n"))
+    last_only = train_batch(inter, max_len=3, prefix_len=2)
+    every = train_batch(inter, max_len=3, prefix_len=2, every_window=True)
+    assert len(last_only) == 2 and len(every) == 4  # u: 3 windows, v: 1
+    rows = [r for r in range(len(every)) if int(every.users[r]) == 0]
+    got = sorted((every.items[r].tolist(), every.targets[r].tolist()) for r in rows)
+    assert got == [
+        ([0, 0, 1], [0, 0, 2]),  # the first event is never a target: it has no past
+        ([2, 3, 4], [3, 4, 5]),
+        ([5, 6, 7], [6, 7, 8]),
+    ]
+    middle = rows[[every.items[r].tolist() for r in rows].index([2, 3, 4])]
+    assert every.prefix[middle].tolist() == [0, 1]  # the memory's past of an earlier window
+    targets = every.targets[every.users == 0]
+    assert sorted(targets[targets != 0].tolist()) == list(range(2, 9))
+
 DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
