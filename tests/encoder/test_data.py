@@ -128,7 +128,6 @@ def test_leave_one_out_split(tmp_path: Path) -> None:
     assert seen_items(inter, va.users, "valid")[1].tolist() == [7]
 
 
-
 def test_every_window_makes_each_training_event_a_target_once(tmp_path: Path) -> None:
     # u: events 1..10, trains on 1..8 (9 = valid, 10 = test); windows of 3 inputs
     lines = [f"u {i}" for i in range(1, 11)] + ["v 1", "v 2"]
@@ -147,6 +146,7 @@ def test_every_window_makes_each_training_event_a_target_once(tmp_path: Path) ->
     assert every.prefix[middle].tolist() == [0, 1]  # the memory's past of an earlier window
     targets = every.targets[every.users == 0]
     assert sorted(targets[targets != 0].tolist()) == list(range(2, 9))
+
 
 DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 

@@ -99,7 +99,6 @@ def test_decaying_schedules_end_near_zero(tmp_path: Path, schedule: str) -> None
         assert rates[0] < 0.01
 
 
-
 def test_a_plateau_stops_constant_and_starts_the_wsd_decay_early(tmp_path: Path) -> None:
     """lr ~0 after warm-up: validation never improves. The constant schedule stops after
     `patience` epochs; wsd instead starts its decay then (lasting 3/7 of the run so far, here
@@ -113,6 +112,7 @@ def test_a_plateau_stops_constant_and_starts_the_wsd_decay_early(tmp_path: Path)
     assert wsd["stopped"] == "early_stopping" and wsd["epochs"] == 3
     rates = [json.loads(line)["lr"] for line in (tmp_path / "w" / "history.jsonl").open()]
     assert rates[0] == rates[1] == 1e-9 and rates[2] == 0.0
+
 
 def test_train_writes_a_model_that_evaluate_reads(tmp_path: Path) -> None:
     data = _synthetic_log(tmp_path / "d.txt")
