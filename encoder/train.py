@@ -167,8 +167,7 @@ def next_item_loss(
     h, tgt = out[mask], targets[mask]  # (N,d), (N,)
     n_items = model.cfg.n_items
     if n_negatives <= 0 or n_negatives >= n_items:
-        logits = model.item_scores(h)  # (N, n_items+1), padding at -inf
-        return F.cross_entropy(logits, tgt)
+        return full_softmax_loss(h, model.item_embeddings(), tgt)
     emb = model.item_embeddings()
     if proposal is None:
         neg = torch.randint(1, n_items + 1, (n_negatives,))  # (K,)
@@ -181,6 +180,51 @@ def next_item_loss(
     neg_logits = neg_logits.masked_fill(neg[None, :] == tgt[:, None], float("-inf"))
     logits = torch.cat([pos_logit, neg_logits], dim=1)
     return F.cross_entropy(logits, torch.zeros_like(tgt))
+
+
+class _FullSoftmaxCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over all items, its gradients computed in the forward pass, chunk by chunk.
+
+    Why: with a large catalogue the (N, n_items) logits dominate an epoch on CPU, and autograd's
+    cross_entropy walks them about a dozen times (masking, log-softmax, its backward, the
+    masking's backward). Here each chunk of logits is made, turned into softmax - one-hot in
+    place while it is still in cache, and used at once by the two gradient matmuls; nothing of
+    size (N, n_items) outlives a chunk. The loss is the last op, so its backward only scales.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):  # type: ignore[override]
+        # h (N,d), weight (n_items+1,d) with row 0 padding, targets (N,) in 1..n_items
+        items = weight[1:]  # (V,d): padding is never a candidate
+        n = h.shape[0]
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight)
+        total = h.new_zeros(())
+        for s in range(0, n, chunk):
+            hc, tc = h[s : s + chunk], targets[s : s + chunk] - 1  # (c,d), (c,)
+            z = hc @ items.T  # (c,V)
+            lse = torch.logsumexp(z, dim=1)  # (c,)
+            total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
+            p = z.sub_(lse[:, None]).exp_()  # softmax, in place
+            p[torch.arange(len(tc)), tc] -= 1.0  # d loss / d logits (times c)
+            torch.mm(p, items, out=grad_h[s : s + chunk])
+            grad_w[1:].addmm_(p.T, hc)
+        ctx.save_for_backward(grad_h / n, grad_w / n)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_out * grad_h, grad_out * grad_w, None, None
+
+
+def full_softmax_loss(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 64
+) -> torch.Tensor:
+    """Mean cross-entropy of ``h @ weight[1:].T`` against ``targets`` (1-based item ids); the
+    same value and gradients as ``F.cross_entropy(model.item_scores(h), targets)``, which
+    tests/encoder/test_train.py compares it with."""
+    return _FullSoftmaxCrossEntropy.apply(h, weight, targets, chunk)
 
 
 def popularity_proposal(targets: torch.Tensor, n_items: int, mix: float = 0.5) -> torch.Tensor:

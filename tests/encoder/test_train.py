@@ -12,7 +12,7 @@ import torch
 from encoder.data import load_interactions, memory_horizon, train_batch
 from encoder.evaluate import evaluate
 from encoder.model import EncoderConfig, InterestEncoder
-from encoder.train import next_item_loss, popularity_proposal, train
+from encoder.train import full_softmax_loss, next_item_loss, popularity_proposal, train
 from interest.errors import UserError
 
 TINY = {"d_model": 16, "n_heads": 2, "span": 4, "max_len": 12, "dropout": 0.0}
@@ -46,6 +46,32 @@ def test_a_few_steps_reduce_the_loss(tmp_path: Path, n_negatives: int, popular: 
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_fused_full_softmax_matches_autograd_cross_entropy(chunk: int) -> None:
+    """The fast path (gradients made chunk by chunk in the forward) against the plain one."""
+    torch.manual_seed(0)
+    model = InterestEncoder(EncoderConfig(n_items=50, **TINY))
+    with torch.no_grad():
+        model.item_emb.weight.normal_(0, 1.0)
+    h = torch.randn(23, 16)
+    targets = torch.randint(1, 51, (23,))
+    results = []
+    for fast in (False, True):
+        hh = h.clone().requires_grad_()
+        model.zero_grad()
+        if fast:
+            loss = full_softmax_loss(hh, model.item_embeddings(), targets, chunk)
+        else:
+            loss = torch.nn.functional.cross_entropy(model.item_scores(hh), targets)
+        (2.0 * loss).backward()  # a non-unit upstream gradient must be carried through
+        results.append((loss.detach(), hh.grad, model.item_emb.weight.grad.clone()))
+    (ref_loss, ref_h, ref_w), (loss, grad_h, grad_w) = results
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(grad_h, ref_h)
+    torch.testing.assert_close(grad_w, ref_w)
+    assert float(grad_w[0].abs().sum()) == 0.0  # padding is never a candidate
 
 
 def test_popularity_proposal_is_a_distribution_over_real_items() -> None:
