@@ -131,6 +131,7 @@ def test_a_plateau_stops_constant_and_starts_the_wsd_decay_early(tmp_path: Path)
     under one epoch), so it stops an epoch later with the rate at 0, long before max_epochs."""
     data = _synthetic_log(tmp_path / "d.txt")
     common = {"epochs": 20, "progress": False, "patience": 1, "lr": 1e-9, "warmup_steps": 1}
+    common["decay_fraction"] = 0.3  # decay lasts 3/7 of the run so far
     common.update(TINY)
     constant = train(data, tmp_path / "c", lr_schedule="constant", **common)
     wsd = train(data, tmp_path / "w", lr_schedule="wsd", **common)
