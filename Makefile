@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test lint bench bench-quality bench-incremental bench-stream bench-batch clean
+.PHONY: setup demo test lint bench bench-quality bench-incremental bench-stream bench-batch bench-softmax clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ bench-incremental: setup
 
 bench-quality: setup
 	$(PY) bench/quality.py
+
+bench-softmax: setup
+	$(PY) bench/softmax.py --data ml-1m
+	$(PY) bench/softmax.py --data beauty
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -30,6 +30,7 @@ from encoder.train import (  # noqa: E402
     auto_negatives,
     next_item_loss,
     popularity_proposal,
+    vectors_at_targets,
 )
 
 DATA_DIR = ROOT.parent / "shared" / "data"
@@ -38,12 +39,8 @@ DATA_SETS = {"ml-1m": "ml-1m.txt", "beauty": "beauty.txt"}
 
 def autograd_full_loss(model: InterestEncoder, b) -> torch.Tensor:
     """The plain reference: logits for every item, then autograd's cross-entropy."""
-    width = max(int(b.lengths().max()), 1)
-    memory0 = model.memory_from_prefix(b.prefix)
-    out = model(b.items[:, -width:], b.types[:, -width:], b.gaps[:, -width:], memory0)
-    targets = b.targets[:, -width:]
-    mask = targets != 0
-    return F.cross_entropy(model.item_scores(out[mask]), targets[mask])
+    h, targets = vectors_at_targets(model, b)
+    return F.cross_entropy(model.item_scores(h), targets)
 
 
 def main() -> int:

@@ -142,6 +142,19 @@ class LearningRate:
         return self.decay_started_early and self.progress(step) >= self.decay_to
 
 
+def vectors_at_targets(model: InterestEncoder, b: SequenceBatch) -> tuple[torch.Tensor, ...]:
+    """The interest vector before every real target of the batch, and that target: (N,d), (N,).
+
+    The batch is trimmed to its longest user first (bucketed batches are mostly shorter)."""
+    width = max(int(b.lengths().max()), 1)
+    items, types, gaps = b.items[:, -width:], b.types[:, -width:], b.gaps[:, -width:]
+    targets = b.targets[:, -width:]
+    memory0 = model.memory_from_prefix(b.prefix) if model.memory is not None else None
+    out = model(items, types, gaps, memory0)  # (B,T,d)
+    mask = targets != 0
+    return out[mask], targets[mask]
+
+
 def next_item_loss(
     model: InterestEncoder,
     b: SequenceBatch,
@@ -158,13 +171,7 @@ def next_item_loss(
     positive's own term plus K importance-weighted samples of the rest of the partition
     function), whatever the proposal: popular items drawn often do not get over-penalised.
     """
-    width = max(int(b.lengths().max()), 1)
-    items, types, gaps = b.items[:, -width:], b.types[:, -width:], b.gaps[:, -width:]
-    targets = b.targets[:, -width:]
-    memory0 = model.memory_from_prefix(b.prefix) if model.memory is not None else None
-    out = model(items, types, gaps, memory0)  # (B,T,d)
-    mask = targets != 0
-    h, tgt = out[mask], targets[mask]  # (N,d), (N,)
+    h, tgt = vectors_at_targets(model, b)
     n_items = model.cfg.n_items
     if n_negatives <= 0 or n_negatives >= n_items:
         return full_softmax_loss(h, model.item_embeddings(), tgt)
@@ -185,11 +192,11 @@ def next_item_loss(
 class _FullSoftmaxCrossEntropy(torch.autograd.Function):
     """Cross-entropy over all items, its gradients computed in the forward pass, chunk by chunk.
 
-    Why: with a large catalogue the (N, n_items) logits dominate an epoch on CPU, and autograd's
-    cross_entropy walks them about a dozen times (masking, log-softmax, its backward, the
-    masking's backward). Here each chunk of logits is made, turned into softmax - one-hot in
-    place while it is still in cache, and used at once by the two gradient matmuls; nothing of
-    size (N, n_items) outlives a chunk. The loss is the last op, so its backward only scales.
+    Why: with a large catalogue the (N, n_items) logits dominate an epoch on CPU, and autograd
+    makes several full-size tensors of them (masked logits, log-softmax, their gradients). Here
+    each chunk of logits is made, turned into softmax - one-hot in place while it is still in
+    cache, and used at once by the two gradient matmuls; nothing of size (N, n_items) outlives
+    a chunk. The loss is the last op, so its backward only scales.
     """
 
     @staticmethod
@@ -206,7 +213,7 @@ class _FullSoftmaxCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(z, dim=1)  # (c,)
             total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
             p = z.sub_(lse[:, None]).exp_()  # softmax, in place
-            p[torch.arange(len(tc)), tc] -= 1.0  # d loss / d logits (times c)
+            p[torch.arange(len(tc)), tc] -= 1.0  # d (summed loss) / d logits
             torch.mm(p, items, out=grad_h[s : s + chunk])
             grad_w[1:].addmm_(p.T, hc)
         ctx.save_for_backward(grad_h / n, grad_w / n)
