@@ -134,10 +134,12 @@ class SlidingWindowAttention(nn.Module):
         vals = torch.cat([v_cache, v], dim=2)
         slot = torch.arange(S, device=x.device)
         dist = (S - 1) - slot  # (S,): slot S-1 is the event itself
-        allowed = dist[None, :] < (count[:, None] + 1)  # (B,S): only events that happened
+        # only events that happened: dist <= count, written as one comparison against a
+        # constant so the exported mask is two nodes (Reshape, Less), shared by the layers
+        allowed = (dist - 1) < count.reshape(-1, 1, 1, 1)  # (B,1,1,S)
         att = (q @ keys.transpose(-1, -2)) * (1.0 / math.sqrt(hd))  # (B,H,1,S)
         att = att + self.rel_bias[:, None, dist]  # (H,1,S) broadcast
-        att = att.masked_fill(~allowed[:, None, None], NEG_INF).softmax(dim=-1)
+        att = att.masked_fill(~allowed, NEG_INF).softmax(dim=-1)
         y = (att @ vals).reshape(-1, H * hd)  # (B,H,1,hd) -> (B,d)
         return self.proj(y), keys[:, :, 1:], vals[:, :, 1:]
 
