@@ -141,6 +141,26 @@ def test_a_plateau_stops_constant_and_starts_the_wsd_decay_early(tmp_path: Path)
     assert rates[0] == rates[1] == 1e-9 and rates[2] == 0.0
 
 
+@pytest.mark.parametrize(("length", "dropout", "weight_decay"), [(12, 0.2, 0.1), (24, 0.1, 0.0)])
+def test_regularisation_follows_the_data_density_unless_set(
+    tmp_path: Path, length: int, dropout: float, weight_decay: float
+) -> None:
+    """Sparse logs (< 20 events per user) get more dropout and weight decay than dense ones;
+    what was used is recorded with the model, and an explicit setting wins."""
+    data = _synthetic_log(tmp_path / "d.txt", length=length)
+    shape = {k: v for k, v in TINY.items() if k != "dropout"}
+    auto = train(data, tmp_path / "a", epochs=1, progress=False, **shape)
+    assert auto["config"]["dropout"] == dropout
+    assert auto["train_config"]["weight_decay"] == weight_decay
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert saved["dropout"] == dropout
+    chosen = train(
+        data, tmp_path / "c", epochs=1, progress=False, dropout=0.3, weight_decay=0.05, **shape
+    )
+    assert chosen["config"]["dropout"] == 0.3
+    assert chosen["train_config"]["weight_decay"] == 0.05
+
+
 def test_train_writes_a_model_that_evaluate_reads(tmp_path: Path) -> None:
     data = _synthetic_log(tmp_path / "d.txt")
     summary = train(data, tmp_path / "m", epochs=3, progress=False, **TINY)
