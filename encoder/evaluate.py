@@ -48,7 +48,9 @@ def rank_split(
         b = batch.select(torch.arange(start, min(start + batch_size, len(batch))))
         width = max(int(b.lengths().max()), 1)
         memory0 = model.memory_from_prefix(b.prefix)
-        vec = model(b.items[:, -width:], b.types[:, -width:], b.gaps[:, -width:], memory0)[:, -1]
+        vec = model.last_vectors(
+            b.items[:, -width:], b.types[:, -width:], b.gaps[:, -width:], memory0
+        )
         scores = model.item_scores(vec)  # (B, n_items+1), padding at -inf
         seen = seen_items(inter, b.users, split)
         rows = np.concatenate([np.full(len(s), r) for r, s in enumerate(seen)])

@@ -67,6 +67,22 @@ def test_step_equals_full_forward_beyond_receptive_field(use_memory: bool) -> No
     assert state.count.tolist() == lengths
 
 
+@pytest.mark.parametrize(("use_memory", "T"), [(True, 20), (False, 20), (True, 3)])
+def test_last_vectors_equal_forward_at_the_last_position(use_memory: bool, T: int) -> None:
+    """The evaluation fast path (only the positions the last one depends on) ==
+    forward()[:, -1], for windows longer and shorter than the receptive field (13)."""
+    model = _model(use_memory, n_layers=4)
+    items, types, gaps = _history(3, T)
+    items = _left_pad(items, [T, min(6, T), 1])
+    memory0 = torch.randn(3, model.cfg.d_model)
+    with torch.no_grad():
+        for m0 in (None, memory0):
+            ref = model(items, types, gaps, m0)[:, -1]
+            got = model.last_vectors(items, types, gaps, m0)
+            assert got.shape == ref.shape
+            assert (got - ref).abs().max().item() <= TOL
+
+
 def test_padding_does_not_change_real_positions() -> None:
     model = _model()
     items, types, gaps = _history(1, 12)
