@@ -263,11 +263,11 @@ def auto_dropout(inter: Interactions) -> float:
 
 def auto_weight_decay(inter: Interactions) -> float:
     """AdamW weight decay for the data's density, unless set. Why: on sparse logs most items
-    are seen a handful of times and their embeddings memorise (Beauty: validation keeps rising
-    while test falls behind). Beauty test NDCG@10 at dropout 0.2 in 15 minutes: decay 0
-    (dropout 0.5) 0.0260, 0.05 0.0308, 0.1 0.0322, 0.2 0.0328, 0.3 0.0314; in 30 minutes 0.1
-    gave 0.0317 and 0.2 0.0310, all about the noise apart, so 0.1 (bench/README.md). Dense
-    logs: none; there validation and test rise together (ml-1m), and decay was not measured."""
+    are seen a handful of times and their embeddings memorise. Beauty test NDCG@10 at dropout
+    0.2 in 15 minutes: decay 0 (dropout 0.5) 0.0260, 0.05 0.0308, 0.1 0.0322, 0.2 0.0328,
+    0.3 0.0314; in 30 minutes 0.1 gave 0.0317 and 0.2 0.0310, all about the noise apart, so
+    0.1 (bench/README.md). Dense logs: none; there validation and test rise together (ml-1m),
+    and decay was not measured."""
     return 0.0 if is_dense(inter) else 0.1
 
 
