@@ -69,14 +69,15 @@ def run_one(
 
 
 def seed_summary(rows: list[dict]) -> dict:
-    """Mean and sample sd over runs that differ only by seed; the bar is judged on the mean."""
+    """Mean and sample sd over two or more runs that differ only by seed; the bar is judged on
+    the mean."""
     first = rows[0]
     out: dict = {"data": first["data"], "variant": first["variant"], "seeds": len(rows)}
     for k in SHOWN:
         values = [r[k] for r in rows if k in r]
         if values:
             out[k] = round(statistics.fmean(values), 4)
-            out[k + "_sd"] = round(statistics.stdev(values), 4) if len(values) > 1 else None
+            out[k + "_sd"] = round(statistics.stdev(values), 4)
     bar = BAR.get(first["data"], {})
     out["bar_met_by_mean"] = all(out[k] >= v for k, v in bar.items()) if bar else None
     return out
