@@ -4,7 +4,9 @@
 
 Prints full-ranking NDCG@10 (seen items excluded) for each user's 6th- and 4th-to-last events
 (training targets), the 2nd-to-last (validation) and the last (test). Each is ranked from the
-events before it, as `interest evaluate` ranks the test event. A large train-minus-validation
+events before it, as `interest evaluate` ranks the test event; users with too few events for a
+row (3 before dropping) are left out of it, so on short-history logs the rows cover fewer users.
+A large train-minus-validation
 gap says regularisation (weight decay, dropout) may help more than capacity.
 """
 
