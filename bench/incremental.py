@@ -9,7 +9,8 @@ the ratio (target: >= 20x).
 
 The model is the encoder's default config, randomly initialised (weights do not change the
 cost). "graph" rows time the bare ONNX sessions; "api" rows time EncoderRuntime.rebuild/step,
-i.e. including the padding and bookkeeping the worker pays.
+i.e. including the padding and bookkeeping the worker pays. Times are medians; the ratio is
+the median of per-pair ratios (see _paired_medians), so it is not exactly full ms / step ms.
 """
 
 from __future__ import annotations
@@ -41,11 +42,15 @@ def _paired_medians(
     min_blocks: int,
     min_seconds: float,
     block_seconds: float = 0.05,
-) -> tuple[float, float]:
-    """Median seconds per call of ``full`` and of ``step``, timed in alternating blocks.
+) -> tuple[float, float, float]:
+    """Median seconds per call of ``full`` and of ``step``, timed in alternating blocks, and
+    the median over block pairs of full / step.
 
     Why alternate: the machine is shared, and load that comes and goes would otherwise land on
-    one side of the ratio only. Why blocks of ~``block_seconds`` rather than single calls: a
+    one side of the ratio only. Why the ratio per pair: this VM runs fast and slow spells of
+    a second or more (batch-1 steps in one run spread from ~85 to ~150 us), and a full block
+    and the step block right after it share a spell, so their ratio cancels it where a ratio
+    of two medians does not. Why blocks of ~``block_seconds`` rather than single calls: a
     step right after a full recompute would run on caches the full run evicted, which is not
     how a worker steps batch after batch. Three untimed warm-up calls each first.
     """
@@ -63,7 +68,8 @@ def _paired_medians(
             for _ in range(n):
                 fn()
             out.append((time.perf_counter() - t0) / n)
-    return statistics.median(t_full), statistics.median(t_step)
+    ratios = [f / s for f, s in zip(t_full, t_step, strict=True)]
+    return statistics.median(t_full), statistics.median(t_step), statistics.median(ratios)
 
 
 def main() -> None:
@@ -126,27 +132,30 @@ def main() -> None:
         }
         step_feeds = {"items": nxt[0], "types": nxt[1], "gaps": nxt[2]}
         step_feeds.update({f"in_{n}": a for n, a in states.arrays.items()})
-        t_full, t_step = _paired_medians(
+        t_full, t_step, ratio = _paired_medians(
             lambda f=full_feeds: rt._full.run(None, f),
             lambda f=step_feeds: rt._step.run(None, f),
             args.repeats,
             args.seconds,
         )
         # api level: what the worker calls (full recompute = rebuild from the whole window)
-        a_full, a_step = _paired_medians(
+        a_full, a_step, a_ratio = _paired_medians(
             lambda w=(items, types, gaps, memory): rt.rebuild(*w),
             lambda s=states, e=nxt: rt.step(s, *e),
             args.repeats,
             args.seconds,
         )
-        for level, full_s, step_s in (("graph", t_full, t_step), ("api", a_full, a_step)):
+        for level, full_s, step_s, r in (
+            ("graph", t_full, t_step, ratio),
+            ("api", a_full, a_step, a_ratio),
+        ):
             results.append(
                 {
                     "batch": batch,
                     "level": level,
                     "full_ms": full_s * 1e3,
                     "step_ms": step_s * 1e3,
-                    "ratio": full_s / step_s,
+                    "ratio": r,
                     "full_users_per_s": batch / full_s,
                     "step_users_per_s": batch / step_s,
                 }

@@ -28,11 +28,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from encoder.features import EVENT_TYPES
-from encoder.model import EncoderConfig, EncoderState, InterestEncoder
+from encoder.model import EncoderConfig, InterestEncoder
+from export.graphs import (
+    MEMORY_STATE,
+    SLOT_AXIS,
+    FullGraph,
+    StepGraph,
+    from_graph_state,
+    next_state,
+    state_names,
+    to_graph_state,
+)
 from export.runtime import (
     BUNDLE_FORMAT,
     MANIFEST,
@@ -44,33 +52,6 @@ from interest.errors import UserError
 
 OPSET = 17
 PARITY_TOL = 1e-4
-MEMORY_STATE = "memory"
-
-
-def state_names(cfg: EncoderConfig) -> list[str]:
-    """Graph state tensors: one key and one value cache per layer, then count and memory.
-
-    Why not EncoderState's stacked (B, L, H, S-1, hd) caches: slicing a layer out of the stack
-    and stacking the layers back copies the whole cache twice more per step, and the step is
-    memory-bound (the caches are ~100 KB per user at the default config).
-    """
-    caches = [f"{kind}_{i}" for i in range(cfg.n_layers) for kind in ("keys", "values")]
-    return [*caches, "count", "memory"]
-
-
-def to_graph_state(state: EncoderState) -> list[torch.Tensor]:
-    """EncoderState -> tensors in ``state_names`` order."""
-    n_layers = state.keys.shape[1]
-    caches = [t for i in range(n_layers) for t in (state.keys[:, i], state.values[:, i])]
-    return [*caches, state.count, state.memory]
-
-
-def from_graph_state(tensors: list[torch.Tensor]) -> EncoderState:
-    """Tensors in ``state_names`` order -> EncoderState (inverse of ``to_graph_state``)."""
-    *caches, count, memory = tensors
-    keys = torch.stack(caches[0::2], dim=1)
-    values = torch.stack(caches[1::2], dim=1)
-    return EncoderState(keys, values, count, memory)
 
 
 # Graph input names (ONNX names must be unique across inputs and outputs).
@@ -83,79 +64,6 @@ def step_inputs(cfg: EncoderConfig) -> list[str]:
 
 def outputs(cfg: EncoderConfig) -> list[str]:
     return ["vector", *(f"out_{n}" for n in state_names(cfg))]
-
-
-class FullGraph(nn.Module):
-    """(items, types, gaps (B,T), memory_in (B,d), has_memory (B,)) -> (vector, *state).
-
-    Same function as ``InterestEncoder.state_from_window``, written so the window length and a
-    per-user "no persisted memory" flag stay dynamic in the graph (state_from_window branches
-    on T and on memory being None in Python, which tracing would freeze). Only the memory
-    after the last event is needed, so it is one weighted sum over the window instead of the
-    model's per-position scan (whose Python chunk loop tracing would also freeze).
-    """
-
-    def __init__(self, model: InterestEncoder) -> None:
-        super().__init__()
-        self.model = model
-        self.keep = model.cfg.span - 1
-
-    def window_memory(self, items: torch.Tensor) -> torch.Tensor:
-        """Memory after the left-padded window, from zero: sum_t gamma^(T-1-t) e(item_t)."""
-        m = self.model
-        if m.memory is None:
-            return m.item_emb.weight.new_zeros(items.shape[0], m.cfg.d_model)
-        T = items.shape[1]
-        back = torch.arange(T - 1, -1, -1, device=items.device).to(m.item_emb.weight.dtype)
-        w = torch.pow(m.memory.gamma, back)[None, :] * (items != 0).to(back.dtype)  # (B,T)
-        return (w[:, :, None] * m.item_emb(items)).sum(dim=1)  # (B,d)
-
-    def forward(
-        self,
-        items: torch.Tensor,
-        types: torch.Tensor,
-        gaps: torch.Tensor,
-        memory_in: torch.Tensor,
-        has_memory: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
-        full = self.model.forward_with_cache(items, types, gaps)  # .out/.memory unused: pruned
-
-        def last_slots(t: torch.Tensor) -> torch.Tensor:  # (B,H,T,hd) -> (B,H,S-1,hd)
-            return F.pad(t, (0, 0, self.keep, 0))[:, :, -self.keep :]
-
-        mem = torch.where(has_memory[:, None], memory_in, self.window_memory(items))  # (B,d)
-        vector = self.model._head(full.hidden[:, -1], mem)
-        caches = [last_slots(t) for kv in zip(full.keys, full.values, strict=True) for t in kv]
-        count = (items != 0).sum(dim=1)
-        return (vector, *caches, count, mem)
-
-
-class StepGraph(nn.Module):
-    """(items, types, gaps (B,), *state) -> (vector, *next_state) for users who all have an
-    event: ``InterestEncoder.step`` without its per-row "item 0 keeps the state" select.
-
-    Why: that select reads and writes every cache once more per step, the largest single cost
-    in the profile, and the runtime never sends item 0 (it steps only the users that have a
-    known event). Reference: InterestEncoder.step, compared in tests/export/test_parity.py.
-    """
-
-    def __init__(self, model: InterestEncoder) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, *state: torch.Tensor
-    ) -> tuple[torch.Tensor, ...]:
-        m = self.model
-        *caches, count, memory = state
-        x = m._embed(items, types, gaps)  # (B,d)
-        new_caches: list[torch.Tensor] = []
-        for i, block in enumerate(m.blocks):
-            x, k, v = block.step(x, caches[2 * i], caches[2 * i + 1], count)
-            new_caches += [k, v]
-        if m.memory is not None:
-            memory = m.memory.step(memory, m.item_emb(items))
-        return (m._head(x, memory), *new_caches, count + 1, memory)
 
 
 # ---------------------------------------------------------------------- model directory
@@ -295,7 +203,12 @@ def export_onnx(model: InterestEncoder, out_dir: Path) -> dict[str, Any]:
     example = to_graph_state(model.init_state(1))
     return {
         "state": [
-            {"name": n, "dtype": str(t.numpy().dtype), "shape": [-1, *t.shape[1:]]}  # axis 0: user
+            {
+                "name": n,
+                "dtype": str(t.numpy().dtype),
+                "shape": [-1, *t.shape[1:]],  # axis 0: user
+                **({"slot_axis": SLOT_AXIS} if t.dim() > SLOT_AXIS else {}),
+            }
             for n, t in zip(names, example, strict=True)
         ],
         "memory_state": MEMORY_STATE,
@@ -306,6 +219,8 @@ def export_onnx(model: InterestEncoder, out_dir: Path) -> dict[str, Any]:
                 "inputs": step_in,
                 "outputs": outs,
                 "requires": "every row has a real item (index >= 1)",
+                "next_state": "each cache output holds one slot more than the state (on its"
+                " slot_axis): the next state is the last ones",
             },
         },
     }
@@ -381,7 +296,8 @@ def check_parity(model: InterestEncoder, out_dir: Path) -> dict[str, float]:
         state = from_graph_state([torch.from_numpy(a) for a in got[1:]])
         ref_vec, ref_next = model.step(state, *nxt)
         feeds = dict(zip(step_inputs(cfg), [t.numpy() for t in nxt] + got[1:], strict=True))
-        got_step = step.run(None, feeds)
+        vec, *caches = step.run(None, feeds)
+        got_step = [vec, *next_state(caches)]
         ref_step = [ref_vec, *to_graph_state(ref_next)]
         step_diff = max(_maxdiff(r, g) for r, g in zip(ref_step, got_step, strict=True))
     return {"full_max_abs_diff": full_diff, "step_max_abs_diff": step_diff}

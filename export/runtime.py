@@ -119,8 +119,8 @@ class EncoderStates:
     """Incremental encoder state for a batch of users: numpy arrays with the user on axis 0.
 
     ``arrays`` holds the graph's state tensors by name, as listed in the bundle manifest
-    (``keys_<layer>``/``values_<layer>`` attention caches of the last span-1 events, ``count``
-    of events in them, ``memory`` the long-term memory); ``vectors`` is each user's latest
+    (``keys_<layer>``/``values_<layer>`` attention caches of the last span-1 events, ``memory``
+    the long-term memory; export/graphs.py has the layout); ``vectors`` is each user's latest
     interest vector (zeros before any event), kept so a skipped event can return it.
     Keep one batch-1 state per user in an LRU (``split``) and ``stack`` them for a batch.
     """
@@ -182,6 +182,14 @@ class EncoderRuntime:
         self.receptive_field: int = int(manifest["receptive_field"])
         self.d_model: int = int(manifest["d_model"])
         self.state_names: list[str] = [s["name"] for s in manifest["state"]]
+        self._step_inputs = ["items", "types", "gaps", *(f"in_{n}" for n in self.state_names)]
+        # step.onnx returns the caches one slot longer than the state: keep their last slots
+        self._next_state = [
+            (slice(None),) * s["slot_axis"] + (slice(-s["shape"][s["slot_axis"]], None),)
+            if "slot_axis" in s
+            else None
+            for s in manifest["state"]
+        ]
         self.event_types: list[str] = list(manifest.get("event_types", []))
         self.n_time_buckets: int = int(manifest["config"]["n_time_buckets"])
         # Index = model item index; item_ids[0] is None (padding).
@@ -193,6 +201,8 @@ class EncoderRuntime:
         self._scorer = scorer
         # The provider the sessions actually run on (ORT silently falls back to CPU).
         self.provider: str = step.get_providers()[0]
+        no_event = np.zeros((1, 1), np.int64)
+        self._empty_state = self._run_full(no_event, no_event, no_event, None)
 
     # ------------------------------------------------------------------ loading
 
@@ -230,7 +240,10 @@ class EncoderRuntime:
             scorer = TopKScorer(emb, so, providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError(f"{path}: cannot load ONNX graph: {exc}") from exc
-        rt = cls(path, manifest, item_ids, emb, full, step, scorer)
+        try:
+            rt = cls(path, manifest, item_ids, emb, full, step, scorer)  # runs full.onnx once
+        except Exception as exc:
+            raise BundleError(f"{path}: full.onnx does not run: {exc}") from exc
         if providers[0] != rt.provider:
             log.warning("asked for %s, running on %s", providers[0], rt.provider)
         log.info("loaded bundle %s version %s on %s", path, rt.version, rt.provider)
@@ -253,12 +266,16 @@ class EncoderRuntime:
     # ------------------------------------------------------------------ inference
 
     def initial_state(self, batch: int) -> EncoderStates:
-        """State of users with no history (what the model's init_state gives): all zeros."""
-        arrays = {
-            spec["name"]: np.zeros((batch, *spec["shape"][1:]), dtype=np.dtype(spec["dtype"]))
-            for spec in self.manifest["state"]
-        }
-        return EncoderStates(arrays=arrays, vectors=np.zeros((batch, self.d_model), np.float32))
+        """State of users with no history: what full.onnx makes of an empty window.
+
+        Why not zeros: an empty cache slot is marked in the state itself (export/graphs.py),
+        so only the graph knows what "empty" looks like.
+        """
+        empty = self._empty_state
+        return EncoderStates(
+            arrays={n: np.repeat(a, batch, axis=0) for n, a in empty.arrays.items()},
+            vectors=np.zeros((batch, self.d_model), np.float32),
+        )
 
     def rebuild(
         self,
@@ -338,10 +355,15 @@ class EncoderRuntime:
         self, states: EncoderStates, items: np.ndarray, types: np.ndarray, gaps: np.ndarray
     ) -> tuple[np.ndarray, EncoderStates]:
         """step.onnx on rows that all have a known item (the graph requires it)."""
-        feeds = {"items": items, "types": types, "gaps": gaps}
-        feeds.update({f"in_{n}": states.arrays[n] for n in self.state_names})
-        vectors, out = self._unpack(self._step.run(None, feeds))
-        return vectors.copy(), out
+        state = (states.arrays[n] for n in self.state_names)
+        feeds = dict(zip(self._step_inputs, (items, types, gaps, *state), strict=True))
+        vector, *outs = self._step.run(None, feeds)
+        # views, not copies: whoever keeps the state (the worker's state cache) copies it anyway
+        arrays = {
+            name: out if keep is None else out[keep]
+            for name, keep, out in zip(self.state_names, self._next_state, outs, strict=True)
+        }
+        return vector.copy(), EncoderStates(arrays=arrays, vectors=vector)
 
     def top_k(
         self,
@@ -382,8 +404,7 @@ class EncoderRuntime:
         feeds = {"items": items, "types": types, "gaps": gaps, "memory_in": mem, "has_memory": has}
         states = self._unpack(self._full.run(None, feeds))[1]
         # Users with no known event and no memory have no interest vector yet.
-        if "count" in states.arrays:
-            states.vectors[(states.arrays["count"] == 0) & ~has] = 0.0
+        states.vectors[~(items > 0).any(axis=1) & ~has] = 0.0
         return states
 
     def _unpack(self, outs: list[np.ndarray]) -> tuple[np.ndarray, EncoderStates]:

@@ -1,0 +1,213 @@
+"""What full.onnx and step.onnx compute, and the state layout they pass between them.
+
+The graph state is two attention caches per layer plus the long-term memory:
+
+    keys_<layer>    (B, H, span-1, hd+1)  per cached event, oldest first: [key | mask]
+    values_<layer>  (B, H, span-1, hd+1)  [value | 0]
+    memory          (B, d)                the decayed memory after the user's last event
+
+Why a mask column: a batch-1 step is ONNX Runtime overhead, not arithmetic (about 2 us per
+graph input or output and 1 us per node on this machine, bench/README.md). The mask column is
+0 where a slot holds an event and NEG_INF where it is empty, and the step's query carries a
+constant 1 there, so ``query . key`` already includes the mask: no event counter in the state
+(one input and one output fewer) and no mask nodes. The values' extra zero column keeps query,
+key and value the same width, so one Reshape and one Split cut them out of a single Gemm.
+(Keys and values packed into one tensor per layer saved more at batch 1 but made batch 256
+44% slower: both attention products then read the whole cache.)
+
+The torch model (encoder/model.py) keeps its plain EncoderState; ``to_graph_state`` and
+``from_graph_state`` convert, and the tests compare these wrappers against the model's
+``state_from_window`` and ``step`` (the references).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from encoder.model import NEG_INF, EncoderConfig, EncoderState, InterestEncoder
+
+ArrayT = TypeVar("ArrayT")  # a torch tensor or a numpy array
+MEMORY_STATE = "memory"
+SLOT_AXIS = 2  # the cached-event axis of the attention caches
+
+
+def state_names(cfg: EncoderConfig) -> list[str]:
+    caches = [f"{kind}_{i}" for i in range(cfg.n_layers) for kind in ("keys", "values")]
+    return [*caches, MEMORY_STATE]
+
+
+def pack_cache(
+    keys: torch.Tensor, values: torch.Tensor, filled: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """keys, values (B,H,S-1,hd), filled (B,S-1) bool -> graph caches (B,H,S-1,hd+1) each."""
+    zero = torch.zeros_like(keys[..., :1])
+    mask = ((~filled).to(keys.dtype) * NEG_INF)[:, None, :, None] + zero  # (B,H,S-1,1)
+    return torch.cat([keys, mask], dim=-1), torch.cat([values, zero], dim=-1)
+
+
+def to_graph_state(state: EncoderState) -> list[torch.Tensor]:
+    """EncoderState -> tensors in ``state_names`` order."""
+    slots = state.keys.shape[3]
+    back = torch.arange(slots, 0, -1, device=state.count.device)  # slot j is slots-j events back
+    filled = back[None, :] <= state.count[:, None]  # (B, S-1)
+    caches = [
+        t
+        for i in range(state.keys.shape[1])
+        for t in pack_cache(state.keys[:, i], state.values[:, i], filled)
+    ]
+    return [*caches, state.memory]
+
+
+def next_state(step_outputs: list[ArrayT]) -> list[ArrayT]:
+    """StepGraph's outputs after the vector (torch or numpy) -> the state to continue from."""
+    *caches, memory = step_outputs
+    drop_oldest = (slice(None),) * SLOT_AXIS + (slice(1, None),)
+    return [*(c[drop_oldest] for c in caches), memory]
+
+
+def from_graph_state(tensors: list[torch.Tensor]) -> EncoderState:
+    """Tensors in ``state_names`` order -> EncoderState.
+
+    The graph state knows the event count only up to span-1 (the filled slots), which is all
+    the step depends on; ``count`` comes back capped there.
+    """
+    *caches, memory = tensors
+    keys = torch.stack([k[..., :-1] for k in caches[0::2]], dim=1)
+    values = torch.stack([v[..., :-1] for v in caches[1::2]], dim=1)
+    count = (caches[0][:, 0, :, -1] == 0).sum(dim=1)
+    return EncoderState(keys, values, count, memory)
+
+
+class FullGraph(nn.Module):
+    """(items, types, gaps (B,T), memory_in (B,d), has_memory (B,)) -> (vector, *state).
+
+    Same function as ``InterestEncoder.state_from_window``, written so the window length and a
+    per-user "no persisted memory" flag stay dynamic in the graph (state_from_window branches
+    on T and on memory being None in Python, which tracing would freeze). Only the memory
+    after the last event is needed, so it is one weighted sum over the window instead of the
+    model's per-position scan (whose Python chunk loop tracing would also freeze).
+    """
+
+    def __init__(self, model: InterestEncoder) -> None:
+        super().__init__()
+        self.model = model
+        self.keep = model.cfg.span - 1
+
+    def window_memory(self, items: torch.Tensor) -> torch.Tensor:
+        """Memory after the left-padded window, from zero: sum_t gamma^(T-1-t) e(item_t)."""
+        m = self.model
+        if m.memory is None:
+            return m.item_emb.weight.new_zeros(items.shape[0], m.cfg.d_model)
+        T = items.shape[1]
+        back = torch.arange(T - 1, -1, -1, device=items.device).to(m.item_emb.weight.dtype)
+        w = torch.pow(m.memory.gamma, back)[None, :] * (items != 0).to(back.dtype)  # (B,T)
+        return (w[:, :, None] * m.item_emb(items)).sum(dim=1)  # (B,d)
+
+    def forward(
+        self,
+        items: torch.Tensor,
+        types: torch.Tensor,
+        gaps: torch.Tensor,
+        memory_in: torch.Tensor,
+        has_memory: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        full = self.model.forward_with_cache(items, types, gaps)  # .out/.memory unused: pruned
+
+        def last_slots(t: torch.Tensor) -> torch.Tensor:  # (B,...,T,hd) -> (B,...,S-1,hd)
+            return F.pad(t, (0, 0, self.keep, 0))[..., -self.keep :, :]
+
+        filled = last_slots((items != 0).to(torch.float32)[..., None])[..., 0] > 0  # (B,S-1)
+        mem = torch.where(has_memory[:, None], memory_in, self.window_memory(items))  # (B,d)
+        vector = self.model._head(full.hidden[:, -1], mem)
+        caches = [
+            t
+            for k, v in zip(full.keys, full.values, strict=True)
+            for t in pack_cache(last_slots(k), last_slots(v), filled)
+        ]
+        return (vector, *caches, mem)
+
+
+class MaskedAttentionStep(nn.Module):
+    """``SlidingWindowAttention.step`` on the graph caches, with weights rearranged at export.
+
+    qkv emits, per head, the query [q / sqrt(hd) | 1], the key [k | 0] and the value [v | 0];
+    the output projection ignores the values' extra column.
+    """
+
+    def __init__(self, cfg: EncoderConfig, qkv: nn.Linear, proj: nn.Linear, rel_bias: torch.Tensor):
+        super().__init__()
+        H, d = cfg.n_heads, cfg.d_model
+        hd = d // H
+        self.n_heads, self.width = H, hd + 1
+        scale = 1.0 / math.sqrt(hd)
+        w = qkv.weight.detach().reshape(3, H, hd, d).clone()  # query, key, value; head; column
+        b = qkv.bias.detach().reshape(3, H, hd).clone()
+        w[0], b[0] = w[0] * scale, b[0] * scale
+        w = F.pad(w, (0, 0, 0, 1))  # (3,H,hd+1,d): the extra column gets no input ...
+        b = F.pad(b, (0, 1))
+        b[0, :, hd] = 1.0  # ... and a constant: 1 in the query, 0 in the key and value
+        self.qkv = nn.Linear(d, 3 * H * self.width)
+        self.qkv.weight.data, self.qkv.bias.data = w.reshape(-1, d), b.reshape(-1)
+        wo = F.pad(proj.weight.detach().reshape(d, H, hd), (0, 1))  # (d,H,hd+1)
+        self.proj = nn.Linear(H * self.width, d)
+        self.proj.weight.data, self.proj.bias.data = wo.reshape(d, -1), proj.bias.detach().clone()
+        S = cfg.span
+        dist = (S - 1) - torch.arange(S)  # slot S-1 (the new event) is 0 back
+        self.register_buffer("bias", rel_bias.detach()[:, None, dist].clone())  # (H,1,S)
+
+    def forward(
+        self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B,d), caches (B,H,S-1,w) -> attention output (B,d), caches with the new event
+        appended (B,H,S,w): the next state is their last S-1 slots (see StepGraph)."""
+        H, w = self.n_heads, self.width
+        q, k, v = self.qkv(x).reshape(-1, 3 * H, 1, w).split(H, dim=1)  # 3 x (B,H,1,w)
+        keys = torch.cat([k_cache, k], dim=2)  # (B,H,S,w), newest last
+        vals = torch.cat([v_cache, v], dim=2)
+        att = (q @ keys.transpose(-1, -2) + self.bias).softmax(dim=-1)  # (B,H,1,S)
+        y = (att @ vals).reshape(-1, H * w)  # empty slots have weight 0
+        return self.proj(y), keys, vals
+
+
+class StepGraph(nn.Module):
+    """(items, types, gaps (B,), *state) -> (vector, *next_state) for users who all have an
+    event: ``InterestEncoder.step`` without its per-row "item 0 keeps the state" select.
+
+    Why: that select reads and writes every cache once more per step, and the runtime never
+    sends item 0 (it steps only the users that have a known event). Reference:
+    InterestEncoder.step, compared in tests/export/test_parity.py.
+
+    The caches come back with span slots, the oldest still in front; the next state is the
+    last span-1 (``next_state``). Why not drop it in the graph: a Slice node copies every
+    cache once more, while the runtime takes a view and the worker's per-user state cache
+    copies the rows anyway.
+    """
+
+    def __init__(self, model: InterestEncoder) -> None:
+        super().__init__()
+        self.model = model
+        cfg = model.cfg
+        self.attention = nn.ModuleList(
+            MaskedAttentionStep(cfg, b.attn.qkv, b.attn.proj, b.attn.rel_bias) for b in model.blocks
+        )
+
+    def forward(
+        self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, *state: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        m = self.model
+        *caches, memory = state
+        x = m._embed(items, types, gaps)  # (B,d)
+        next_caches: list[torch.Tensor] = []
+        for i, (block, attention) in enumerate(zip(m.blocks, self.attention, strict=True)):
+            a, k, v = attention(block.ln1(x), caches[2 * i], caches[2 * i + 1])
+            x = x + a
+            x = x + block.ffn(block.ln2(x))
+            next_caches += [k, v]
+        if m.memory is not None:
+            memory = m.memory.step(memory, m.item_emb(items))
+        return (m._head(x, memory), *next_caches, memory)
