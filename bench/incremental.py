@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
     ap.add_argument("--spin", action="store_true", help="let ORT threads spin between runs")
     ap.add_argument("--n-items", type=int, default=3416, help="catalogue size (ml-1m: 3416)")
+    ap.add_argument("--n-layers", type=int, help="default: EncoderConfig's")
+    ap.add_argument("--span", type=int, help="default: EncoderConfig's")
     ap.add_argument("--repeats", type=int, default=15, help="minimum timed block pairs per case")
     ap.add_argument("--seconds", type=float, default=3.0, help="minimum seconds per case")
     args = ap.parse_args()
@@ -90,7 +92,8 @@ def main() -> None:
     from export.runtime import EncoderRuntime
 
     torch.manual_seed(0)
-    cfg = EncoderConfig(n_items=args.n_items)
+    shape = {k: v for k, v in (("n_layers", args.n_layers), ("span", args.span)) if v}
+    cfg = EncoderConfig(n_items=args.n_items, **shape)
     model = InterestEncoder(cfg).eval()
     with (
         tempfile.TemporaryDirectory(prefix="bench-incremental-") as tmp_name,

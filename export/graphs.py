@@ -3,20 +3,27 @@
 The graph state is two attention caches per layer plus the long-term memory:
 
     keys_<layer>    (B, H, span-1, hd+1)  per cached event, oldest first: [key | mask]
-    values_<layer>  (B, H, span-1, hd+1)  [value | 0]
+    values_<layer>  (B, H, span-1, hd+1)  [value | 1]
     memory          (B, d)                the decayed memory after the user's last event
 
-Why a mask column: a batch-1 step is ONNX Runtime overhead, not arithmetic (about 2 us per
-graph input or output and 1 us per node on this machine, bench/README.md). The mask column is
-0 where a slot holds an event and NEG_INF where it is empty, and the step's query carries a
-constant 1 there, so ``query . key`` already includes the mask: no event counter in the state
-(one input and one output fewer) and no mask nodes. The values' extra zero column keeps query,
-key and value the same width, so one Reshape and one Split cut them out of a single Gemm.
-(Keys and values packed into one tensor per layer saved more at batch 1 but made batch 256
-44% slower: both attention products then read the whole cache.)
+Why this layout and the rearranged step: a batch-1 step is ONNX Runtime overhead, not
+arithmetic (about 2 us per graph input or output and 1 us per node on this machine,
+bench/README.md), so the step graph is written for few inputs and few nodes:
 
-The torch model (encoder/model.py) keeps its plain EncoderState; ``to_graph_state`` and
-``from_graph_state`` convert, and the tests compare these wrappers against the model's
+* The mask column is 0 where a slot holds an event and NEG_INF where it is empty, and the
+  step's query carries a constant 1 there, so ``query . key`` already includes the mask: no
+  event counter in the state (one input and one output fewer) and no mask nodes.
+* The values' constant 1 lets the attention output carry the projection bias, and a hidden
+  unit with a constant input carries the feed-forward output bias, so both residual adds are
+  the C input of a Gemm (AttentionStep, FeedForwardStep).
+* step.onnx returns the caches with the new event appended; the state to continue from is
+  their last span-1 slots (``next_state``), a view the runtime takes instead of a Slice node
+  that would copy every cache once more.
+
+Keys and values packed into one tensor per layer saved more at batch 1 but made batch 256
+slower (both attention products then read the whole cache); keys stored transposed gained
+nothing. The torch model (encoder/model.py) keeps its plain EncoderState; ``to_graph_state``
+and ``from_graph_state`` convert, and the tests compare these wrappers against the model's
 ``state_from_window`` and ``step`` (the references).
 """
 
@@ -29,7 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoder.model import NEG_INF, EncoderConfig, EncoderState, InterestEncoder
+from encoder.model import (
+    NEG_INF,
+    EncoderConfig,
+    EncoderState,
+    FeedForward,
+    InterestEncoder,
+    SlidingWindowAttention,
+)
 
 ArrayT = TypeVar("ArrayT")  # a torch tensor or a numpy array
 MEMORY_STATE = "memory"
@@ -44,10 +58,11 @@ def state_names(cfg: EncoderConfig) -> list[str]:
 def pack_cache(
     keys: torch.Tensor, values: torch.Tensor, filled: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """keys, values (B,H,S-1,hd), filled (B,S-1) bool -> graph caches (B,H,S-1,hd+1) each."""
-    zero = torch.zeros_like(keys[..., :1])
-    mask = ((~filled).to(keys.dtype) * NEG_INF)[:, None, :, None] + zero  # (B,H,S-1,1)
-    return torch.cat([keys, mask], dim=-1), torch.cat([values, zero], dim=-1)
+    """keys, values (B,H,S-1,hd), filled (B,S-1) bool -> graph caches (B,H,S-1,hd+1) each:
+    [key | 0 if filled else NEG_INF] and [value | 1] (see AttentionStep)."""
+    one = torch.ones_like(keys[..., :1])
+    mask = ((~filled).to(keys.dtype) * NEG_INF)[:, None, :, None] * one  # (B,H,S-1,1)
+    return torch.cat([keys, mask], dim=-1), torch.cat([values, one], dim=-1)
 
 
 def to_graph_state(state: EncoderState) -> list[torch.Tensor]:
@@ -132,46 +147,69 @@ class FullGraph(nn.Module):
         return (vector, *caches, mem)
 
 
-class MaskedAttentionStep(nn.Module):
-    """``SlidingWindowAttention.step`` on the graph caches, with weights rearranged at export.
+class AttentionStep(nn.Module):
+    """``x + SlidingWindowAttention.step(ln1(x))`` on the graph caches, weights rearranged.
 
-    qkv emits, per head, the query [q / sqrt(hd) | 1], the key [k | 0] and the value [v | 0];
-    the output projection ignores the values' extra column.
+    qkv emits, per head, the query [q / sqrt(hd) | 1], the key [k | 0] and the value [v | 1].
+    The values' constant 1 comes out of the attention as exactly the sum of the weights, 1,
+    so the output projection's bias rides in that column, and the residual add is the Gemm's
+    C input: one Gemm for ``x + proj(y)``.
     """
 
-    def __init__(self, cfg: EncoderConfig, qkv: nn.Linear, proj: nn.Linear, rel_bias: torch.Tensor):
+    def __init__(self, cfg: EncoderConfig, attn: SlidingWindowAttention) -> None:
         super().__init__()
         H, d = cfg.n_heads, cfg.d_model
         hd = d // H
         self.n_heads, self.width = H, hd + 1
         scale = 1.0 / math.sqrt(hd)
-        w = qkv.weight.detach().reshape(3, H, hd, d).clone()  # query, key, value; head; column
-        b = qkv.bias.detach().reshape(3, H, hd).clone()
+        w = attn.qkv.weight.detach().reshape(3, H, hd, d).clone()  # query/key/value, head, col
+        b = attn.qkv.bias.detach().reshape(3, H, hd).clone()
         w[0], b[0] = w[0] * scale, b[0] * scale
         w = F.pad(w, (0, 0, 0, 1))  # (3,H,hd+1,d): the extra column gets no input ...
         b = F.pad(b, (0, 1))
-        b[0, :, hd] = 1.0  # ... and a constant: 1 in the query, 0 in the key and value
+        b[0, :, hd] = b[2, :, hd] = 1.0  # ... and a constant: 1 in query and value, 0 in key
         self.qkv = nn.Linear(d, 3 * H * self.width)
         self.qkv.weight.data, self.qkv.bias.data = w.reshape(-1, d), b.reshape(-1)
-        wo = F.pad(proj.weight.detach().reshape(d, H, hd), (0, 1))  # (d,H,hd+1)
-        self.proj = nn.Linear(H * self.width, d)
-        self.proj.weight.data, self.proj.bias.data = wo.reshape(d, -1), proj.bias.detach().clone()
+        wo = F.pad(attn.proj.weight.detach().reshape(d, H, hd), (0, 1))  # (d,H,hd+1)
+        wo[:, :, hd] = attn.proj.bias.detach()[:, None] / H  # every head's column holds 1
+        self.register_buffer("proj_t", wo.reshape(d, -1).T.contiguous())  # (H*w, d)
         S = cfg.span
         dist = (S - 1) - torch.arange(S)  # slot S-1 (the new event) is 0 back
-        self.register_buffer("bias", rel_bias.detach()[:, None, dist].clone())  # (H,1,S)
+        self.register_buffer("bias", attn.rel_bias.detach()[:, None, dist].clone())  # (H,1,S)
 
     def forward(
-        self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+        self, x: torch.Tensor, x_ln: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B,d), caches (B,H,S-1,w) -> attention output (B,d), caches with the new event
-        appended (B,H,S,w): the next state is their last S-1 slots (see StepGraph)."""
+        """x and ln1(x) (B,d), caches (B,H,S-1,w) -> x + attention (B,d), and the caches with
+        the new event appended (B,H,S,w): the next state is their last S-1 slots."""
         H, w = self.n_heads, self.width
-        q, k, v = self.qkv(x).reshape(-1, 3 * H, 1, w).split(H, dim=1)  # 3 x (B,H,1,w)
+        q, k, v = self.qkv(x_ln).reshape(-1, 3 * H, 1, w).split(H, dim=1)  # 3 x (B,H,1,w)
         keys = torch.cat([k_cache, k], dim=2)  # (B,H,S,w), newest last
         vals = torch.cat([v_cache, v], dim=2)
         att = (q @ keys.transpose(-1, -2) + self.bias).softmax(dim=-1)  # (B,H,1,S)
         y = (att @ vals).reshape(-1, H * w)  # empty slots have weight 0
-        return self.proj(y), keys, vals
+        return torch.addmm(x, y, self.proj_t), keys, vals
+
+
+class FeedForwardStep(nn.Module):
+    """``x + FeedForward(ln2(x)) + extra_bias`` with the residual add and the output bias in
+    one Gemm: one more hidden unit gets the constant input GELU_CONSTANT (GELU keeps it:
+    gelu(10) == 10 in float32) and carries the bias in its output column."""
+
+    GELU_CONSTANT = 10.0
+
+    def __init__(self, ffn: FeedForward, extra_bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        fc_w, fc_b = ffn.fc.weight.detach(), ffn.fc.bias.detach()  # (h,d), (h,)
+        self.fc = nn.Linear(fc_w.shape[1], fc_w.shape[0] + 1)
+        self.fc.weight.data = F.pad(fc_w, (0, 0, 0, 1))
+        self.fc.bias.data = F.pad(fc_b, (0, 1), value=self.GELU_CONSTANT)
+        bias = ffn.out.bias.detach() + (0 if extra_bias is None else extra_bias.detach())
+        out = torch.cat([ffn.out.weight.detach(), bias[:, None] / self.GELU_CONSTANT], dim=1)
+        self.register_buffer("out_t", out.T.contiguous())  # (h+1, d)
+
+    def forward(self, x: torch.Tensor, x_ln: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(x, F.gelu(self.fc(x_ln)), self.out_t)
 
 
 class StepGraph(nn.Module):
@@ -192,9 +230,16 @@ class StepGraph(nn.Module):
         super().__init__()
         self.model = model
         cfg = model.cfg
-        self.attention = nn.ModuleList(
-            MaskedAttentionStep(cfg, b.attn.qkv, b.attn.proj, b.attn.rel_bias) for b in model.blocks
+        self.attention = nn.ModuleList(AttentionStep(cfg, b.attn) for b in model.blocks)
+        # the memory mix's bias joins the last block's output bias (both are added to x)
+        mix_bias = model.memory.out.bias if model.memory is not None else None
+        last = len(model.blocks) - 1
+        self.ffn = nn.ModuleList(
+            FeedForwardStep(b.ffn, mix_bias if i == last else None)
+            for i, b in enumerate(model.blocks)
         )
+        if model.memory is not None:
+            self.register_buffer("mix_t", model.memory.out.weight.detach().T.contiguous())
 
     def forward(
         self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, *state: torch.Tensor
@@ -203,11 +248,12 @@ class StepGraph(nn.Module):
         *caches, memory = state
         x = m._embed(items, types, gaps)  # (B,d)
         next_caches: list[torch.Tensor] = []
-        for i, (block, attention) in enumerate(zip(m.blocks, self.attention, strict=True)):
-            a, k, v = attention(block.ln1(x), caches[2 * i], caches[2 * i + 1])
-            x = x + a
-            x = x + block.ffn(block.ln2(x))
+        layers = zip(m.blocks, self.attention, self.ffn, strict=True)
+        for i, (block, attention, ffn) in enumerate(layers):
+            x, k, v = attention(x, block.ln1(x), caches[2 * i], caches[2 * i + 1])
+            x = ffn(x, block.ln2(x))
             next_caches += [k, v]
         if m.memory is not None:
             memory = m.memory.step(memory, m.item_emb(items))
-        return (m._head(x, memory), *next_caches, memory)
+            x = torch.addmm(x, m.memory.ln(memory), self.mix_t)  # + W_m LN(m); bias folded above
+        return (m.ln_f(x), *next_caches, memory)
