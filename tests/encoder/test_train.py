@@ -161,6 +161,21 @@ def test_regularisation_follows_the_data_density_unless_set(
     assert chosen["train_config"]["weight_decay"] == 0.05
 
 
+@pytest.mark.parametrize(("length", "layers", "span"), [(12, 2, 100), (24, 3, 67)])
+def test_depth_follows_the_data_density_unless_set(
+    tmp_path: Path, length: int, layers: int, span: int
+) -> None:
+    """Dense logs get 3 layers of span 67, sparse ones 2 of span 100: the same receptive
+    field; setting either field keeps the defaults for the other."""
+    data = _synthetic_log(tmp_path / "d.txt", length=length)
+    shape = {k: v for k, v in TINY.items() if k != "span"}
+    auto = train(data, tmp_path / "a", epochs=1, progress=False, **shape)
+    assert (auto["config"]["n_layers"], auto["config"]["span"]) == (layers, span)
+    assert auto["config"]["receptive_field"] == 199
+    chosen = train(data, tmp_path / "c", epochs=1, progress=False, n_layers=1, **shape)
+    assert (chosen["config"]["n_layers"], chosen["config"]["span"]) == (1, 100)
+
+
 def test_train_writes_a_model_that_evaluate_reads(tmp_path: Path) -> None:
     data = _synthetic_log(tmp_path / "d.txt")
     summary = train(data, tmp_path / "m", epochs=3, progress=False, **TINY)
