@@ -10,7 +10,7 @@ the ratio (target: >= 20x).
 The model is the encoder's default config, randomly initialised (weights do not change the
 cost). "graph" rows time the bare ONNX sessions; "api" rows time EncoderRuntime.rebuild/step,
 i.e. including the padding and bookkeeping the worker pays. Times are medians; the ratio is
-the median of per-pair ratios (see _paired_medians), so it is not exactly full ms / step ms.
+the median of per-pair ratios (see paired_medians), so it is not exactly full ms / step ms.
 """
 
 from __future__ import annotations
@@ -36,40 +36,52 @@ def _calls_per_block(fn: Callable[[], object], block_seconds: float) -> int:
     return max(1, round(block_seconds / max(time.perf_counter() - t0, 1e-6)))
 
 
-def _paired_medians(
-    full: Callable[[], object],
-    step: Callable[[], object],
+def interleaved_blocks(
+    calls: dict[str, Callable[[], object]],
     min_blocks: int,
     min_seconds: float,
     block_seconds: float = 0.05,
-) -> tuple[float, float, float]:
-    """Median seconds per call of ``full`` and of ``step``, timed in alternating blocks, and
-    the median over block pairs of full / step.
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, per block, the functions taking turns in blocks of
+    ~``block_seconds``, after three untimed warm-up calls each.
 
-    Why alternate: the machine is shared, and load that comes and goes would otherwise land on
-    one side of the ratio only. Why the ratio per pair: this VM runs fast and slow spells of
-    a second or more (batch-1 steps in one run spread from ~85 to ~150 us), and a full block
-    and the step block right after it share a spell, so their ratio cancels it where a ratio
-    of two medians does not. Why blocks of ~``block_seconds`` rather than single calls: a
-    step right after a full recompute would run on caches the full run evicted, which is not
-    how a worker steps batch after batch. Three untimed warm-up calls each first.
+    Why take turns: the machine is shared, and load that comes and goes would otherwise land
+    on one side of a comparison only. Why blocks rather than single calls: a step right after
+    a full recompute would run on caches the full run evicted, which is not how a worker steps
+    batch after batch.
     """
-    for _ in range(3):
-        full()
-        step()
-    n_full = _calls_per_block(full, block_seconds)
-    n_step = _calls_per_block(step, block_seconds)
-    t_full: list[float] = []
-    t_step: list[float] = []
+    for fn in calls.values():
+        for _ in range(3):
+            fn()
+    per_block = {k: _calls_per_block(fn, block_seconds) for k, fn in calls.items()}
+    times: dict[str, list[float]] = {k: [] for k in calls}
     started = time.perf_counter()
-    while len(t_full) < min_blocks or time.perf_counter() - started < min_seconds:
-        for fn, n, out in ((full, n_full, t_full), (step, n_step, t_step)):
+    while min(map(len, times.values())) < min_blocks or time.perf_counter() - started < min_seconds:
+        for k, fn in calls.items():
             t0 = time.perf_counter()
-            for _ in range(n):
+            for _ in range(per_block[k]):
                 fn()
-            out.append((time.perf_counter() - t0) / n)
-    ratios = [f / s for f, s in zip(t_full, t_step, strict=True)]
-    return statistics.median(t_full), statistics.median(t_step), statistics.median(ratios)
+            times[k].append((time.perf_counter() - t0) / per_block[k])
+    return times
+
+
+def paired_medians(full: list[float], step: list[float]) -> tuple[float, float, float]:
+    """Median seconds per call of full and of step, and the median over block pairs of
+    full / step.
+
+    Why the ratio per pair: this VM runs fast and slow spells of a second or more (batch-1
+    steps in one run spread from ~85 to ~150 us), and a full block and the step block right
+    after it share a spell, so their ratio cancels it where a ratio of two medians does not.
+    """
+    ratios = [f / s for f, s in zip(full, step, strict=True)]
+    return statistics.median(full), statistics.median(step), statistics.median(ratios)
+
+
+def _compare(
+    full: Callable[[], object], step: Callable[[], object], min_blocks: int, min_seconds: float
+) -> tuple[float, float, float]:
+    times = interleaved_blocks({"full": full, "step": step}, min_blocks, min_seconds)
+    return paired_medians(times["full"], times["step"])
 
 
 def main() -> None:
@@ -135,14 +147,14 @@ def main() -> None:
         }
         step_feeds = {"items": nxt[0], "types": nxt[1], "gaps": nxt[2]}
         step_feeds.update({f"in_{n}": a for n, a in states.arrays.items()})
-        t_full, t_step, ratio = _paired_medians(
+        t_full, t_step, ratio = _compare(
             lambda f=full_feeds: rt._full.run(None, f),
             lambda f=step_feeds: rt._step.run(None, f),
             args.repeats,
             args.seconds,
         )
         # api level: what the worker calls (full recompute = rebuild from the whole window)
-        a_full, a_step, a_ratio = _paired_medians(
+        a_full, a_step, a_ratio = _compare(
             lambda w=(items, types, gaps, memory): rt.rebuild(*w),
             lambda s=states, e=nxt: rt.step(s, *e),
             args.repeats,

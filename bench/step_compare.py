@@ -2,8 +2,9 @@
 
 Why: a change to the exported graphs is judged against the previous export, and on this
 noisy machine two separate runs of bench/incremental.py differ by more than the change. Every
-bundle's full.onnx and step.onnx run in alternating ~50 ms blocks; each prints the median
-time per call and the median per-pair ratio (as bench/incremental.py).
+bundle's full.onnx and step.onnx take turns in ~50 ms blocks; each prints the median time per
+call and the median per-pair ratio (bench/incremental.py's interleaved_blocks and
+paired_medians).
 
     python bench/step_compare.py OLD_BUNDLE NEW_BUNDLE [...] [--batches 1 256] [--seconds 20]
 
@@ -15,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.incremental import interleaved_blocks, paired_medians
 from export.runtime import session_options
 
 
@@ -54,12 +53,6 @@ def _graphs(bundle: Path, batch: int, history: int, threads: int, seed: int):
     return (lambda: full.run(None, full_feeds)), (lambda: step.run(None, step_feeds))
 
 
-def _calls_per_block(fn: Callable[[], object], block_seconds: float) -> int:
-    t0 = time.perf_counter()
-    fn()
-    return max(1, round(block_seconds / max(time.perf_counter() - t0, 1e-6)))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundles", type=Path, nargs="+")
@@ -75,27 +68,16 @@ def main() -> None:
     print(f"{'batch':>5} {'bundle':<40} {'full ms':>9} {'step ms':>9} {'ratio':>7}")
     for batch in args.batches:
         calls = {}
-        for b in args.bundles:
-            full, step = _graphs(b, batch, args.history, args.threads, seed=0)
-            calls[(b, "full")], calls[(b, "step")] = full, step
-        for fn in calls.values():
-            for _ in range(3):
-                fn()
-        per_block = {k: _calls_per_block(fn, 0.05) for k, fn in calls.items()}
-        times: dict[tuple[Path, str], list[float]] = {k: [] for k in calls}
-        started = time.perf_counter()
-        while time.perf_counter() - started < args.seconds:
-            for k, fn in calls.items():
-                t0 = time.perf_counter()
-                for _ in range(per_block[k]):
-                    fn()
-                times[k].append((time.perf_counter() - t0) / per_block[k])
-        for b in args.bundles:
-            full_t, step_t = times[(b, "full")], times[(b, "step")]
-            ratio = statistics.median(f / s for f, s in zip(full_t, step_t, strict=True))
+        for i, b in enumerate(args.bundles):
+            calls[f"{i} full"], calls[f"{i} step"] = _graphs(
+                b, batch, args.history, args.threads, seed=0
+            )
+        times = interleaved_blocks(calls, min_blocks=3, min_seconds=args.seconds)
+        for i, b in enumerate(args.bundles):
+            full, step, ratio = paired_medians(times[f"{i} full"], times[f"{i} step"])
             print(
-                f"{batch:>5} {str(b)[-40:]:<40} {statistics.median(full_t) * 1e3:>9.3f} "
-                f"{statistics.median(step_t) * 1e3:>9.3f} {ratio:>6.1f}x"
+                f"{batch:>5} {str(b)[-40:]:<40} {full * 1e3:>9.3f} {step * 1e3:>9.3f} "
+                f"{ratio:>6.1f}x"
             )
 
 

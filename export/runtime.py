@@ -182,7 +182,7 @@ class EncoderRuntime:
         self.receptive_field: int = int(manifest["receptive_field"])
         self.d_model: int = int(manifest["d_model"])
         self.state_names: list[str] = [s["name"] for s in manifest["state"]]
-        self._step_inputs = ["items", "types", "gaps", *(f"in_{n}" for n in self.state_names)]
+        self._step_inputs: list[str] = manifest["graphs"]["step"]["inputs"]
         # step.onnx returns the caches one slot longer than the state: keep their last slots
         self._next_state = [
             (slice(None),) * s["slot_axis"] + (slice(-s["shape"][s["slot_axis"]], None),)
