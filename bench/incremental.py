@@ -104,7 +104,7 @@ def main() -> None:
     from export.runtime import EncoderRuntime
 
     torch.manual_seed(0)
-    shape = {k: v for k, v in (("n_layers", args.n_layers), ("span", args.span)) if v}
+    shape = {k: v for k, v in (("n_layers", args.n_layers), ("span", args.span)) if v is not None}
     cfg = EncoderConfig(n_items=args.n_items, **shape)
     model = InterestEncoder(cfg).eval()
     with (
