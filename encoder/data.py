@@ -11,7 +11,8 @@ Three input formats, picked by file extension:
 
 String ids are mapped to indices (items 1..N, 0 = padding); the vocabulary is saved with the
 model. Split: leave-one-out, the last event of each user is the test target, the second to last
-the validation target (users with fewer than 3 events only train), as in SASRec.
+the validation target (users with fewer than 3 events only train), as in SASRec. Training may
+use the validation target of users outside the validation sample (``train_batch(held_out=...)``).
 
 Everything per user happens once, here, with numpy; the training loop only slices tensors.
 """
@@ -304,7 +305,11 @@ def _build(
 
 
 def train_batch(
-    inter: Interactions, max_len: int, prefix_len: int, every_window: bool = False
+    inter: Interactions,
+    max_len: int,
+    prefix_len: int,
+    every_window: bool = False,
+    held_out: set[int] | None = None,
 ) -> SequenceBatch:
     """Training examples: each user's events except the last two; target = the next event.
 
@@ -312,11 +317,17 @@ def train_batch(
     histories longer than a window are cut into consecutive windows ending at the last one, so
     every training event is a target exactly once per epoch (ml-1m: about 1.5x the targets of
     last-window-only), each earlier window getting the memory of the events before it.
+
+    ``held_out``: when given, only these user rows keep their validation event out of training;
+    every other user trains on everything but the test event (the validation sample is all that
+    needs holding out, and the newest events are the most like the test targets).
     """
     rows, end = [], []
     for u, s in enumerate(inter.sequences):
         n = len(s.items)
         n_train = n - 2 if n >= 3 else n
+        if held_out is not None and n >= 3 and u not in held_out:
+            n_train = n - 1
         last = n_train - 1  # inputs events[:last], targets events[1:n_train]
         while last >= 1:
             rows.append(u)

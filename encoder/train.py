@@ -68,6 +68,11 @@ class TrainConfig:
     val_users: int = 10_000
     # train on every max_len window of long histories, not only the last one (data.train_batch)
     every_window: bool = True
+    # also train on the validation event of the users outside the validation sample: only the
+    # sample needs it held out, and a user's newest events are the most like the test targets
+    # (Beauty: NDCG@10 +15% on seed 0). Never on any test event. False = every user's
+    # validation event held out, as the published SASRec numbers were trained (bench/README.md)
+    train_on_validation: bool = True
     seed: int = 0
     threads: int = 0  # 0 = all cores available to this process
 
@@ -292,6 +297,34 @@ def auto_negatives(positions: int, n_items: int, logits_per_epoch: float) -> int
     return 0 if k >= n_items else k
 
 
+def training_split(
+    inter: Interactions,
+    cfg: EncoderConfig,
+    tc: TrainConfig,
+    prefix: int,
+    gen: torch.Generator,
+) -> tuple[SequenceBatch, SequenceBatch | None]:
+    """The training examples and the validation sample (None for logs too small to validate).
+
+    The sample is drawn first so that, with ``train_on_validation``, exactly its users keep
+    their validation event out of training.
+    """
+    try:
+        valid_set: SequenceBatch | None = eval_batch(inter, "valid", cfg.max_len, prefix)
+    except UserError:
+        valid_set = None  # tiny logs: train without early stopping
+    if valid_set is not None and 0 < tc.val_users < len(valid_set):
+        pick = torch.randperm(len(valid_set), generator=gen)[: tc.val_users]
+        valid_set = valid_set.select(pick.sort().values)
+    held_out = None
+    if tc.train_on_validation:
+        held_out = set() if valid_set is None else set(valid_set.users.tolist())
+    train_set = train_batch(
+        inter, cfg.max_len, prefix, every_window=tc.every_window, held_out=held_out
+    )
+    return train_set, valid_set
+
+
 def train(
     data: Path,
     out: Path,
@@ -347,14 +380,7 @@ def train(
         tc.weight_decay = auto_weight_decay(inter)
     cfg = EncoderConfig(n_items=inter.n_items, **{**seen_features, **enc_over})
     prefix = memory_horizon(cfg.memory_decay) if cfg.use_memory else 0
-    train_set = train_batch(inter, cfg.max_len, prefix, every_window=tc.every_window)
-    try:
-        valid_set = eval_batch(inter, "valid", cfg.max_len, prefix)
-    except UserError:
-        valid_set = None  # tiny logs: train without early stopping
-    if valid_set is not None and 0 < tc.val_users < len(valid_set):
-        pick = torch.randperm(len(valid_set), generator=gen)[: tc.val_users]
-        valid_set = valid_set.select(pick.sort().values)
+    train_set, valid_set = training_split(inter, cfg, tc, prefix, gen)
 
     n_neg = tc.n_negatives
     if n_neg < 0:

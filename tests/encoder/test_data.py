@@ -128,6 +128,20 @@ def test_leave_one_out_split(tmp_path: Path) -> None:
     assert seen_items(inter, va.users, "valid")[1].tolist() == [7]
 
 
+def test_held_out_users_alone_keep_their_validation_event_out_of_training(
+    tmp_path: Path,
+) -> None:
+    # u and v: events 1..5 (4 = valid, 5 = test); w: 2 events (train only)
+    lines = [f"u {i}" for i in range(1, 6)] + [f"v {i}" for i in range(1, 6)] + ["w 1", "w 2"]
+    inter = load_interactions(_write(tmp_path, "d.txt", "\n".join(lines) + "\n"))
+    tr = train_batch(inter, max_len=4, prefix_len=2, held_out={1})
+    targets = {int(u): tr.targets[r].tolist() for r, u in enumerate(tr.users)}
+    assert targets[0] == [0, 2, 3, 4]  # u is outside the sample: its validation event 4 trains
+    assert targets[1] == [0, 0, 2, 3]  # v is in the validation sample: 4 stays held out
+    assert targets[2] == [0, 0, 0, 2]  # w has no validation event: unchanged
+    assert all(5 not in t for t in targets.values())  # no test event ever trains
+
+
 def test_every_window_makes_each_training_event_a_target_once(tmp_path: Path) -> None:
     # u: events 1..10, trains on 1..8 (9 = valid, 10 = test); windows of 3 inputs
     lines = [f"u {i}" for i in range(1, 11)] + ["v 1", "v 2"]

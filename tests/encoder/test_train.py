@@ -12,7 +12,14 @@ import torch
 from encoder.data import load_interactions, memory_horizon, train_batch
 from encoder.evaluate import evaluate
 from encoder.model import EncoderConfig, InterestEncoder
-from encoder.train import full_softmax_loss, next_item_loss, popularity_proposal, train
+from encoder.train import (
+    TrainConfig,
+    full_softmax_loss,
+    next_item_loss,
+    popularity_proposal,
+    train,
+    training_split,
+)
 from interest.errors import UserError
 
 TINY = {"d_model": 16, "n_heads": 2, "span": 4, "max_len": 12, "dropout": 0.0}
@@ -27,6 +34,27 @@ def _synthetic_log(path: Path, users: int = 40, items: int = 30, length: int = 1
         lines += [f"user{u} item{(start + t) % items}" for t in range(length)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.mark.parametrize("train_on_validation", [False, True])
+def test_the_validation_sample_never_trains_on_its_validation_events(
+    tmp_path: Path, train_on_validation: bool
+) -> None:
+    inter = load_interactions(_synthetic_log(tmp_path / "d.txt", length=6))
+    cfg = EncoderConfig(n_items=inter.n_items, **TINY)
+    tc = TrainConfig(val_users=10, train_on_validation=train_on_validation)
+    train_set, valid_set = training_split(inter, cfg, tc, 0, torch.Generator().manual_seed(0))
+    assert valid_set is not None and len(valid_set) == 10
+    sample = set(valid_set.users.tolist())
+    for u, seq in enumerate(inter.sequences):
+        trained = train_set.targets[train_set.users == u]
+        trained = trained[trained != 0].tolist()
+        # events 1..3 always train; event 4 (validation) only outside the sample, if asked;
+        # event 5 (test) never
+        expected = seq.items[1:4].tolist()
+        if train_on_validation and u not in sample:
+            expected.append(int(seq.items[4]))
+        assert trained == expected
 
 
 @pytest.mark.parametrize(("n_negatives", "popular"), [(0, False), (8, False), (8, True)])
