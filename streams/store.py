@@ -39,8 +39,10 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import hiredis
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import DataError
 
 from streams.settings import Settings
 from streams.window import UserState, WindowEntry
@@ -216,13 +218,44 @@ def _text(value: bytes | None) -> str | None:
     return value.decode() if value is not None else None
 
 
+class HiredisPacking:
+    """Mixin for a redis.asyncio connection class: build commands with hiredis, in C.
+
+    Why: redis-py's asyncio connections pack commands in Python, and a batch's write script
+    carries ~9 arguments per user: 9.3 ms against 1.6 ms per 500-user batch (same bytes; the
+    sync client already does this when hiredis is installed). Reference: redis-py's own
+    pack_command, compared byte for byte in tests/streams/test_store.py.
+    """
+
+    def pack_command(self, *args: object) -> list[bytes]:
+        first = args[0]
+        if isinstance(first, str):  # "SCRIPT LOAD" and the like: one word per argument
+            args = (*first.encode().split(), *args[1:])
+        elif isinstance(first, bytes) and b" " in first:
+            args = (*first.split(), *args[1:])
+        args = tuple(bytes(a) if isinstance(a, bytearray | memoryview) else a for a in args)
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as exc:  # what redis-py raises for an argument it cannot send
+            raise DataError(str(exc)) from exc
+
+
+def with_hiredis_packing(client: aioredis.Redis) -> aioredis.Redis:
+    """The same client, its connections (TCP, TLS or Unix socket alike) packing with hiredis."""
+    pool = client.connection_pool
+    base = pool.connection_class
+    if not issubclass(base, HiredisPacking):
+        pool.connection_class = type(f"Hiredis{base.__name__}", (HiredisPacking, base), {})
+    return client
+
+
 def connect(settings: Settings) -> aioredis.Redis:
     options: dict[str, object] = {"username": settings.redis_username}
     if settings.redis_password:
         options["password"] = settings.redis_password.get_secret_value()
     if settings.redis_ssl_ca_certs:  # TLS itself is chosen by a rediss:// URL
         options["ssl_ca_certs"] = str(settings.redis_ssl_ca_certs)
-    return aioredis.Redis.from_url(settings.redis_url, **options)
+    return with_hiredis_packing(aioredis.Redis.from_url(settings.redis_url, **options))
 
 
 @dataclass(slots=True)
