@@ -101,6 +101,11 @@ class Settings(BaseSettings):
     # false falls back to faust's stock aiokafka driver.
     fast_consumer: bool = True
 
+    # Longest a fetch waits on the broker when there is no new data (fast_consumer only; faust's
+    # stock driver hard-codes 1500 ms). Kafka answers as soon as data arrives, so this only
+    # paces empty polls there; the embedded broker waits it out, adding it to latency.
+    kafka_fetch_max_wait_ms: int = Field(default=50, ge=1, le=30_000)
+
     # Micro-batching in the worker (stream.take_events(batch_size, within=batch_within_seconds)).
     batch_size: int = Field(default=500, ge=1)
     batch_within_seconds: float = Field(default=0.05, gt=0)

@@ -25,6 +25,7 @@ from streams.recommend import Recommender
 from streams.settings import Settings
 from streams.store import StateStore, connect
 from streams.topics import ensure_topics
+from streams.transport import FETCH_MAX_WAIT_ATTR
 from streams.transport import SCHEME as TRANSPORT_SCHEME
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
         key_serializer="raw",
         value_serializer="raw",
     )
+    setattr(app, FETCH_MAX_WAIT_ATTR, settings.kafka_fetch_max_wait_ms)  # streams/transport.py
     source_topic = app.topic(*settings.input_topics, key_type=bytes, value_type=bytes)
     watcher = ModelWatcher(settings, recommender or load_recommender(settings))
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="inference")

@@ -75,3 +75,18 @@ def test_finish_propagates_errors_and_cancellation() -> None:
         assert never.cancelled()
 
     asyncio.run(main())
+
+
+def test_the_worker_consumer_waits_as_long_as_the_setting_says(tmp_path) -> None:
+    from streams.settings import Settings
+    from streams.worker import create_app
+
+    async def consumer_wait_ms(settings: Settings) -> int:
+        app = create_app(settings, tmp_path / settings.group_id)
+        thread = app.consumer._new_consumer_thread()
+        consumer = thread._create_worker_consumer(app.transport)  # built, never started
+        return consumer._fetch_max_wait_ms
+
+    fast = Settings(bootstrap_servers="127.0.0.1:9", group_id="g1", kafka_fetch_max_wait_ms=7)
+    assert asyncio.run(consumer_wait_ms(fast)) == 7
+    assert asyncio.run(consumer_wait_ms(Settings(group_id="g2"))) == 50  # the default
