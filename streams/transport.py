@@ -79,7 +79,9 @@ class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
     bench/README.md, "Streaming").
     """
 
-    def _create_worker_consumer(self, transport: Any) -> Any:
+    def _create_worker_consumer(
+        self, transport: aiokafka_driver.Transport
+    ) -> aiokafka_driver.aiokafka.AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)
         wait_ms = getattr(self.app, FETCH_MAX_WAIT_ATTR, None)
         if wait_ms is not None:
