@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from faust.transport import drivers
@@ -77,7 +78,7 @@ def test_finish_propagates_errors_and_cancellation() -> None:
     asyncio.run(main())
 
 
-def test_the_worker_consumer_waits_as_long_as_the_setting_says(tmp_path) -> None:
+def test_the_worker_consumer_waits_as_long_as_the_setting_says(tmp_path: Path) -> None:
     from streams.settings import Settings
     from streams.worker import create_app
 
