@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -122,3 +124,17 @@ def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(
     for r in recs:
         ids_per_trigger.setdefault(r["trigger_event_id"], set()).add(r["recommendation_id"])
     assert all(len(ids) == 1 for ids in ids_per_trigger.values())
+
+
+def test_the_worker_does_not_turn_on_debug_logging(tmp_path: Path) -> None:
+    # faust's progress spinner sets the root logger to DEBUG, and every aiokafka send then
+    # builds a debug record; the worker must log at the level the settings say.
+    from streams.worker import create_app, create_worker
+
+    settings = Settings(bootstrap_servers="127.0.0.1:9", group_id="g-logging")
+    worker = create_worker(create_app(settings, tmp_path), settings)
+    root = logging.Logger("probe-root")
+    root.addHandler(logging.NullHandler())
+    worker.on_setup_root_logger(root, logging.WARNING)
+    assert root.level != logging.DEBUG
+    assert len(root.handlers) == 1

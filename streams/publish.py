@@ -1,0 +1,69 @@
+"""Publishing a micro-batch's output: whole Kafka record batches instead of one send per record.
+
+Why: `producer.send()` per record costs tens of microseconds of Python in aiokafka and faust
+(a future, a partition lookup, a sensor call and a debug log each), which made publishing a
+batch's ~500 recommendations ~14% of the worker's event-loop time in a profile under load.
+Here the records of one (topic, partition) are appended to aiokafka's record-batch builder
+(C code) and submitted with `send_batch`: one future per batch of records.
+
+Partitions are chosen as `send()` would choose them (aiokafka's DefaultPartitioner: murmur2 of
+the key over all partitions, the Java client's rule), so a user's recommendations keep landing
+in one partition, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
+
+from streams.pipeline import OutRecord
+from streams.settings import Settings
+
+
+def create_producer(settings: Settings, client_id: str) -> AIOKafkaProducer:
+    """The worker's producer: acknowledged by all in-sync replicas, as faust's default."""
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers,
+        client_id=client_id,
+        acks="all",
+        **settings.kafka_client_options(),  # type: ignore[arg-type]
+    )
+
+
+class BatchPublisher:
+    """Sends all records of a call and returns once the broker acknowledged every one."""
+
+    def __init__(self, producer: AIOKafkaProducer, timeout_seconds: float) -> None:
+        self.producer = producer
+        self.timeout_seconds = timeout_seconds
+        self._partitioner = DefaultPartitioner()
+
+    async def publish(self, records: Sequence[OutRecord]) -> None:
+        producer = self.producer
+        partitions = {
+            topic: sorted(await producer.partitions_for(topic))
+            for topic in {record.topic for record in records}
+        }
+        pending: list[asyncio.Future[object]] = []
+        open_batches: dict[tuple[str, int], BatchBuilder] = {}
+        for record in records:
+            topic, key, value = record.topic, record.key, record.value
+            tp = (topic, self._partitioner(key, partitions[topic], partitions[topic]))
+            batch = open_batches.get(tp)
+            if batch is not None and batch.append(timestamp=None, key=key, value=value):
+                continue
+            if batch is not None:  # full: send it, start the next one
+                pending.append(await producer.send_batch(batch, topic, partition=tp[1]))
+            batch = open_batches[tp] = producer.create_batch()
+            # A fresh batch takes any one record (records here are bounded by top_k and the
+            # DLQ's raw_max_bytes, far below a request's size limit).
+            batch.append(timestamp=None, key=key, value=value)
+        for (topic, partition), batch in open_batches.items():
+            pending.append(await producer.send_batch(batch, topic, partition=partition))
+        if pending:
+            # A lost acknowledgement must not stall the worker: time out and retry the batch.
+            await asyncio.wait_for(asyncio.gather(*pending), self.timeout_seconds)
