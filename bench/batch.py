@@ -6,7 +6,7 @@ encodes what it would send. Prints events/s and milliseconds per batch by stage,
 the hot path can be measured without the broker's noise, and profiled with
 `py-spy record -- python bench/batch.py`.
 
-    python bench/batch.py [--model BUNDLE] [--events 60000] [--batch 500]
+    python bench/batch.py [--model BUNDLE] [--events 60000] [--batch 500] [--default-gc]
 
 The first pass over each user rebuilds its state from the window (cold); the numbers printed
 are for batches after every user's state is cached (warm), the worker's steady state.
@@ -155,6 +155,11 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=500)
     default_workdir = Path(tempfile.gettempdir()) / "interest-bench-stream"  # bench/stream.py's
     ap.add_argument("--workdir", type=Path, default=default_workdir)
+    ap.add_argument(
+        "--default-gc",
+        action="store_true",
+        help="keep CPython's GC thresholds instead of the worker's (streams.worker.tune_gc)",
+    )
     args = ap.parse_args()
     if not DATA.is_file():
         print(f"skipped: {DATA} not found (the data sets are not committed)")
@@ -170,7 +175,12 @@ def main() -> int:
         try:
             time.sleep(0.5)
             settings = Settings(redis_url=f"redis://127.0.0.1:{port}/0", model=bundle)
-            asyncio.run(run(settings, messages(args.events), args.batch))
+            events = messages(args.events)
+            if not args.default_gc:
+                from streams.worker import tune_gc
+
+                tune_gc()  # as `interest worker` does
+            asyncio.run(run(settings, events, args.batch))
         finally:
             stop_process(redis)
     return 0
