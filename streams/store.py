@@ -39,6 +39,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
 import orjson
 import redis.asyncio as aioredis
 from redis.connection import HiredisRespSerializer
@@ -206,8 +207,17 @@ class UserWrite:
     recs: list[str] | None = None
 
 
+_entry_encoder = msgspec.json.Encoder()
+_window_decoder = msgspec.json.Decoder(list[WindowEntry])
+
+
 def encode_entry(entry: WindowEntry) -> bytes:
-    return orjson.dumps(entry.to_json())
+    return _entry_encoder.encode(entry)
+
+
+def decode_window(entries: Sequence[bytes]) -> list[WindowEntry]:
+    """Window entries as stored (one JSON object each), oldest first, in one decoder call."""
+    return _window_decoder.decode(b"[" + b",".join(entries) + b"]")
 
 
 def encode_offsets(offsets: Mapping[str, int]) -> bytes:
@@ -304,10 +314,8 @@ class StateStore:
 
     def _decode(self, user_id: str, row: list) -> StoredUser:  # type: ignore[type-arg]
         offsets_raw, vector, memory, version, recs, updated, window_raw = row
-        if window_raw is None:  # Lua false: the cached window is current
-            window = self._windows.get(user_id)
-        else:
-            window = [WindowEntry.from_json(orjson.loads(e)) for e in window_raw]
+        # Lua false (None here): the window this worker cached is current.
+        window = self._windows.get(user_id) if window_raw is None else decode_window(window_raw)
         return StoredUser(
             state=UserState(window, orjson.loads(offsets_raw) if offsets_raw else {}),
             raw_offsets=offsets_raw,
@@ -436,7 +444,7 @@ class StateStore:
         offsets_raw, vector, memory, version, recs, updated = fields
         return StoredUser(
             state=UserState(
-                [WindowEntry.from_json(orjson.loads(e)) for e in window],
+                decode_window(window),
                 orjson.loads(offsets_raw) if offsets_raw else {},
             ),
             vector=vector,

@@ -19,6 +19,8 @@ from streams.store import (
     StateStore,
     UserWrite,
     connect,
+    decode_window,
+    encode_entry,
     encode_offsets,
     with_hiredis_packing,
 )
@@ -274,3 +276,24 @@ def test_hiredis_packing_refuses_what_redis_py_refuses() -> None:
             redis.asyncio.Connection().pack_command("SET", "k", bad)
         with pytest.raises(redis.exceptions.DataError):
             fast.pack_command("SET", "k", bad)
+
+
+@given(
+    st.text(min_size=1),
+    st.text(min_size=1),
+    st.sampled_from(["click", "purchase", "view", "add_to_cart"]),
+    st.integers(min_value=0, max_value=2**53),
+)
+def test_window_entries_round_trip_in_the_documented_json(
+    event_id: str, item_id: str, event_type: str, timestamp: int
+) -> None:
+    entry = WindowEntry(event_id, item_id, event_type, timestamp)
+    raw = encode_entry(entry)
+    assert json.loads(raw) == {
+        "event_id": event_id,
+        "item_id": item_id,
+        "event_type": event_type,
+        "timestamp": timestamp,
+    }
+    assert decode_window([raw, raw]) == [entry, entry]
+    assert decode_window([]) == []

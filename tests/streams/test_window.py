@@ -1,5 +1,5 @@
 from streams.events import Event, Source
-from streams.window import UserState, WindowPolicy, apply_event, trim
+from streams.window import UserState, WindowEntry, WindowPolicy, apply_event, trim
 
 
 def make(
@@ -73,3 +73,12 @@ def test_seen_items() -> None:
     apply_event(state, make(1, 1, item="a"), WindowPolicy(5))
     apply_event(state, make(2, 2, item="b"), WindowPolicy(5))
     assert state.seen_items() == {"a", "b"}
+
+
+def test_window_entries_are_not_tracked_by_the_cycle_collector() -> None:
+    # A worker caches millions of entries; tracked, they made every full collection slow.
+    import gc
+
+    entry = WindowEntry("e1", "i1", "click", 1_000)
+    gc.collect()
+    assert not gc.is_tracked(entry)
