@@ -369,9 +369,10 @@ class EncoderRuntime:
         self,
         vectors: np.ndarray,
         k: int,
-        exclude: Sequence[Sequence[int] | np.ndarray] | None = None,
+        exclude: Sequence[Sequence[int] | np.ndarray] | np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Best k items per user by dot product, padding and ``exclude[b]`` (seen items) removed.
+        """Best k items per user by dot product, padding and ``exclude[b]`` (seen items) removed
+        (``exclude``: one list per user, or a (B, W) matrix of them padded with 0).
 
         Returns (indices (B, k) int64, scores (B, k) float32), best first. Where fewer than k
         items remain, the tail has index 0 and score -inf. Runs export/scoring.py's graph;

@@ -63,14 +63,22 @@ def scoring_graph(item_embeddings: np.ndarray) -> bytes:
 
 
 def exclusion_matrix(
-    exclude: Sequence[Sequence[int] | np.ndarray] | None, batch: int, n: int
+    exclude: Sequence[Sequence[int] | np.ndarray] | np.ndarray | None, batch: int, n: int
 ) -> np.ndarray:
     """(B, 1 + longest list) int64: padding first, then each user's indices; out-of-range
-    indices (UNKNOWN = -1, stale ids) become padding, which is excluded anyway."""
+    indices (UNKNOWN = -1, stale ids) become padding, which is excluded anyway.
+
+    ``exclude`` is one list per user, or a (B, W) integer matrix whose rows are those lists
+    padded with 0 (padding is excluded anyway): the worker builds that directly.
+    """
     if exclude is None:
         return np.zeros((batch, 1), np.int64)
     if len(exclude) != batch:
         raise ValueError("exclude needs one list of item indices per user")
+    if isinstance(exclude, np.ndarray) and exclude.ndim == 2:
+        out = np.zeros((batch, 1 + exclude.shape[1]), np.int64)
+        out[:, 1:] = np.where((exclude >= 0) & (exclude < n), exclude, PADDING)
+        return out
     rows = [np.asarray(seen, dtype=np.int64).reshape(-1) for seen in exclude]
     out = np.zeros((batch, 1 + max((len(r) for r in rows), default=0)), np.int64)
     for b, row in enumerate(rows):
@@ -96,7 +104,7 @@ class TopKScorer:
         self,
         vectors: np.ndarray,
         k: int,
-        exclude: Sequence[Sequence[int] | np.ndarray] | None = None,
+        exclude: Sequence[Sequence[int] | np.ndarray] | np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(indices (B,k') int64, scores (B,k') float32), k' = min(k, n_items + 1), best first;
         where fewer than k' items remain, the tail has index 0 and score -inf."""

@@ -233,22 +233,29 @@ class EncoderRecommender:
 
         # 3. Top-K with seen items excluded; cold users fall back to popularity. The seen items
         # grow per user event by event, so the cost per event does not depend on the window.
+        # Built as one (events, seen) index matrix (0 = nothing): a per-event array and a
+        # per-user lookup call cost more Python than the scoring itself.
+        priors = [batch.prior_windows.get(user_id, ()) for user_id in users]
+        flat = rt.index_of([entry.item_id for prior in priors for entry in prior])
+        ends = np.cumsum([len(prior) for prior in priors])
+        known_so_far = np.concatenate([[0], np.cumsum(flat > 0)])
         prior_seen: dict[str, np.ndarray] = {}
-        batch_seen: dict[str, list[int]] = {}
         knows_user: dict[str, bool] = {}  # the model knows at least one of the user's items
-        exclude: list[np.ndarray] = []
+        for user_id, end, prior in zip(users, ends.tolist(), priors, strict=True):
+            prior_seen[user_id] = flat[end - len(prior) : end]
+            knows_user[user_id] = bool(known_so_far[end] > known_so_far[end - len(prior)])
+        batch_seen: dict[str, list[int]] = {user_id: [] for user_id in users}
+        width = max((len(prior_seen[u]) + len(ids) for u, ids in per_user.items()), default=1)
+        exclude = np.zeros((len(requests), max(width, 1)), np.int64)
         known: list[bool] = []
-        for request, item in zip(requests, event_items, strict=True):
+        for row, (request, item) in enumerate(zip(requests, event_items.tolist(), strict=True)):
             user_id = request.event.user_id
-            if user_id not in prior_seen:
-                prior = batch.prior_windows.get(user_id, ())
-                prior_seen[user_id] = rt.index_of([e.item_id for e in prior])
-                batch_seen[user_id] = []
-                knows_user[user_id] = bool((prior_seen[user_id] > 0).any())
-            batch_seen[user_id].append(int(item))
+            prior, so_far = prior_seen[user_id], batch_seen[user_id]
+            so_far.append(item)
             knows_user[user_id] = knows_user[user_id] or item > 0
             known.append(knows_user[user_id])
-            exclude.append(np.concatenate([prior_seen[user_id], batch_seen[user_id]]))
+            exclude[row, : len(prior)] = prior
+            exclude[row, len(prior) : len(prior) + len(so_far)] = so_far
         top, scores = rt.top_k(vectors, batch.k, exclude=exclude)
         names = self._item_names[top].tolist()  # (B, k) item ids, None for padding
         popular_seen: dict[str, set[str]] = {}
@@ -257,7 +264,11 @@ class EncoderRecommender:
             requests, known, names, scores.tolist(), strict=True
         ):
             if is_known:
-                items = [(n, s) for n, s in zip(row_names, row_scores, strict=True) if n]
+                items = (
+                    list(zip(row_names, row_scores, strict=True))
+                    if None not in row_names  # the common case: k real items
+                    else [(n, s) for n, s in zip(row_names, row_scores, strict=True) if n]
+                )
                 recommendations.append(Recommendation(items, rt.version, "encoder"))
             else:  # the model knows none of this user's items yet
                 user_id = request.event.user_id

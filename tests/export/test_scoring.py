@@ -22,6 +22,13 @@ def _check(vectors: np.ndarray, k: int, exclude: list[list[int]]) -> None:
     ref_i, ref_s = top_k_reference(vectors @ ITEMS.T, min(k, N_ITEMS + 1), exclude)
     np.testing.assert_array_equal(got_i, ref_i)
     np.testing.assert_allclose(got_s, ref_s, rtol=1e-5, atol=1e-5)
+    # The same lists as one matrix padded with 0 (what the worker passes): same answer.
+    matrix = np.zeros((len(exclude), max([len(row) for row in exclude] + [1])), np.int64)
+    for b, row in enumerate(exclude):
+        matrix[b, : len(row)] = row
+    got_i, got_s = SCORER.top_k(vectors, k, matrix)
+    np.testing.assert_array_equal(got_i, ref_i)
+    np.testing.assert_allclose(got_s, ref_s, rtol=1e-5, atol=1e-5)
 
 
 def test_matches_reference_on_edge_cases() -> None:

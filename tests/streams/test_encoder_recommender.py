@@ -1,0 +1,78 @@
+"""EncoderRecommender on one batch, against plain references: what it excludes and what it ranks.
+
+No broker or Redis: the recommender is pure computation over a batch (the stream tests in
+test_encoder_stream.py cover it in the worker).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch", reason="needs the training extra (pip install -e .[train])")
+
+from export.runtime import EncoderRuntime, top_k_reference
+from streams.encoder_recommender import EncoderRecommender
+from streams.events import Event, Source
+from streams.recommend import Batch, Request
+from streams.window import WindowEntry
+from tests.streams.test_encoder_stream import ITEMS, make_bundle
+
+
+def test_each_event_excludes_the_window_and_the_batch_so_far(tmp_path: Path) -> None:
+    _, bundle = make_bundle(tmp_path, seed=3)
+    rt = EncoderRuntime.load(bundle, device="cpu")
+    recommender = EncoderRecommender(rt, cache_users=100)
+    k = 10
+    priors = {
+        "u1": [WindowEntry(f"p{i}", ITEMS[i], "click", 1_000 + i) for i in range(6)],
+        "u2": [WindowEntry("q0", "unknown-item", "click", 1_000)],  # nothing the model knows
+        "u3": [],
+    }
+    events = [
+        ("u1", ITEMS[10]),
+        ("u2", ITEMS[11]),
+        ("u1", ITEMS[12]),
+        ("u3", "another-unknown"),
+        ("u1", ITEMS[2]),  # already in the window: seen twice, excluded once
+        ("u2", ITEMS[13]),
+    ]
+    windows = {user: list(window) for user, window in priors.items()}
+    requests = []
+    for offset, (user, item) in enumerate(events):
+        event = Event(f"e{offset}", user, item, "click", 2_000 + offset, Source("t", 0, offset))
+        windows[user].append(WindowEntry.from_event(event))
+        requests.append(Request(event, tuple(windows[user])))
+    batch = Batch(
+        requests=requests,
+        prior_windows={user: tuple(window) for user, window in priors.items()},
+        stored={},
+        prior_signatures={user: "" for user in priors},
+        final_signatures={user: "after" for user in priors},
+        popular=[(ITEMS[i], float(100 - i)) for i in range(20)],
+        k=k,
+    )
+    result = recommender.recommend(batch)
+
+    for index, (request, rec) in enumerate(zip(requests, result.recommendations, strict=True)):
+        user = request.event.user_id
+        seen = {e.item_id for e in priors[user]} | {
+            item for u, item in events[: index + 1] if u == user
+        }
+        assert not seen & {item for item, _ in rec.items}, (index, rec.items)
+        assert len(rec.items) == k
+    # u3 knows nothing the model knows: the popularity fallback, marked as such.
+    sources = [rec.source for rec in result.recommendations]
+    assert sources == ["encoder", "encoder", "encoder", "popularity", "encoder", "encoder"]
+
+    # Each user's last recommendation is the plain top-k of its final vector.
+    last = {request.event.user_id: i for i, request in enumerate(requests)}
+    for user in ("u1", "u2"):
+        vector = np.frombuffer(result.updates[user].vector, np.float32)[None]
+        seen_idx = rt.index_of([e.item_id for e in windows[user]])
+        ref_i, ref_s = top_k_reference(rt.scores(vector), k, [seen_idx])
+        rec = result.recommendations[last[user]]
+        assert [item for item, _ in rec.items] == rt.ids_of(ref_i[0])
+        np.testing.assert_allclose([s for _, s in rec.items], ref_s[0], rtol=1e-5, atol=1e-5)
