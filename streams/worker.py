@@ -6,16 +6,19 @@ file only wires them to Faust: topics, consumer settings, the producer and crede
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faust
-from faust.types import AppT
+from faust.types import AppT, EventT
 
 from streams.events import Source
 from streams.model_watch import ModelWatcher, load_recommender
@@ -81,29 +84,53 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
         processor = BatchProcessor(
             settings, StateStore(client, settings), watcher.current, publisher, executor
         )
-        try:
-            async for batch in stream.take_events(
-                settings.batch_size, within=settings.batch_within_seconds
-            ):
-                messages = [
-                    RawMessage(
-                        event.message.key,
-                        event.message.value,
-                        Source(event.message.topic, event.message.partition, event.message.offset),
-                    )
-                    for event in batch
-                ]
-                # Between batches: pick up a rolled-out model, if any.
-                processor.recommender = await watcher.refresh(executor)
+
+        async def process_then_ack(events: Sequence[EventT]) -> None:
+            messages = [
+                RawMessage(
+                    event.message.key,
+                    event.message.value,
+                    Source(event.message.topic, event.message.partition, event.message.offset),
+                )
+                for event in events
+            ]
+            # Between batches: pick up a rolled-out model, if any.
+            processor.recommender = await watcher.refresh(executor)
+            await process_with_retry(lambda: processor.process(messages))
+            for event in events:  # only now may their offsets be committed
+                await stream.ack(event)
+
+        # Batches are processed by one task, in order, while faust collects the next ones: its
+        # per-message work (decode, stream, buffer) overlaps the batch's waits on inference,
+        # Redis and Kafka instead of running between batches. One collected batch may wait
+        # in the queue; collecting another waits for room (bounded memory, back-pressure).
+        pending: asyncio.Queue[list[EventT]] = asyncio.Queue(maxsize=1)
+
+        async def process_in_order() -> None:
+            while True:
+                events = await pending.get()
                 try:
-                    await process_with_retry(lambda m=messages: processor.process(m))
+                    await process_then_ack(events)
                 except Exception:
-                    # Faust would ack this batch if the agent raised, and the events would be
-                    # lost. Exit without acking instead: the batch replays on restart.
+                    # Acking would commit events that were never applied. Exit without
+                    # acking instead: the batch replays on restart.
                     log.exception("unexpected error; exiting so the batch is replayed")
                     logging.shutdown()
                     os._exit(70)
+                pending.task_done()
+
+        processing = asyncio.ensure_future(process_in_order())
+        try:
+            async for events in stream.noack_take(
+                settings.batch_size, within=settings.batch_within_seconds
+            ):
+                await pending.put(list(events))
+            await pending.join()
         finally:
+            # Shutting down mid-batch: unacked events replay on restart.
+            processing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await processing
             await producer.stop()
             await client.aclose()
 
