@@ -276,8 +276,9 @@ async def process_with_retry(
 ) -> BatchResult:
     """Retry a batch through transient outages instead of acking it unprocessed.
 
-    Faust acks a take() batch even when the agent raises, so giving up here would lose events.
-    The batch is idempotent, so retrying is always safe.
+    Giving up would leave the worker a choice between acking events that were never applied
+    (lost) and exiting; an outage should do neither. The batch is idempotent, so retrying is
+    always safe.
     """
     delay = 0.1
     while True:

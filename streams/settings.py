@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     # paces empty polls there; the embedded broker waits it out, adding it to latency.
     kafka_fetch_max_wait_ms: int = Field(default=50, ge=1, le=30_000)
 
-    # Micro-batching in the worker (stream.take_events(batch_size, within=batch_within_seconds)).
+    # Micro-batching in the worker (stream.noack_take(batch_size, within=batch_within_seconds)).
     batch_size: int = Field(default=500, ge=1)
     batch_within_seconds: float = Field(default=0.05, gt=0)
 

@@ -144,12 +144,14 @@ GC_THRESHOLDS = (50_000, 10, 100)
 def tune_gc() -> None:
     """Fewer, larger cyclic-GC passes, and none over what was loaded at startup.
 
-    Why: the worker keeps millions of small long-lived objects (decoded window entries, ~200
-    per cached user), and CPython's default thresholds rescanned them all in full collections
-    of ~0.2 s each, several times a minute under load; with the defaults the collector took
-    ~20% of a batch's time (bench/batch.py, bench/README.md). Reference counting still frees
-    everything at once; the cycle collector only has to find cycles, which the hot path
-    rarely makes. Startup objects (modules, the model) are frozen out of every pass.
+    Why: the worker keeps many long-lived objects (per-user caches) and allocates hundreds of
+    short-lived ones per event, and CPython's default thresholds (700, 10, 10) rescanned the
+    long-lived ones over and over: full collections of ~0.2 s several times a minute under
+    load. Measured with `bench/batch.py` against `--default-gc`: 3,541-3,565 against
+    2,755-3,025 events/s (window entries, once most of those objects, are no longer tracked
+    at all: streams/window.py). Reference counting still frees everything at once; the cycle
+    collector only has to find cycles, which the hot path rarely makes. Startup objects
+    (modules, the model) are frozen out of every pass.
     """
     gc.collect()
     gc.freeze()
