@@ -246,7 +246,7 @@ class EncoderRecommender:
             knows_user[user_id] = bool(known_so_far[end] > known_so_far[end - len(prior)])
         batch_seen: dict[str, list[int]] = {user_id: [] for user_id in users}
         width = max((len(prior_seen[u]) + len(ids) for u, ids in per_user.items()), default=1)
-        exclude = np.zeros((len(requests), max(width, 1)), np.int64)
+        exclude = np.zeros((len(requests), width), np.int64)
         known: list[bool] = []
         for row, (request, item) in enumerate(zip(requests, event_items.tolist(), strict=True)):
             user_id = request.event.user_id
