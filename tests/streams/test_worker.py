@@ -126,6 +126,58 @@ def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(
     assert all(len(ids) == 1 for ids in ids_per_trigger.values())
 
 
+def test_a_worker_joining_and_another_dying_mid_stream_apply_every_event_once(
+    settings: Settings, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """Two workers in one group: a rebalance when the second joins, a SIGKILL of the first
+    (its partitions move once its session expires), events pushed throughout."""
+    events = list(sample_events(users=120, events_per_user=60, items=500, seed=11))
+    phases = [events[i::3] for i in range(3)]  # each phase spans every user and the whole time
+
+    def applied() -> int:
+        return sum(len(w) for w in windows(settings).values())
+
+    with InterestClient(settings) as client:
+        client.push(phases[0])
+    first = start_worker(INTEREST_BATCH_SIZE="50")
+    wait_for(lambda: applied() > 0, timeout=60, what="the first worker to start applying")
+    second = start_worker(INTEREST_BATCH_SIZE="50")
+    wait_for(  # aiokafka logs the assignment at INFO (the fixture's log level)
+        lambda: "newly assigned partitions" in second.log(),
+        timeout=90,
+        what="the second worker to be given partitions",
+    )
+    with InterestClient(settings) as client:
+        client.push(phases[1])
+    wait_for(
+        lambda: applied() >= len(phases[0]) + len(phases[1]) // 2,
+        timeout=90,
+        interval=0.1,
+        what="both workers to apply part of the second phase",
+    )
+    first.kill()
+    with InterestClient(settings) as client:
+        client.push(phases[2])
+    wait_for(
+        lambda: applied() >= len(events),
+        timeout=180,
+        what="the surviving worker to apply everything",
+    )
+
+    state = windows(settings)
+    expected: dict[str, list[str]] = {}
+    for e in sorted(events, key=lambda e: e["timestamp"]):
+        expected.setdefault(e["user_id"], []).append(e["event_id"])
+    for user, ids in expected.items():
+        assert [w["event_id"] for w in state[user]] == ids, f"user {user}"
+    recs = read_json(settings, settings.topic_recommendations, len(events), timeout=30)
+    assert {r["trigger_event_id"] for r in recs} == {e["event_id"] for e in events}
+    ids_per_trigger: dict[str, set[str]] = {}
+    for r in recs:
+        ids_per_trigger.setdefault(r["trigger_event_id"], set()).add(r["recommendation_id"])
+    assert all(len(ids) == 1 for ids in ids_per_trigger.values())
+
+
 def test_the_worker_does_not_turn_on_debug_logging(tmp_path: Path) -> None:
     # faust's progress spinner sets the root logger to DEBUG, and every aiokafka send then
     # builds a debug record; the worker must log at the level the settings say.
