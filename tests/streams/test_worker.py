@@ -30,6 +30,28 @@ def windows(settings: Settings) -> dict[str, list[dict[str, Any]]]:
     return result
 
 
+def applied(settings: Settings) -> int:
+    """Events in all users' windows."""
+    return sum(len(w) for w in windows(settings).values())
+
+
+def assert_every_event_applied_once(settings: Settings, events: list[dict[str, Any]]) -> None:
+    """Each user's window holds its events exactly once, in time order, and every event
+    produced a recommendation (a replay republishes the same id)."""
+    state = windows(settings)
+    expected: dict[str, list[str]] = {}
+    for e in sorted(events, key=lambda e: e["timestamp"]):
+        expected.setdefault(e["user_id"], []).append(e["event_id"])
+    for user, ids in expected.items():
+        assert [w["event_id"] for w in state[user]] == ids, f"user {user}"
+    recs = read_json(settings, settings.topic_recommendations, len(events), timeout=30)
+    assert {r["trigger_event_id"] for r in recs} == {e["event_id"] for e in events}
+    ids_per_trigger: dict[str, set[str]] = {}
+    for r in recs:
+        ids_per_trigger.setdefault(r["trigger_event_id"], set()).add(r["recommendation_id"])
+    assert all(len(ids) == 1 for ids in ids_per_trigger.values())
+
+
 def test_events_become_state_recommendations_and_dead_letters(
     settings: Settings, start_worker: Callable[..., WorkerProcess]
 ) -> None:
@@ -95,35 +117,22 @@ def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(
 
     worker = start_worker(INTEREST_BATCH_SIZE="200")
     wait_for(
-        lambda: 0 < sum(len(w) for w in windows(settings).values()) < total * 0.8,
+        lambda: 0 < applied(settings) < total * 0.8,
         timeout=60,
         interval=0.05,
         what="the worker to be part-way through the backlog",
     )
     worker.kill()
-    applied_before_kill = sum(len(w) for w in windows(settings).values())
+    applied_before_kill = applied(settings)
     assert applied_before_kill < total
 
     start_worker()
     wait_for(
-        lambda: sum(len(w) for w in windows(settings).values()) >= total,
+        lambda: applied(settings) >= total,
         timeout=120,
         what="the restarted worker to finish the backlog",
     )
-    state = windows(settings)
-    expected: dict[str, list[str]] = {}
-    for e in sorted(events, key=lambda e: e["timestamp"]):
-        expected.setdefault(e["user_id"], []).append(e["event_id"])
-    for user, ids in expected.items():
-        assert [w["event_id"] for w in state[user]] == ids, f"user {user}"
-
-    # Every accepted event produced a recommendation; a replay republishes the same id.
-    recs = read_json(settings, settings.topic_recommendations, len(events), timeout=30)
-    assert {r["trigger_event_id"] for r in recs} == {e["event_id"] for e in events}
-    ids_per_trigger: dict[str, set[str]] = {}
-    for r in recs:
-        ids_per_trigger.setdefault(r["trigger_event_id"], set()).add(r["recommendation_id"])
-    assert all(len(ids) == 1 for ids in ids_per_trigger.values())
+    assert_every_event_applied_once(settings, events)
 
 
 def test_a_worker_joining_and_another_dying_mid_stream_apply_every_event_once(
@@ -134,13 +143,10 @@ def test_a_worker_joining_and_another_dying_mid_stream_apply_every_event_once(
     events = list(sample_events(users=120, events_per_user=60, items=500, seed=11))
     phases = [events[i::3] for i in range(3)]  # each phase spans every user and the whole time
 
-    def applied() -> int:
-        return sum(len(w) for w in windows(settings).values())
-
     with InterestClient(settings) as client:
         client.push(phases[0])
     first = start_worker(INTEREST_BATCH_SIZE="50")
-    wait_for(lambda: applied() > 0, timeout=60, what="the first worker to start applying")
+    wait_for(lambda: applied(settings) > 0, timeout=60, what="the first worker to start applying")
     second = start_worker(INTEREST_BATCH_SIZE="50")
     wait_for(  # aiokafka logs the assignment at INFO (the fixture's log level)
         lambda: "newly assigned partitions" in second.log(),
@@ -150,7 +156,7 @@ def test_a_worker_joining_and_another_dying_mid_stream_apply_every_event_once(
     with InterestClient(settings) as client:
         client.push(phases[1])
     wait_for(
-        lambda: applied() >= len(phases[0]) + len(phases[1]) // 2,
+        lambda: applied(settings) >= len(phases[0]) + len(phases[1]) // 2,
         timeout=90,
         interval=0.1,
         what="both workers to apply part of the second phase",
@@ -159,23 +165,12 @@ def test_a_worker_joining_and_another_dying_mid_stream_apply_every_event_once(
     with InterestClient(settings) as client:
         client.push(phases[2])
     wait_for(
-        lambda: applied() >= len(events),
+        lambda: applied(settings) >= len(events),
         timeout=180,
         what="the surviving worker to apply everything",
     )
 
-    state = windows(settings)
-    expected: dict[str, list[str]] = {}
-    for e in sorted(events, key=lambda e: e["timestamp"]):
-        expected.setdefault(e["user_id"], []).append(e["event_id"])
-    for user, ids in expected.items():
-        assert [w["event_id"] for w in state[user]] == ids, f"user {user}"
-    recs = read_json(settings, settings.topic_recommendations, len(events), timeout=30)
-    assert {r["trigger_event_id"] for r in recs} == {e["event_id"] for e in events}
-    ids_per_trigger: dict[str, set[str]] = {}
-    for r in recs:
-        ids_per_trigger.setdefault(r["trigger_event_id"], set()).add(r["recommendation_id"])
-    assert all(len(ids) == 1 for ids in ids_per_trigger.values())
+    assert_every_event_applied_once(settings, events)
 
 
 def test_the_worker_does_not_turn_on_debug_logging(tmp_path: Path) -> None:
