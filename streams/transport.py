@@ -1,68 +1,106 @@
-"""A faust Kafka transport whose consumer hands messages to the streams without a task per message.
+"""A faust Kafka transport whose consumer hands the worker whole fetches instead of messages.
 
-Why: faust 0.15.3's ``Consumer._drain_messages`` delivers every fetched message with
-``await self.wait_first(callback(message), self.suspend_flow.wait())``, i.e. four new tasks and
-an ``asyncio.wait`` per message (the callback, the suspend event, the stopped and crashed
-events). On this 2-core machine that caps a no-op agent at 4-7k events/s, with most samples in
-the event loop turning over between those handoffs (DESIGN.md, "Facts measured here").
+Why: faust 0.15.3 moves every fetched message on its own: ``getmany`` yields it, the consumer
+delivers it with ``await self.wait_first(callback(message), self.suspend_flow.wait())`` (four
+new tasks and an ``asyncio.wait``), the conductor decodes it into an event and puts it in the
+agent's queue, the stream and ``take`` hand it on one at a time, and each ack runs the stream's
+bookkeeping. On this 2-core machine that machinery alone caps a no-op agent at 4-7k events/s
+(DESIGN.md, "Facts measured here") and cost the worker ~85 us per event (bench/README.md).
 
-What changes: nothing but that handoff. Each delivery first runs the callback's coroutine one
-step, inline. In the steady state (the stream buffer has room, flow control is active, the
-producer buffer has ebbed) faust's ``on_message`` finishes in that step: the message is in the
-agent's queue, no task was created and the event loop did not turn. Only when the callback
-*suspends* (buffer full, flow suspended for a rebalance, producer back-pressure) is the rest of
-it raced against ``suspend_flow`` exactly as faust does, through ``wait_first``, so a rebalance
-still abandons a blocked delivery. Flow is also checked before every delivery (an attribute read)
-and stops the rest of the fetched batch, as faust's ``getmany`` does. Offsets, gaps, acks and
-commits are handled by faust's own code, unchanged.
+What changes: for the topics of a `FetchSink` (the worker's input topics), one fetch becomes one
+list of messages, put on the sink's queue in one step; the worker's agent takes whole lists from
+it (``FetchSink.take``) and acks them with the consumer's own ``ack`` once their batch is
+written. Everything else stays faust's: the consumer group, offsets, gap tracking, commits
+(``commit_every`` and the periodic commit), flow control and rebalances:
 
-Selected with the broker URL scheme ``interest-kafka://host:port`` (registered below in faust's
-transport registry); everything else is faust's aiokafka driver.
+- each delivered message is tracked in the consumer's unacked set, as the conductor does, so a
+  rebalance waits for the batch in flight (``wait_empty``) before offsets are committed;
+- the sink's queue is a flow-controlled queue managed by the app, so a revocation clears the
+  fetches not yet taken (they are re-fetched from the committed offsets after the rebalance,
+  as faust does with its stream buffers);
+- a fetch waits for room in the queue (back-pressure), raced against a suspended flow exactly
+  as faust races each delivery.
+
+Messages of other topics (none in the worker) go through faust's per-message delivery,
+unchanged. Selected with the broker URL scheme ``interest-kafka://host:port`` (registered below
+in faust's transport registry); everything else is faust's aiokafka driver.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any, cast
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import cast
 
 from faust.transport import drivers
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as aiokafka_driver
-from faust.types import TP, Message
+from faust.types import TP, AppT, Message
 from mode import Service
+from mode.utils.queues import FlowControlQueue
 
 SCHEME = "interest-kafka"
-# Yield to the event loop after this many inline deliveries, so the agents drain their buffers
-# while a large fetch is handed over (faust yields every 100 too).
-YIELD_EVERY = 100
+# Where a FetchSink attaches itself to the app, for the consumer to find.
+FETCH_SINK_ATTR = "interest_fetch_sink"
 
 
-async def _finish(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
-    """Drive the rest of ``coro``, whose first step already ran and yielded ``yielded``.
+class FetchSink:
+    """Whole fetches of some topics, from the consumer to one batch-processing agent.
 
-    What ``asyncio.Task`` does for a coroutine, from its second step on: wait for the future it
-    yielded (a bare ``yield`` means "one loop turn"), then resume it; exceptions, including a
-    cancellation of this task, are thrown into it at its suspension point.
+    The queue holds at most ``max_fetches`` fetches (each at most ``broker_max_poll_records``
+    messages): while the agent processes one batch the consumer fetches the next ones, and
+    stops when the queue is full. The app's flow control clears it when partitions are
+    revoked or assigned, as it clears faust's stream buffers.
     """
-    while True:
-        try:
-            if yielded is None:
-                await asyncio.sleep(0)
-            else:
-                # As Task.__step does: the coroutine's own await marked the future blocking.
-                yielded._asyncio_future_blocking = False
-                await yielded
-        except BaseException as exc:
+
+    def __init__(self, app: AppT, topics: Iterable[str], max_fetches: int) -> None:
+        self.app = app
+        self.topics = frozenset(topics)
+        self._queue: FlowControlQueue[list[Message]] = FlowControlQueue(
+            maxsize=max_fetches, flow_control=app.flow_control
+        )
+        self._rest: list[Message] = []  # of a fetch that did not fit in the last batch
+        app.flow_control.manage_queue(self)  # type: ignore[arg-type]  # needs only clear()
+        setattr(app, FETCH_SINK_ATTR, self)
+
+    async def put(self, messages: list[Message]) -> None:
+        await self._queue.put(messages)
+
+    def clear(self) -> None:
+        """Drop what was fetched but not taken (a rebalance re-reads it from the commits)."""
+        self._queue.clear()
+        self._rest = []
+
+    async def take(self, max_messages: int, within: float) -> list[Message]:
+        """The next batch, in fetch order: up to ``max_messages``, waiting at most ``within``
+        seconds after the first message for the batch to fill."""
+        queue, loop = self._queue, asyncio.get_running_loop()
+        messages, self._rest = self._rest, []
+        if not messages:
+            messages = await queue.get()
+        deadline = loop.time() + within
+        while len(messages) < max_messages:
+            if not queue.empty():
+                messages += queue.get_nowait()
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
             try:
-                yielded = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-            continue
-        try:
-            yielded = coro.send(None)
-        except StopIteration as stop:
-            return stop.value
+                # A cancelled Queue.get never loses an item: it is taken only on success.
+                messages += await asyncio.wait_for(queue.get(), remaining)
+            except TimeoutError:
+                break
+        if len(messages) > max_messages:
+            messages, self._rest = messages[:max_messages], messages[max_messages:]
+        return messages
+
+    def ack(self, messages: Sequence[Message]) -> None:
+        """Mark messages processed: faust may commit their offsets from now on."""
+        ack = self.app.consumer.ack
+        for message in messages:
+            ack(message)
 
 
 # Where create_app leaves Settings.kafka_fetch_max_wait_ms for the consumer thread to read.
@@ -89,65 +127,99 @@ class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
         return consumer
 
 
+@dataclass(slots=True)
+class _Delivery:
+    batch: list[Message] = field(default_factory=list)  # for the sink
+    read_offsets: dict[TP, int] = field(default_factory=dict)  # newest selected, per partition
+
+
 class Consumer(aiokafka_driver.Consumer):
-    """faust's aiokafka consumer with an inline (task-free) delivery in the common case."""
+    """faust's aiokafka consumer, delivering the topics of the app's `FetchSink` per fetch."""
 
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
-    async def deliver(self, message: Message) -> None:
-        """Hand one message to the callback (faust's conductor: decode, put in stream buffers)."""
-        coro = self.callback(message)
-        try:
-            yielded = coro.send(None)
-        except StopIteration:
-            return  # delivered inline: the fast path
-        # The callback is waiting (buffer full, flow control, producer): race it against a
-        # suspended flow exactly as faust does; wait_first cancels the loser.
-        await self.wait_first(_finish(coro, yielded), self.suspend_flow.wait())
+    async def _fetch(self, timeout: float) -> list[Message]:
+        """One fetch as messages, in partition order (faust's ``getmany`` without the
+        per-message generator: the checks it makes per message are made once per fetch)."""
+        records, active_partitions = await self._wait_next_records(timeout)
+        if records is None or self.should_stop:
+            return []
+        if not self.flow_active:
+            # As faust's getmany: a rebalance began while fetching; seek back to what was
+            # committed, deliver nothing.
+            try:
+                await self.perform_seek()
+            except Exception as exc:
+                self.log.warning(f"exception performing seek when flow not active {exc}")
+            return []
+        to_message = self._to_message
+        messages: list[Message] = []
+        for tp, tp_records in records.items():
+            if (
+                active_partitions is None
+                or tp in active_partitions
+                or tp in self._buffered_partitions
+            ):
+                self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+                messages.extend(to_message(tp, record) for record in tp_records)
+        return messages
+
+    async def _select(self, messages: list[Message], sink_topics: frozenset[str]) -> _Delivery:
+        """The fetch's messages not delivered before, as faust's loop selects them (offsets
+        at or past the read offset, gaps recorded); other topics' delivered one by one."""
+        delivery = _Delivery()
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        read_offset = self._read_offset
+        for message in messages:
+            tp, offset = message.tp, message.offset
+            r_offset = delivery.read_offsets.get(tp)
+            if r_offset is None:
+                r_offset = read_offset[tp]
+            if r_offset is not None and offset < r_offset:
+                continue  # fetched again after a seek: already delivered
+            gap = offset - (r_offset or 0)
+            if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                await self._add_gap(tp, r_offset + 1, offset)
+            delivery.read_offsets[tp] = offset
+            if message.topic in sink_topics:
+                self._unacked_messages.add(message)  # as the conductor does, for wait_empty
+                delivery.batch.append(message)
+            else:  # not the worker's: faust's own per-message delivery
+                await self.wait_first(self.callback(message), self.suspend_flow.wait())
+        return delivery
 
     async def _drain_messages(self, fetcher: Service) -> None:  # pragma: no cover - via tests
-        # faust's loop (transport/consumer.py), with ``deliver`` in place of wait_first.
-        getmany = self.getmany
+        # faust's loop (transport/consumer.py), per fetch instead of per message.
+        sink = cast(FetchSink | None, getattr(self.app, FETCH_SINK_ATTR, None))
+        sink_topics = sink.topics if sink is not None else frozenset()
         consumer_should_stop = cast(Service, self)._stopped.is_set
         fetcher_should_stop = fetcher._stopped.is_set
-        get_read_offset = self._read_offset.__getitem__
-        set_read_offset = self._read_offset.__setitem__
-        flag_consumer_fetching = CONSUMER_FETCHING
-        set_flag = self.diag.set_flag
-        unset_flag = self.diag.unset_flag
-        commit_every = self._commit_every
-        acks_enabled_for = self.app.topics.acks_enabled_for
-        suspended = self.suspend_flow.is_set
-        deliver = self.deliver
-        since_yield = 0
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
-                set_flag(flag_consumer_fetching)
-                ait = cast(AsyncIterator[tuple[TP, Message]], getmany(timeout=1.0))
+                self.diag.set_flag(CONSUMER_FETCHING)
+                generation_id = self.app.consumer_generation_id
+                fetched = await self._fetch(timeout=1.0)
                 await self.sleep(0)
-                if not self.should_stop:
-                    async for tp, message in ait:
-                        if suspended():
-                            # A rebalance began: deliver nothing more from this fetch
-                            # (getmany stops too, and seeks back to committed offsets).
-                            break
-                        since_yield += 1
-                        if since_yield >= YIELD_EVERY:
-                            since_yield = 0
-                            await asyncio.sleep(0)
-                        offset = message.offset
-                        r_offset = get_read_offset(tp)
-                        if r_offset is None or offset >= r_offset:
-                            gap = offset - (r_offset or 0)
-                            if gap > 1 and r_offset and acks_enabled_for(message.topic):
-                                await self._add_gap(tp, r_offset + 1, offset)
-                            if commit_every is not None and self._n_acked >= commit_every:
-                                self._n_acked = 0
-                                await self.commit()
-                            await deliver(message)
-                            set_read_offset(tp, offset)
-                    unset_flag(flag_consumer_fetching)
+                if self.should_stop or self.app.consumer_generation_id != generation_id:
+                    continue  # a rebalance: faust seeks back to the committed offsets
+                delivery = await self._select(fetched, sink_topics)
+                del fetched  # unacked messages are weakly tracked: hold them only where needed
+                if self._commit_every is not None and self._n_acked >= self._commit_every:
+                    self._n_acked = 0
+                    await self.commit()
+                if delivery.batch and sink is not None:
+                    put = await self.wait_first(sink.put(delivery.batch), self.suspend_flow.wait())
+                    if put.stopped or self.suspend_flow.is_set():
+                        # Stopping, or a rebalance began: the fetch is dropped unprocessed and
+                        # unacked (a rebalance clears it from the queue if it got there) and is
+                        # read again from the committed offsets.
+                        del delivery
+                        continue
+                for tp, offset in delivery.read_offsets.items():
+                    self._read_offset[tp] = offset
+                del delivery
+                self.diag.unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
                 self.log.info("Broker stopped consumer, shutting down...")
@@ -162,7 +234,7 @@ class Consumer(aiokafka_driver.Consumer):
             self.log.exception("Drain messages raised: %r", exc)
             raise
         finally:
-            unset_flag(flag_consumer_fetching)
+            self.diag.unset_flag(CONSUMER_FETCHING)
 
 
 class Transport(aiokafka_driver.Transport):

@@ -6,8 +6,6 @@ file only wires them to Faust: topics, consumer settings, the producer and crede
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import gc
 import logging
 import os
@@ -18,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faust
-from faust.types import AppT, EventT
+from faust.types import AppT, Message
 
 from streams.events import Source
 from streams.model_watch import ModelWatcher, load_recommender
@@ -28,10 +26,13 @@ from streams.recommend import Recommender
 from streams.settings import Settings
 from streams.store import StateStore, connect
 from streams.topics import ensure_topics
-from streams.transport import FETCH_MAX_WAIT_ATTR
+from streams.transport import FETCH_MAX_WAIT_ATTR, FetchSink
 from streams.transport import SCHEME as TRANSPORT_SCHEME
 
 log = logging.getLogger(__name__)
+
+# Fetches (each up to broker_max_poll_records messages) the consumer may hold ahead of the agent.
+FETCH_QUEUE_FETCHES = 4
 
 
 def _credentials(settings: Settings) -> object | None:
@@ -75,6 +76,14 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
     watcher = ModelWatcher(settings, recommender or load_recommender(settings))
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="inference")
 
+    # The fast consumer hands the agent whole fetches (streams/transport.py); faust's stock
+    # driver feeds its stream one message at a time.
+    sink = (
+        FetchSink(app, settings.input_topics, max_fetches=FETCH_QUEUE_FETCHES)
+        if settings.fast_consumer
+        else None
+    )
+
     @app.agent(source_topic, name="interest-events")
     async def interest_events(stream: faust.StreamT) -> None:
         client = connect(settings)
@@ -85,52 +94,39 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
             settings, StateStore(client, settings), watcher.current, publisher, executor
         )
 
-        async def process_then_ack(events: Sequence[EventT]) -> None:
-            messages = [
-                RawMessage(
-                    event.message.key,
-                    event.message.value,
-                    Source(event.message.topic, event.message.partition, event.message.offset),
-                )
-                for event in events
-            ]
+        async def process(messages: Sequence[Message]) -> None:
             # Between batches: pick up a rolled-out model, if any.
             processor.recommender = await watcher.refresh(executor)
-            await process_with_retry(lambda: processor.process(messages))
-            for event in events:  # only now may their offsets be committed
-                await stream.ack(event)
+            raw = [
+                RawMessage(m.key, m.value, Source(m.topic, m.partition, m.offset)) for m in messages
+            ]
+            try:
+                await process_with_retry(lambda: processor.process(raw))
+            except Exception:
+                # Acking would commit events that were never applied. Exit without acking
+                # instead: the batch replays on restart.
+                log.exception("unexpected error; exiting so the batch is replayed")
+                logging.shutdown()
+                os._exit(70)
 
-        # Batches are processed by one task, in order, while faust collects the next ones: its
-        # per-message work (decode, stream, buffer) overlaps the batch's waits on inference,
-        # Redis and Kafka instead of running between batches. One collected batch may wait
-        # in the queue; collecting another waits for room (bounded memory, back-pressure).
-        pending: asyncio.Queue[list[EventT]] = asyncio.Queue(maxsize=1)
-
-        async def process_in_order() -> None:
-            while True:
-                events = await pending.get()
-                try:
-                    await process_then_ack(events)
-                except Exception:
-                    # Acking would commit events that were never applied. Exit without
-                    # acking instead: the batch replays on restart.
-                    log.exception("unexpected error; exiting so the batch is replayed")
-                    logging.shutdown()
-                    os._exit(70)
-                pending.task_done()
-
-        processing = asyncio.ensure_future(process_in_order())
         try:
-            async for events in stream.noack_take(
-                settings.batch_size, within=settings.batch_within_seconds
-            ):
-                await pending.put(list(events))
-            await pending.join()
+            if sink is not None:
+                # Batches are processed one at a time, in order, while the consumer fetches
+                # the next ones into the sink's bounded queue (back-pressure).
+                while True:
+                    messages = await sink.take(settings.batch_size, settings.batch_within_seconds)
+                    await process(messages)
+                    sink.ack(messages)  # only now may their offsets be committed
+                    del messages  # unacked messages are weakly tracked; these are done
+            else:
+                async for events in stream.noack_take(
+                    settings.batch_size, within=settings.batch_within_seconds
+                ):
+                    await process([event.message for event in events])
+                    for event in events:
+                        await stream.ack(event)
         finally:
             # Shutting down mid-batch: unacked events replay on restart.
-            processing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await processing
             await producer.stop()
             await client.aclose()
 

@@ -1,79 +1,88 @@
-"""The inline delivery of streams/transport.py: a suspended callback finishes as a task would."""
+"""The fetch sink of streams/transport.py: whole fetches to the worker's agent, in order."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
-import pytest
+import faust
 from faust.transport import drivers
 
-from streams.transport import SCHEME, Transport, _finish
+from streams.transport import FETCH_SINK_ATTR, SCHEME, FetchSink, Transport
 
 
 def test_scheme_selects_the_transport() -> None:
     assert drivers.by_url(f"{SCHEME}://127.0.0.1:9092") is Transport
 
 
-async def _started(coro):
-    """Run the first step inline, as Consumer.deliver does; return what it yielded."""
-    return coro.send(None)
+def _sink(max_fetches: int = 4) -> FetchSink:
+    app = faust.App("sink-test", broker="memory://")
+    app.flow_control.resume()
+    return FetchSink(app, ["clicks"], max_fetches=max_fetches)
 
 
-def test_finish_runs_the_rest_of_a_suspended_coroutine() -> None:
+def test_the_app_knows_its_sink() -> None:
+    sink = _sink()
+    assert getattr(sink.app, FETCH_SINK_ATTR) is sink
+    assert sink.topics == {"clicks"}
+
+
+def test_take_joins_fetches_in_order_and_keeps_the_rest_for_the_next_batch() -> None:
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        steps: list[str] = []
-
-        async def callback() -> int:
-            steps.append("start")
-            await asyncio.wait([asyncio.ensure_future(fut)])  # a future, then a wait
-            await asyncio.sleep(0)  # a bare yield
-            steps.append("end")
-            return 42
-
-        coro = callback()
-        yielded = await _started(coro)
-        assert steps == ["start"]
-        loop.call_later(0.01, fut.set_result, 1)
-        assert await _finish(coro, yielded) == 42
-        assert steps == ["start", "end"]
+        sink = _sink()
+        await sink.put([1, 2, 3])  # type: ignore[list-item]  # stands for messages
+        await sink.put([4, 5, 6, 7])  # type: ignore[list-item]
+        await sink.put([8])  # type: ignore[list-item]
+        assert await sink.take(5, within=0.0) == [1, 2, 3, 4, 5]
+        assert await sink.take(5, within=0.0) == [6, 7, 8]
 
     asyncio.run(main())
 
 
-def test_finish_propagates_errors_and_cancellation() -> None:
+def test_take_waits_at_most_within_for_a_batch_to_fill() -> None:
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        failing = loop.create_future()
+        sink = _sink()
+        await sink.put([1])  # type: ignore[list-item]
+        started = time.monotonic()
+        assert await sink.take(100, within=0.05) == [1]
+        assert time.monotonic() - started >= 0.05
 
-        async def fails() -> None:
-            await failing
+        async def later() -> None:
+            await asyncio.sleep(0.01)
+            await sink.put([3, 4])  # type: ignore[list-item]
 
-        coro = fails()
-        yielded = await _started(coro)
-        loop.call_soon(failing.set_exception, ValueError("boom"))
-        with pytest.raises(ValueError, match="boom"):
-            await _finish(coro, yielded)
+        await sink.put([2])  # type: ignore[list-item]
+        feeding = asyncio.ensure_future(later())
+        assert await sink.take(3, within=5.0) == [2, 3, 4]  # full before the 5 s
+        await feeding
 
-        never = loop.create_future()
-        cleaned: list[bool] = []
+    asyncio.run(main())
 
-        async def blocked() -> None:
-            try:
-                await never
-            finally:
-                cleaned.append(True)
 
-        coro2 = blocked()
-        task = asyncio.ensure_future(_finish(coro2, await _started(coro2)))
+def test_a_full_queue_holds_the_consumer_back() -> None:
+    async def main() -> None:
+        sink = _sink(max_fetches=1)
+        await sink.put([1])  # type: ignore[list-item]
+        blocked = asyncio.ensure_future(sink.put([2]))  # type: ignore[list-item]
         await asyncio.sleep(0.01)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert cleaned == [True]
-        assert never.cancelled()
+        assert not blocked.done()
+        assert await sink.take(1, within=0.0) == [1]
+        await asyncio.wait_for(blocked, 1)
+        assert await sink.take(1, within=0.0) == [2]
+
+    asyncio.run(main())
+
+
+def test_a_rebalance_drops_what_was_fetched_but_not_taken() -> None:
+    async def main() -> None:
+        sink = _sink()
+        await sink.put([1, 2, 3])  # type: ignore[list-item]
+        await sink.put([4])  # type: ignore[list-item]
+        assert await sink.take(2, within=0.0) == [1, 2]  # 3 kept for the next batch
+        sink.app.flow_control.clear()  # what faust does when partitions are revoked
+        await sink.put([9])  # type: ignore[list-item]  # re-fetched after the rebalance
+        assert await sink.take(10, within=0.0) == [9]
 
     asyncio.run(main())
 
