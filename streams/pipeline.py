@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import orjson
 from aiokafka.errors import KafkaError
@@ -29,7 +29,7 @@ from streams import metrics
 from streams.events import Event, Rejection, Source, validate
 from streams.recommend import Batch, Recommender, Request, StoredModelState, recommendation_event
 from streams.settings import Settings
-from streams.store import StaleStateError, StateStore, UserWrite
+from streams.store import StaleStateError, StateStore, StoredUser, UserWrite, encode_offsets
 from streams.window import (
     UserState,
     WindowEntry,
@@ -75,6 +75,24 @@ class _Applied:
     new_items: list[tuple[str, int]] = field(default_factory=list)  # (item, timestamp)
     appended: dict[str, list[WindowEntry]] = field(default_factory=dict)
     rewritten: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class PreparedBatch:
+    """A batch computed but not yet output: what `BatchProcessor.commit` publishes and writes."""
+
+    result: BatchResult
+    out: list[OutRecord]  # dead letters and recommendations, in order
+    writes: dict[str, UserWrite]
+    # Per touched user, what Redis holds once `writes` is written (for the next batch).
+    stored_after: dict[str, StoredUser]
+    new_items: list[tuple[str, int]]
+    popularity_epoch_ms: int | None
+    online: Counter[str]
+    outcomes: Counter[tuple[str, str]]
+    sources: Counter[str]
+    requests: list[Request]
+    seconds: float  # spent preparing
 
 
 def _dumps(payload: object) -> bytes:
@@ -148,13 +166,24 @@ class BatchProcessor:
         return applied
 
     async def process(self, messages: Sequence[RawMessage]) -> BatchResult:
-        started = time.perf_counter()
-        result = await self._process(messages)
-        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
-        metrics.BATCH_SIZE.observe(len(messages))
-        return result
+        """The whole batch, then return: `prepare` then `commit`."""
+        prepared = await self.prepare(messages)
+        await self.commit(prepared)
+        return prepared.result
 
-    async def _process(self, messages: Sequence[RawMessage]) -> BatchResult:
+    async def prepare(
+        self, messages: Sequence[RawMessage], after: PreparedBatch | None = None
+    ) -> PreparedBatch:
+        """Everything but the output: validate, read, window updates, recommend, payloads.
+
+        ``after``: a prepared batch whose `commit` is still running (the worker overlaps one
+        batch's commit with the next one's preparation). Its users are read from it, as they
+        will be in Redis once it is written, not from Redis; the other users and the
+        popularity ranking come from Redis, so the ranking may miss the last batch's events.
+        This batch must then be committed after that one, and prepared again if that one's
+        commit fails with StaleStateError.
+        """
+        started = time.perf_counter()
         result = BatchResult()
         # Metrics are counted per batch and reported once: a labelled inc() per event costs.
         outcomes: Counter[tuple[str, str]] = Counter()
@@ -172,10 +201,15 @@ class BatchProcessor:
                 events.append(checked)
 
         settings = self.settings
+        pending = after.stored_after if after is not None else {}
         read = await self.store.read_batch(
-            (event.user_id for event in events),
+            (event.user_id for event in events if event.user_id not in pending),
             popular_n=settings.top_k + settings.window_length,
         )
+        for event in events:
+            user_id = event.user_id
+            if user_id in pending and user_id not in read.users:
+                read.users[user_id] = pending[user_id].copy()
         states: dict[str, UserState] = {uid: user.state for uid, user in read.users.items()}
         prior_windows = {uid: tuple(state.window) for uid, state in states.items()}
         prior_signatures = {uid: offsets_signature(state) for uid, state in states.items()}
@@ -217,13 +251,14 @@ class BatchProcessor:
             sources[recommendation.source] += 1
         result.recommendations = len(requests)
 
-        await self.publisher.publish(out)
-        writes = {}
+        writes: dict[str, UserWrite] = {}
+        stored_after: dict[str, StoredUser] = {}
         for uid in result.touched_users:
             update = recommended.updates.get(uid)
-            writes[uid] = UserWrite(
+            user = read.users[uid]
+            write = writes[uid] = UserWrite(
                 states[uid],
-                read_offsets=read.users[uid].raw_offsets,
+                read_offsets=user.raw_offsets,
                 new_entries=applied.appended.get(uid, ()),
                 replace=uid in applied.rewritten,
                 vector=update.vector if update else None,
@@ -231,9 +266,41 @@ class BatchProcessor:
                 model_version=update.model_version if update else None,
                 recs=last_recs.get(uid),
             )
-        await self.store.write_batch(writes, new_items, read.popularity_epoch_ms, online)
-        _report(outcomes, sources, online, requests)  # only once the batch has succeeded
-        return result
+            stored_after[uid] = StoredUser(
+                state=write.state,
+                raw_offsets=encode_offsets(write.state.offsets),
+                vector=write.vector if update else user.vector,
+                memory=write.memory if update else user.memory,
+                model_version=write.model_version if update else user.model_version,
+                recs=write.recs if write.recs is not None else user.recs,
+            )
+        return PreparedBatch(
+            result=result,
+            out=out,
+            writes=writes,
+            stored_after=stored_after,
+            new_items=new_items,
+            popularity_epoch_ms=read.popularity_epoch_ms,
+            online=online,
+            outcomes=outcomes,
+            sources=sources,
+            requests=requests,
+            seconds=time.perf_counter() - started,
+        )
+
+    async def commit(self, prepared: PreparedBatch) -> None:
+        """Publish the batch's records (wait for the broker's acks), then write its state in
+        one atomic script. Safe to retry; raises StaleStateError when another writer changed
+        one of its users since it was read (prepare it again then)."""
+        started = time.perf_counter()
+        await self.publisher.publish(prepared.out)
+        await self.store.write_batch(
+            prepared.writes, prepared.new_items, prepared.popularity_epoch_ms, prepared.online
+        )
+        # Only once the batch has succeeded (a retried batch is counted once).
+        _report(prepared.outcomes, prepared.sources, prepared.online, prepared.requests)
+        metrics.BATCH_SECONDS.observe(prepared.seconds + time.perf_counter() - started)
+        metrics.BATCH_SIZE.observe(len(prepared.requests) + prepared.result.rejected)
 
 
 def _report(
@@ -258,32 +325,36 @@ def _report(
         metrics.EVENT_LAG_SECONDS.observe(max(0.0, now - request.event.timestamp_ms / 1000))
 
 
-RETRYABLE = (
+# Errors that pass: an outage of Redis or Kafka, a timeout.
+TRANSIENT: tuple[type[BaseException], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
-    StaleStateError,
     KafkaError,
     OSError,
     asyncio.TimeoutError,
 )
+# ... and another writer's change: the batch is read again on retry.
+RETRYABLE = (*TRANSIENT, StaleStateError)
+
+T = TypeVar("T")
 
 
-async def process_with_retry(
-    process: Callable[[], Awaitable[BatchResult]],
+async def with_retry(
+    attempt: Callable[[], Awaitable[T]],
     *,
     max_delay_seconds: float = 10.0,
     retryable: tuple[type[BaseException], ...] = RETRYABLE,
-) -> BatchResult:
-    """Retry a batch through transient outages instead of acking it unprocessed.
+) -> T:
+    """Retry a batch step through transient outages instead of acking it unprocessed.
 
     Giving up would leave the worker a choice between acking events that were never applied
-    (lost) and exiting; an outage should do neither. The batch is idempotent, so retrying is
-    always safe.
+    (lost) and exiting; an outage should do neither. Every step of a batch is idempotent, so
+    retrying is always safe.
     """
     delay = 0.1
     while True:
         try:
-            return await process()
+            return await attempt()
         except retryable as exc:
             metrics.RETRIES.inc()
             log.warning("batch failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, delay)

@@ -6,6 +6,7 @@ file only wires them to Faust: topics, consumer settings, the producer and crede
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -13,18 +14,20 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
+from typing import NoReturn
 
 import faust
 from faust.types import AppT, Message
 
 from streams.events import Source
 from streams.model_watch import ModelWatcher, load_recommender
-from streams.pipeline import BatchProcessor, RawMessage, process_with_retry
+from streams.pipeline import TRANSIENT, BatchProcessor, PreparedBatch, RawMessage, with_retry
 from streams.publish import BatchPublisher, create_producer
 from streams.recommend import Recommender
 from streams.settings import Settings
-from streams.store import StateStore, connect
+from streams.store import StaleStateError, StateStore, connect
 from streams.topics import ensure_topics
 from streams.transport import FETCH_MAX_WAIT_ATTR, FetchSink
 from streams.transport import SCHEME as TRANSPORT_SCHEME
@@ -94,43 +97,88 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
             settings, StateStore(client, settings), watcher.current, publisher, executor
         )
 
-        async def process(messages: Sequence[Message]) -> None:
-            # Between batches: pick up a rolled-out model, if any.
-            processor.recommender = await watcher.refresh(executor)
-            raw = [
+        def raw(messages: Sequence[Message]) -> list[RawMessage]:
+            return [
                 RawMessage(m.key, m.value, Source(m.topic, m.partition, m.offset)) for m in messages
             ]
-            try:
-                await process_with_retry(lambda: processor.process(raw))
-            except Exception:
-                # Acking would commit events that were never applied. Exit without acking
-                # instead: the batch replays on restart.
-                log.exception("unexpected error; exiting so the batch is replayed")
-                logging.shutdown()
-                os._exit(70)
 
+        async def prepare(
+            messages: Sequence[Message], after: PreparedBatch | None
+        ) -> PreparedBatch:
+            # Between batches: pick up a rolled-out model, if any.
+            processor.recommender = await watcher.refresh(executor)
+            batch = raw(messages)
+            return await with_retry(partial(processor.prepare, batch, after))
+
+        async def commit_then_ack(prepared: PreparedBatch, messages: Sequence[Message]) -> bool:
+            """False when another writer changed one of the batch's users since it was read:
+            nothing was written or acked, and the batch must be prepared again."""
+            try:
+                await with_retry(partial(processor.commit, prepared), retryable=TRANSIENT)
+            except StaleStateError:
+                return False
+            except Exception:
+                exit_unacked()
+            assert sink is not None
+            sink.ack(messages)  # only now may their offsets be committed
+            return True
+
+        in_flight: tuple[asyncio.Future[bool], PreparedBatch, list[Message]] | None = None
         try:
             if sink is not None:
-                # Batches are processed one at a time, in order, while the consumer fetches
-                # the next ones into the sink's bounded queue (back-pressure).
+                # One batch's commit (publish, state write, ack) runs while the next batch is
+                # prepared; the consumer meanwhile fetches into the sink's bounded queue.
+                # Commits run one at a time and in order.
                 while True:
                     messages = await sink.take(settings.batch_size, settings.batch_within_seconds)
-                    await process(messages)
-                    sink.ack(messages)  # only now may their offsets be committed
-                    del messages  # unacked messages are weakly tracked; these are done
+                    try:
+                        prepared = await prepare(messages, in_flight[1] if in_flight else None)
+                        if in_flight is not None:
+                            committing, _, previous = in_flight
+                            if not await committing:
+                                # Another writer: redo the previous batch, then this one,
+                                # each from a fresh read.
+                                await with_retry(partial(processor.process, raw(previous)))
+                                sink.ack(previous)
+                                prepared = await prepare(messages, None)
+                    except Exception:
+                        exit_unacked()
+                    in_flight = (
+                        asyncio.ensure_future(commit_then_ack(prepared, messages)),
+                        prepared,
+                        messages,
+                    )
+                    del messages, prepared  # unacked messages are weakly tracked
             else:
                 async for events in stream.noack_take(
                     settings.batch_size, within=settings.batch_within_seconds
                 ):
-                    await process([event.message for event in events])
+                    batch = raw([event.message for event in events])
+                    try:
+                        await with_retry(partial(processor.process, batch))
+                    except Exception:
+                        exit_unacked()
                     for event in events:
                         await stream.ack(event)
         finally:
             # Shutting down mid-batch: unacked events replay on restart.
+            if in_flight is not None:
+                in_flight[0].cancel()
             await producer.stop()
             await client.aclose()
 
     return app
+
+
+def exit_unacked() -> NoReturn:
+    """Exit at once, acking nothing: the unapplied batch replays on restart.
+
+    Why not raise: faust would log the crash and go on consuming, and acking later batches
+    would commit the offsets of this one, which was never applied.
+    """
+    log.exception("unexpected error; exiting so the batch is replayed")
+    logging.shutdown()
+    os._exit(70)
 
 
 # Collect the youngest generation every 50,000 net allocations instead of 700 (see tune_gc).
