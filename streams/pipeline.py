@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from aiokafka.errors import KafkaError
@@ -27,7 +28,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streams import metrics
 from streams.events import Event, Rejection, Source, validate
-from streams.recommend import Batch, Recommender, Request, StoredModelState, recommendation_event
+from streams.recommend import (
+    Batch,
+    Recommender,
+    Request,
+    Result,
+    StoredModelState,
+    recommendation_event,
+)
 from streams.settings import Settings
 from streams.store import StaleStateError, StateStore, StoredUser, UserWrite, encode_offsets
 from streams.window import (
@@ -78,21 +86,65 @@ class _Applied:
 
 
 @dataclass(slots=True)
+class AppliedBatch:
+    """A batch after stage 1 (`BatchProcessor.apply`): windows updated, nothing output yet."""
+
+    result: BatchResult
+    out: list[OutRecord]  # dead letters so far
+    users: dict[str, StoredUser]  # each touched user as before this batch
+    # Users whose state before this batch is what an earlier, uncommitted batch leaves;
+    # their model state and last recommendation are that batch's, resolved in stages 2 and 3.
+    from_earlier: dict[str, AppliedBatch]
+    states: dict[str, UserState]  # after this batch
+    changes: _Applied
+    outcomes: Counter[tuple[str, str]]
+    prior_windows: dict[str, tuple[WindowEntry, ...]]
+    prior_signatures: dict[str, str]
+    final_signatures: dict[str, str]
+    popular: list[tuple[str, float]]
+    popularity_epoch_ms: int | None
+    seconds: float  # spent in this batch's stages so far
+    recommended: Result | None = None  # after stage 2
+    last_recs: dict[str, list[str] | None] | None = None  # after stage 3
+
+    def user_after(self, user_id: str) -> StoredUser:
+        """The user as Redis will hold it once this batch is written: window and offsets
+        (copies, for the next batch to change); model state and recs follow later."""
+        state = self.states[user_id]
+        return StoredUser(
+            UserState(list(state.window), dict(state.offsets)),
+            raw_offsets=encode_offsets(state.offsets),
+        )
+
+    def model_after(self, user_id: str) -> tuple[bytes | None, bytes | None, str | None]:
+        """(vector, memory, model_version) after this batch; needs stage 2 done."""
+        assert self.recommended is not None, "stage 2 of the earlier batch is not done"
+        update = self.recommended.updates.get(user_id)
+        if update is not None:
+            return update.vector, update.memory, update.model_version
+        user = self.users[user_id]
+        return user.vector, user.memory, user.model_version
+
+    def recs_after(self, user_id: str) -> list[str] | None:
+        """The user's last recommendation after this batch; needs stage 3 done."""
+        assert self.last_recs is not None, "stage 3 of the earlier batch is not done"
+        return self.last_recs.get(user_id)
+
+
+@dataclass(slots=True)
 class PreparedBatch:
     """A batch computed but not yet output: what `BatchProcessor.commit` publishes and writes."""
 
     result: BatchResult
     out: list[OutRecord]  # dead letters and recommendations, in order
     writes: dict[str, UserWrite]
-    # Per touched user, what Redis holds once `writes` is written (for the next batch).
-    stored_after: dict[str, StoredUser]
     new_items: list[tuple[str, int]]
     popularity_epoch_ms: int | None
     online: Counter[str]
     outcomes: Counter[tuple[str, str]]
     sources: Counter[str]
     requests: list[Request]
-    seconds: float  # spent preparing
+    seconds: float  # spent in the stages before the commit
 
 
 def _dumps(payload: object) -> bytes:
@@ -118,6 +170,7 @@ class BatchProcessor:
         self.policy = WindowPolicy(
             settings.window_length, int(max_age * 1000) if max_age is not None else None
         )
+        self._inference = asyncio.Lock()  # one recommend call at a time
 
     def _validate(self, message: RawMessage) -> Event | Rejection:
         result = validate(
@@ -166,28 +219,26 @@ class BatchProcessor:
         return applied
 
     async def process(self, messages: Sequence[RawMessage]) -> BatchResult:
-        """The whole batch, then return: `prepare` then `commit`."""
-        prepared = await self.prepare(messages)
+        """The whole batch, one stage after the other, then return."""
+        applied = await self.apply(messages)
+        recommended = await self.recommend(applied)
+        prepared = self.finish(applied, recommended)
         await self.commit(prepared)
         return prepared.result
 
-    async def prepare(
-        self, messages: Sequence[RawMessage], after: PreparedBatch | None = None
-    ) -> PreparedBatch:
-        """Everything but the output: validate, read, window updates, recommend, payloads.
+    async def apply(
+        self, messages: Sequence[RawMessage], earlier: Sequence[AppliedBatch] = ()
+    ) -> AppliedBatch:
+        """Stage 1, on the event loop: validate, read the users' state, update their windows.
 
-        ``after``: a prepared batch whose `commit` is still running (the worker overlaps one
-        batch's commit with the next one's preparation). Its users are read from it, as they
-        will be in Redis once it is written, not from Redis; the other users and the
-        popularity ranking come from Redis, so the ranking may miss the last batch's events.
-        This batch must then be committed after that one, and prepared again if that one's
-        commit fails with StaleStateError.
+        ``earlier``: batches applied but not yet committed, oldest first (`BatchPipeline`).
+        Their users start from what those batches leave, not from Redis, which does not hold
+        it yet; the popularity ranking still comes from Redis, so it may miss their events.
         """
         started = time.perf_counter()
         result = BatchResult()
         # Metrics are counted per batch and reported once: a labelled inc() per event costs.
         outcomes: Counter[tuple[str, str]] = Counter()
-        sources: Counter[str] = Counter()
         events: list[Event] = []
         out: list[OutRecord] = []
         for message in messages:
@@ -201,41 +252,88 @@ class BatchProcessor:
                 events.append(checked)
 
         settings = self.settings
-        pending = after.stored_after if after is not None else {}
+        pending = {uid: batch for batch in earlier for uid in batch.states}  # newest wins
         read = await self.store.read_batch(
             (event.user_id for event in events if event.user_id not in pending),
             popular_n=settings.top_k + settings.window_length,
         )
+        users = read.users
+        from_earlier: dict[str, AppliedBatch] = {}
         for event in events:
-            user_id = event.user_id
-            if user_id in pending and user_id not in read.users:
-                read.users[user_id] = pending[user_id].copy()
-        states: dict[str, UserState] = {uid: user.state for uid, user in read.users.items()}
+            source = pending.get(event.user_id)
+            if source is not None and event.user_id not in users:
+                users[event.user_id] = source.user_after(event.user_id)
+                from_earlier[event.user_id] = source
+        states: dict[str, UserState] = {uid: user.state for uid, user in users.items()}
         prior_windows = {uid: tuple(state.window) for uid, state in states.items()}
         prior_signatures = {uid: offsets_signature(state) for uid, state in states.items()}
         applied = self._apply(events, states, result, outcomes)
-        requests, new_items = applied.requests, applied.new_items
-
-        popular = self.store.merge_popularity(read.popular, new_items, read.popularity_epoch_ms)
-        batch = Batch(
-            requests=requests,
+        return AppliedBatch(
+            result=result,
+            out=out,
+            users=users,
+            from_earlier=from_earlier,
+            states=states,
+            changes=applied,
+            outcomes=outcomes,
             prior_windows=prior_windows,
-            stored={
-                uid: StoredModelState(user.vector, user.memory, user.model_version)
-                for uid, user in read.users.items()
-            },
             prior_signatures=prior_signatures,
             final_signatures={uid: offsets_signature(states[uid]) for uid in states},
-            popular=popular,
-            k=settings.top_k,
+            popular=self.store.merge_popularity(
+                read.popular, applied.new_items, read.popularity_epoch_ms
+            ),
+            popularity_epoch_ms=read.popularity_epoch_ms,
+            seconds=time.perf_counter() - started,
+        )
+
+    async def recommend(self, applied: AppliedBatch) -> Result:
+        """Stage 2, in the executor thread: the recommender over the batch's requests.
+
+        Users taken from an earlier batch need that batch's stage 2 done first (their model
+        state is its output); recommendations never run concurrently (the encoder's state
+        cache is not thread-safe).
+        """
+        started = time.perf_counter()
+        for user_id, source in applied.from_earlier.items():
+            user = applied.users[user_id]
+            user.vector, user.memory, user.model_version = source.model_after(user_id)
+        batch = Batch(
+            requests=applied.changes.requests,
+            prior_windows=applied.prior_windows,
+            stored={
+                uid: StoredModelState(user.vector, user.memory, user.model_version)
+                for uid, user in applied.users.items()
+            },
+            prior_signatures=applied.prior_signatures,
+            final_signatures=applied.final_signatures,
+            popular=applied.popular,
+            k=self.settings.top_k,
         )
         recommender = self.recommender
-        # Inference is CPU work: run it in a thread so the event loop keeps serving Kafka.
-        recommended = await asyncio.get_running_loop().run_in_executor(
-            self.executor, recommender.recommend, batch
-        )
-        last_recs = {uid: user.recs for uid, user in read.users.items()}
+        async with self._inference:
+            # Inference is CPU work: run it in a thread so the event loop keeps serving Kafka.
+            recommended = await asyncio.get_running_loop().run_in_executor(
+                self.executor, recommender.recommend, batch
+            )
+        applied.recommended = recommended
+        applied.seconds += time.perf_counter() - started
+        return recommended
+
+    def finish(self, applied: AppliedBatch, recommended: Result) -> PreparedBatch:
+        """Stage 3, on the event loop: payloads, online hit rate and the state to write.
+
+        Users taken from an earlier batch need that batch's stage 3 done first (their last
+        recommendation is its output)."""
+        started = time.perf_counter()
+        settings = self.settings
+        for user_id, source in applied.from_earlier.items():
+            applied.users[user_id].recs = source.recs_after(user_id)
+        applied.from_earlier = {}  # resolved: no chain of batches kept alive
+        users, states, requests = applied.users, applied.states, applied.changes.requests
+        last_recs = {uid: user.recs for uid, user in users.items()}
         online: Counter[str] = Counter()
+        sources: Counter[str] = Counter()
+        out = applied.out
         for request, recommendation in zip(requests, recommended.recommendations, strict=True):
             event = request.event
             previous = last_recs.get(event.user_id)
@@ -249,43 +347,33 @@ class BatchProcessor:
                 OutRecord(settings.topic_recommendations, event.user_id.encode(), _dumps(payload))
             )
             sources[recommendation.source] += 1
-        result.recommendations = len(requests)
+        applied.result.recommendations = len(requests)
+        applied.last_recs = last_recs
 
         writes: dict[str, UserWrite] = {}
-        stored_after: dict[str, StoredUser] = {}
-        for uid in result.touched_users:
+        for uid in applied.result.touched_users:
             update = recommended.updates.get(uid)
-            user = read.users[uid]
-            write = writes[uid] = UserWrite(
+            writes[uid] = UserWrite(
                 states[uid],
-                read_offsets=user.raw_offsets,
-                new_entries=applied.appended.get(uid, ()),
-                replace=uid in applied.rewritten,
+                read_offsets=users[uid].raw_offsets,
+                new_entries=applied.changes.appended.get(uid, ()),
+                replace=uid in applied.changes.rewritten,
                 vector=update.vector if update else None,
                 memory=update.memory if update else None,
                 model_version=update.model_version if update else None,
                 recs=last_recs.get(uid),
             )
-            stored_after[uid] = StoredUser(
-                state=write.state,
-                raw_offsets=encode_offsets(write.state.offsets),
-                vector=write.vector if update else user.vector,
-                memory=write.memory if update else user.memory,
-                model_version=write.model_version if update else user.model_version,
-                recs=write.recs if write.recs is not None else user.recs,
-            )
         return PreparedBatch(
-            result=result,
+            result=applied.result,
             out=out,
             writes=writes,
-            stored_after=stored_after,
-            new_items=new_items,
-            popularity_epoch_ms=read.popularity_epoch_ms,
+            new_items=applied.changes.new_items,
+            popularity_epoch_ms=applied.popularity_epoch_ms,
             online=online,
-            outcomes=outcomes,
+            outcomes=applied.outcomes,
             sources=sources,
             requests=requests,
-            seconds=time.perf_counter() - started,
+            seconds=applied.seconds + time.perf_counter() - started,
         )
 
     async def commit(self, prepared: PreparedBatch) -> None:
@@ -360,3 +448,105 @@ async def with_retry(
             log.warning("batch failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, max_delay_seconds)
+
+
+@dataclass(eq=False)
+class _InFlight:
+    messages: Sequence[RawMessage]
+    token: Any  # handed to on_committed
+    applied: AppliedBatch
+    before: _InFlight | None  # the batch submitted just before, until this one is done
+    recommended: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    redone: bool = False  # committed through a fresh `process`, not as applied
+    task: asyncio.Future[None] | None = None
+
+
+class BatchPipeline:
+    """Batches in flight at once, each one stage behind the one before it.
+
+    Why: a batch's stages wait on different things: stage 1 (windows) and stage 3 (payloads)
+    are Python on the event loop, stage 2 (inference) runs in a thread that mostly holds no
+    GIL, and the commit mostly waits for Kafka and Redis. One batch at a time left the loop
+    idle during inference and the thread idle the rest of the time. Here batch N+1 is applied
+    while batch N is recommended and batch N-1 commits.
+
+    What keeps it equal to one batch at a time: every stage runs in submission order (each
+    waits for the batch before it to finish that stage), a user in an uncommitted batch is
+    taken from it rather than from Redis (`BatchProcessor.apply`), commits are serial, and each
+    batch's messages are handed to ``on_committed`` (acked) only after its own commit. If a
+    commit meets another writer (StaleStateError) every later batch in flight was computed on
+    a state that never got written: each of them is redone with a fresh `process`, in order.
+    """
+
+    def __init__(
+        self,
+        processor: BatchProcessor,
+        on_committed: Callable[[Any], None],
+        on_fatal: Callable[[], Any],
+        max_in_flight: int = 3,
+    ) -> None:
+        self.processor = processor
+        self.on_committed = on_committed
+        self.on_fatal = on_fatal  # an unexpected error: nothing may be acked after it
+        self.max_in_flight = max_in_flight
+        self._in_flight: deque[_InFlight] = deque()
+
+    async def submit(self, messages: Sequence[RawMessage], token: Any) -> None:
+        """Apply a batch (stage 1) and start the rest of it; returns without waiting for it."""
+        while self._in_flight and self._in_flight[0].done.is_set():
+            self._in_flight.popleft()
+        while len(self._in_flight) >= self.max_in_flight:
+            await self._in_flight[0].done.wait()
+            self._in_flight.popleft()
+        earlier = [f.applied for f in self._in_flight if not f.done.is_set()]
+        applied = await with_retry(partial(self.processor.apply, messages, earlier))
+        before = self._in_flight[-1] if self._in_flight else None
+        flight = _InFlight(messages, token, applied, before)
+        flight.task = asyncio.ensure_future(self._finish(flight))
+        self._in_flight.append(flight)
+
+    async def drain(self) -> None:
+        """Wait until every submitted batch is committed."""
+        while self._in_flight:
+            await self._in_flight.popleft().done.wait()
+
+    def cancel(self) -> None:
+        """Stop what is in flight (shutting down: nothing more is acked; it replays)."""
+        for flight in self._in_flight:
+            if flight.task is not None:
+                flight.task.cancel()
+        self._in_flight.clear()
+
+    async def _finish(self, flight: _InFlight) -> None:
+        processor, before = self.processor, flight.before
+        try:
+            if before is not None:
+                await before.recommended.wait()
+            recommended = await with_retry(partial(processor.recommend, flight.applied))
+            flight.recommended.set()
+            if before is not None:
+                await before.finished.wait()
+            prepared = processor.finish(flight.applied, recommended)
+            flight.finished.set()
+            redo = False
+            if before is not None:
+                await before.done.wait()
+                redo = before.redone
+                flight.before = None  # no chain of finished batches kept alive
+            if not redo:
+                try:
+                    await with_retry(partial(processor.commit, prepared), retryable=TRANSIENT)
+                except StaleStateError:
+                    redo = True
+            if redo:
+                flight.redone = True
+                await with_retry(partial(processor.process, flight.messages))
+            self.on_committed(flight.token)
+            flight.done.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.on_fatal()
+            raise

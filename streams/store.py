@@ -185,18 +185,6 @@ class StoredUser:
     updated_ms: int | None = None
     recs: list[str] | None = None
 
-    def copy(self) -> StoredUser:
-        """Another user state to mutate (a batch changes its window and offsets in place)."""
-        return StoredUser(
-            UserState(list(self.state.window), dict(self.state.offsets)),
-            self.raw_offsets,
-            self.vector,
-            self.memory,
-            self.model_version,
-            self.updated_ms,
-            None if self.recs is None else list(self.recs),
-        )
-
 
 @dataclass(slots=True)
 class BatchRead:

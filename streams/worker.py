@@ -6,7 +6,6 @@ file only wires them to Faust: topics, consumer settings, the producer and crede
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import os
@@ -23,11 +22,11 @@ from faust.types import AppT, Message
 
 from streams.events import Source
 from streams.model_watch import ModelWatcher, load_recommender
-from streams.pipeline import TRANSIENT, BatchProcessor, PreparedBatch, RawMessage, with_retry
+from streams.pipeline import BatchPipeline, BatchProcessor, RawMessage, with_retry
 from streams.publish import BatchPublisher, create_producer
 from streams.recommend import Recommender
 from streams.settings import Settings
-from streams.store import StaleStateError, StateStore, connect
+from streams.store import StateStore, connect
 from streams.topics import ensure_topics
 from streams.transport import FETCH_MAX_WAIT_ATTR, FetchSink
 from streams.transport import SCHEME as TRANSPORT_SCHEME
@@ -102,53 +101,24 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
                 RawMessage(m.key, m.value, Source(m.topic, m.partition, m.offset)) for m in messages
             ]
 
-        async def prepare(
-            messages: Sequence[Message], after: PreparedBatch | None
-        ) -> PreparedBatch:
-            # Between batches: pick up a rolled-out model, if any.
-            processor.recommender = await watcher.refresh(executor)
-            batch = raw(messages)
-            return await with_retry(partial(processor.prepare, batch, after))
-
-        async def commit_then_ack(prepared: PreparedBatch, messages: Sequence[Message]) -> bool:
-            """False when another writer changed one of the batch's users since it was read:
-            nothing was written or acked, and the batch must be prepared again."""
-            try:
-                await with_retry(partial(processor.commit, prepared), retryable=TRANSIENT)
-            except StaleStateError:
-                return False
-            except Exception:
-                exit_unacked()
-            assert sink is not None
-            sink.ack(messages)  # only now may their offsets be committed
-            return True
-
-        in_flight: tuple[asyncio.Future[bool], PreparedBatch, list[Message]] | None = None
+        pipeline = BatchPipeline(
+            processor,
+            on_committed=sink.ack if sink is not None else lambda _: None,
+            on_fatal=exit_unacked,
+        )
         try:
             if sink is not None:
-                # One batch's commit (publish, state write, ack) runs while the next batch is
-                # prepared; the consumer meanwhile fetches into the sink's bounded queue.
-                # Commits run one at a time and in order.
+                # Up to three batches in flight, a stage apart (BatchPipeline); the consumer
+                # meanwhile fetches into the sink's bounded queue.
                 while True:
                     messages = await sink.take(settings.batch_size, settings.batch_within_seconds)
+                    # Between batches: pick up a rolled-out model, if any.
+                    processor.recommender = await watcher.refresh(executor)
                     try:
-                        prepared = await prepare(messages, in_flight[1] if in_flight else None)
-                        if in_flight is not None:
-                            committing, _, previous = in_flight
-                            if not await committing:
-                                # Another writer: redo the previous batch, then this one,
-                                # each from a fresh read.
-                                await with_retry(partial(processor.process, raw(previous)))
-                                sink.ack(previous)
-                                prepared = await prepare(messages, None)
+                        await pipeline.submit(raw(messages), messages)
                     except Exception:
                         exit_unacked()
-                    in_flight = (
-                        asyncio.ensure_future(commit_then_ack(prepared, messages)),
-                        prepared,
-                        messages,
-                    )
-                    del messages, prepared  # unacked messages are weakly tracked
+                    del messages  # unacked messages are weakly tracked
             else:
                 async for events in stream.noack_take(
                     settings.batch_size, within=settings.batch_within_seconds
@@ -162,8 +132,7 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
                         await stream.ack(event)
         finally:
             # Shutting down mid-batch: unacked events replay on restart.
-            if in_flight is not None:
-                in_flight[0].cancel()
+            pipeline.cancel()
             await producer.stop()
             await client.aclose()
 
