@@ -116,6 +116,12 @@ class AppliedBatch:
             raw_offsets=encode_offsets(state.offsets),
         )
 
+    def popularity_epoch_after(self) -> int | None:
+        """The popularity epoch once this batch is written (its write sets one if none)."""
+        if self.popularity_epoch_ms is not None or not self.changes.new_items:
+            return self.popularity_epoch_ms
+        return min(ts for _, ts in self.changes.new_items)
+
     def model_after(self, user_id: str) -> tuple[bytes | None, bytes | None, str | None]:
         """(vector, memory, model_version) after this batch; needs stage 2 done."""
         assert self.recommended is not None, "stage 2 of the earlier batch is not done"
@@ -264,6 +270,9 @@ class BatchProcessor:
             if source is not None and event.user_id not in users:
                 users[event.user_id] = source.user_after(event.user_id)
                 from_earlier[event.user_id] = source
+        epoch = read.popularity_epoch_ms
+        if epoch is None and earlier:  # the first batches: an earlier one sets it
+            epoch = earlier[-1].popularity_epoch_after()
         states: dict[str, UserState] = {uid: user.state for uid, user in users.items()}
         prior_windows = {uid: tuple(state.window) for uid, state in states.items()}
         prior_signatures = {uid: offsets_signature(state) for uid, state in states.items()}
@@ -279,10 +288,8 @@ class BatchProcessor:
             prior_windows=prior_windows,
             prior_signatures=prior_signatures,
             final_signatures={uid: offsets_signature(states[uid]) for uid in states},
-            popular=self.store.merge_popularity(
-                read.popular, applied.new_items, read.popularity_epoch_ms
-            ),
-            popularity_epoch_ms=read.popularity_epoch_ms,
+            popular=self.store.merge_popularity(read.popular, applied.new_items, epoch),
+            popularity_epoch_ms=epoch,
             seconds=time.perf_counter() - started,
         )
 

@@ -1,0 +1,180 @@
+"""BatchPipeline (batches in flight a stage apart) against its plain reference, one batch at a
+time (`BatchProcessor.process`): the same state in the real Redis, the same records, in order.
+
+The publisher is an in-memory recorder (the Kafka side has its own tests, test_publish.py and
+test_worker.py); Redis is the embedded stack's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch", reason="needs the training extra (pip install -e .[train])")
+
+from export.runtime import EncoderRuntime
+from streams.encoder_recommender import EncoderRecommender
+from streams.events import Source
+from streams.pipeline import BatchPipeline, BatchProcessor, OutRecord, RawMessage
+from streams.settings import Settings
+from streams.store import StateStore, UserWrite, connect
+from streams.window import UserState, WindowEntry
+from tests.streams.test_encoder_stream import ITEMS, make_bundle
+
+
+class RecordingPublisher:
+    """Keeps what would be sent; ``hold`` makes publish wait (a slow broker)."""
+
+    def __init__(self) -> None:
+        self.records: list[OutRecord] = []
+        self.hold: asyncio.Event | None = None
+        self.waiting = asyncio.Event()
+
+    async def publish(self, records: Sequence[OutRecord]) -> None:
+        if self.hold is not None:
+            self.waiting.set()
+            await self.hold.wait()
+        self.records.extend(records)
+
+
+def batches(settings: Settings) -> list[list[RawMessage]]:
+    """Ten batches of a few users each, users recurring across consecutive batches, with a
+    replayed message, an out-of-time-order event and a malformed one."""
+    out: list[list[RawMessage]] = []
+    offset = 0
+    for b in range(10):
+        batch = []
+        for u in range(b % 3, b % 3 + 4):
+            user = f"u{u}"
+            ts = 1_700_000_000_000 + 1_000 * offset
+            if b == 6 and u == b % 3:
+                ts -= 500_000  # older than the user's newest event: inserted, not appended
+            event = {
+                "event_id": f"e{offset}",
+                "user_id": user,
+                "item_id": ITEMS[(7 * offset + u) % len(ITEMS)],
+                "event_type": "click",
+                "timestamp": ts,
+            }
+            batch.append(
+                RawMessage(
+                    user.encode(),
+                    json.dumps(event).encode(),
+                    Source(settings.topic_clicks, 0, offset),
+                )
+            )
+            offset += 1
+        if b == 4:
+            batch.append(batch[0])  # a replay of a message already in this batch
+            batch.append(RawMessage(b"u9", b"{not json", Source(settings.topic_clicks, 0, offset)))
+            offset += 1
+        out.append(batch)
+    return out
+
+
+async def user_states(store: StateStore, users: Sequence[str]) -> dict[str, Any]:
+    states = {}
+    for user in users:
+        stored = await store.read_user(user)
+        assert stored is not None
+        states[user] = (
+            [e.event_id for e in stored.state.window],
+            stored.state.offsets,
+            stored.vector,
+            stored.memory,
+            stored.recs,
+        )
+    return states
+
+
+def payloads(records: Sequence[OutRecord]) -> list[tuple[str, bytes | None, dict[str, Any]]]:
+    out = []
+    for record in records:
+        value = json.loads(record.value)
+        value.pop("generated_at", None)  # wall clock
+        out.append((record.topic, record.key, value))
+    return out
+
+
+def processor_for(settings: Settings, bundle: Path, prefix: str) -> BatchProcessor:
+    local = settings.model_copy(update={"redis_key_prefix": prefix})
+    recommender = EncoderRecommender(EncoderRuntime.load(bundle, device="cpu"), cache_users=100)
+    return BatchProcessor(
+        local, StateStore(connect(local), local), recommender, RecordingPublisher()
+    )
+
+
+def test_batches_in_flight_leave_what_one_batch_at_a_time_leaves(
+    settings: Settings, tmp_path: Path
+) -> None:
+    _, bundle = make_bundle(tmp_path, seed=5)
+    users = [f"u{u}" for u in range(6)]
+
+    async def main() -> None:
+        reference = processor_for(settings, bundle, settings.redis_key_prefix + ":ref")
+        for batch in batches(settings):
+            await reference.process(batch)
+
+        piped = processor_for(settings, bundle, settings.redis_key_prefix + ":piped")
+        acked: list[int] = []
+        pipeline = BatchPipeline(piped, on_committed=acked.append, on_fatal=pytest.fail)
+        for i, batch in enumerate(batches(settings)):
+            await pipeline.submit(batch, i)
+        await pipeline.drain()
+
+        assert acked == list(range(10))  # each batch once, in order
+        assert await user_states(piped.store, users) == await user_states(reference.store, users)
+        assert payloads(piped.publisher.records) == payloads(reference.publisher.records)
+        for processor in (reference, piped):
+            await processor.store.client.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_commit_that_meets_another_writer_redoes_the_batches_after_it(
+    settings: Settings, tmp_path: Path
+) -> None:
+    _, bundle = make_bundle(tmp_path, seed=6)
+    first, second = batches(settings)[:2]  # u1, u2 and u3 are in both
+
+    async def main() -> None:
+        processor = processor_for(settings, bundle, settings.redis_key_prefix)
+        publisher = processor.publisher
+        assert isinstance(publisher, RecordingPublisher)
+        acked: list[int] = []
+        pipeline = BatchPipeline(processor, on_committed=acked.append, on_fatal=pytest.fail)
+
+        publisher.hold = asyncio.Event()
+        await pipeline.submit(first, 0)
+        await publisher.waiting.wait()  # the first batch is committing, not yet written
+        # Meanwhile another worker (a zombie during a rebalance) applies an event for u1.
+        other = StateStore(connect(processor.settings), processor.settings)
+        theirs = UserState([WindowEntry("theirs", ITEMS[1], "click", 1)], {"elsewhere/0": 5})
+        await other.write_batch({"u1": UserWrite(theirs, new_entries=theirs.window)}, [], None)
+        await pipeline.submit(second, 1)  # prepared on top of the first batch's state
+        publisher.hold.set()
+        publisher.hold = None
+        await pipeline.drain()
+
+        assert acked == [0, 1]
+        stored = await processor.store.read_user("u1")
+        assert stored is not None
+        expected = ["theirs"] + [
+            json.loads(m.value)["event_id"] for m in (*first, *second) if m.key == b"u1"
+        ]
+        assert [e.event_id for e in stored.state.window] == expected
+        newest = max(m.source.offset for m in (*first, *second) if m.key == b"u1")
+        assert stored.state.offsets == {"elsewhere/0": 5, f"{settings.topic_clicks}/0": newest}
+        for user in ("u0", "u2", "u3", "u4"):  # every event applied exactly once
+            window = (await processor.store.read_user(user)).state.window  # type: ignore[union-attr]
+            ids = [e.event_id for e in window]
+            assert len(ids) == len(set(ids))
+        await other.client.aclose()
+        await processor.store.client.aclose()
+
+    asyncio.run(main())
