@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import DefaultPartitioner, murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from streams.pipeline import OutRecord
@@ -34,13 +34,30 @@ def create_producer(settings: Settings, client_id: str) -> AIOKafkaProducer:
     )
 
 
+# Keys whose murmur2 hash is remembered (aiokafka's murmur2 is pure Python, ~4 us a key, and
+# the same users recur batch after batch); the memo is dropped whole when full.
+HASH_MEMO_KEYS = 100_000
+
+
 class BatchPublisher:
     """Sends all records of a call and returns once the broker acknowledged every one."""
 
     def __init__(self, producer: AIOKafkaProducer, timeout_seconds: float) -> None:
         self.producer = producer
         self.timeout_seconds = timeout_seconds
-        self._partitioner = DefaultPartitioner()
+        self._partitioner = DefaultPartitioner()  # for records without a key
+        self._hashes: dict[bytes, int] = {}
+
+    def partition(self, key: bytes | None, partitions: list[int]) -> int:
+        """The partition `producer.send()` would pick (DefaultPartitioner), the hash memoised."""
+        if key is None:
+            return self._partitioner(key, partitions, partitions)
+        hashed = self._hashes.get(key)
+        if hashed is None:
+            if len(self._hashes) >= HASH_MEMO_KEYS:
+                self._hashes.clear()
+            hashed = self._hashes[key] = murmur2(key) & 0x7FFFFFFF
+        return partitions[hashed % len(partitions)]
 
     async def publish(self, records: Sequence[OutRecord]) -> None:
         producer = self.producer
@@ -52,7 +69,7 @@ class BatchPublisher:
         open_batches: dict[tuple[str, int], BatchBuilder] = {}
         for record in records:
             topic, key, value = record.topic, record.key, record.value
-            tp = (topic, self._partitioner(key, partitions[topic], partitions[topic]))
+            tp = (topic, self.partition(key, partitions[topic]))
             batch = open_batches.get(tp)
             if batch is not None and batch.append(timestamp=None, key=key, value=value):
                 continue
