@@ -535,7 +535,11 @@ class BatchPipeline:
             flight.recommended.set()
             if before is not None:
                 await before.finished.wait()
-            prepared = processor.finish(flight.applied, recommended)
+            # In the executor too: it is Python either way, and the event loop is the busier
+            # of the two threads (it applies the next batch and commits the one before).
+            prepared = await asyncio.get_running_loop().run_in_executor(
+                processor.executor, processor.finish, flight.applied, recommended
+            )
             flight.finished.set()
             redo = False
             if before is not None:

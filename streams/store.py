@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -146,6 +146,11 @@ for u = 1, (#KEYS - 3) / 2 do
 end
 return 1
 """
+
+
+def _latest_event_time() -> int:
+    """The newest event time popularity believes: now, plus a clock-skew allowance."""
+    return int(time.time() * 1000) + MAX_CLOCK_SKEW_MS
 
 
 class StaleStateError(Exception):
@@ -280,7 +285,8 @@ class _WindowCache:
         return list(window)  # a copy: the batch mutates it and may fail before writing
 
     def put(self, user_id: str, offsets: bytes, window: list[WindowEntry]) -> None:
-        self.entries[user_id] = (offsets, list(window))
+        # Not copied: a written window is not changed again (`get` hands out copies).
+        self.entries[user_id] = (offsets, window)
         self.entries.move_to_end(user_id)
         while len(self.entries) > self.max_users:
             self.entries.popitem(last=False)
@@ -326,16 +332,20 @@ class StateStore:
             recs=orjson.loads(recs) if recs else None,
         )
 
-    def popularity_weight(self, timestamp_ms: int, epoch_ms: int) -> float:
-        # Bounded exponent: an event far from the epoch must not overflow a float.
-        exponent = (self.popularity_time(timestamp_ms) - epoch_ms) / self.half_life_ms
-        return math.pow(2.0, min(exponent, MAX_WEIGHT_EXPONENT))
+    def popularity_weights(
+        self, item_timestamps: Iterable[tuple[str, int]], epoch_ms: int
+    ) -> Iterator[tuple[str, float]]:
+        """(item, weight) of each event: 2 ** ((event time - epoch) / half-life).
 
-    @staticmethod
-    def popularity_time(timestamp_ms: int) -> int:
-        """Event time, but never in the future: one event stamped next year (a client clock
-        bug) must not make everything else weightless."""
-        return min(timestamp_ms, int(time.time() * 1000) + MAX_CLOCK_SKEW_MS)
+        Event times are capped at the wall clock (plus a skew allowance): one event stamped
+        next year (a client clock bug) must not make everything else weightless. The exponent
+        is bounded too: an event far from the epoch must not overflow a float.
+        """
+        latest = _latest_event_time()  # once per batch: time.time() per event showed up
+        half_life = self.half_life_ms
+        for item_id, ts in item_timestamps:
+            exponent = (min(ts, latest) - epoch_ms) / half_life
+            yield item_id, math.pow(2.0, min(exponent, MAX_WEIGHT_EXPONENT))
 
     def merge_popularity(
         self,
@@ -352,8 +362,8 @@ class StateStore:
         if epoch_ms is None:
             epoch_ms = min(ts for _, ts in item_timestamps)
         scores = dict(popular)
-        for item_id, ts in item_timestamps:
-            scores[item_id] = scores.get(item_id, 0.0) + self.popularity_weight(ts, epoch_ms)
+        for item_id, weight in self.popularity_weights(item_timestamps, epoch_ms):
+            scores[item_id] = scores.get(item_id, 0.0) + weight
         return sorted(scores.items(), key=lambda pair: pair[1], reverse=True)
 
     async def write_batch(
@@ -370,14 +380,13 @@ class StateStore:
         if epoch is None and item_timestamps:
             epoch = min(ts for _, ts in item_timestamps)
         if epoch is not None and item_timestamps:
-            newest = self.popularity_time(max(ts for _, ts in item_timestamps))
+            newest = min(max(ts for _, ts in item_timestamps), _latest_event_time())
             half_lives = (newest - epoch) / self.half_life_ms
             if half_lives > REBASE_AFTER_HALF_LIVES:
                 epoch = await self._rebase_popularity(epoch, half_lives)
         increments: dict[str, float] = {}
         if epoch is not None:
-            for item_id, ts in item_timestamps:
-                weight = self.popularity_weight(ts, epoch)
+            for item_id, weight in self.popularity_weights(item_timestamps, epoch):
                 increments[item_id] = increments.get(item_id, 0.0) + weight
         online = dict(online or {})
         keys = [self.keys.popularity, self.keys.popularity_epoch, self.keys.online]
