@@ -479,8 +479,9 @@ def main() -> None:
         print(
             f"    {n_batches:,.0f} batches, mean"
             f" {bm.get('interest_batch_size_sum', 0) / n_batches:,.0f} events, mean"
-            f" {1000 * busy / n_batches:,.1f} ms in BatchProcessor.process;"
-            f" {busy:,.1f} s in process over the {n_recs / rate:,.1f} s span",
+            f" {1000 * busy / n_batches:,.1f} ms in a batch's stages;"
+            f" {busy:,.1f} s summed over the {n_recs / rate:,.1f} s span"
+            " (batches in flight overlap)",
             flush=True,
         )
         lat = asyncio.run(latency(bootstrap, clicks, recs, later, rate / 2, args.latency_seconds))

@@ -13,7 +13,8 @@ RECOMMENDATIONS = Counter(
 )
 BATCH_SECONDS = Histogram(
     "interest_batch_seconds",
-    "Wall time to process one micro-batch (validate, state, recommend, publish, write)",
+    "Time in one micro-batch's stages (validate + windows, recommend, payloads, publish +"
+    " state write), without waits for the batch before it; batches in flight overlap",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 BATCH_SIZE = Histogram(
