@@ -385,6 +385,12 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=150_000, help="backlog size for (a) and (c)")
     ap.add_argument("--naive-events", type=int, default=2000)
     ap.add_argument("--latency-seconds", type=float, default=25.0)
+    ap.add_argument(
+        "--latency-rate",
+        type=float,
+        default=None,
+        help="events/s for the latency run (default: half the sustained rate just measured)",
+    )
     ap.add_argument("--model", type=Path, default=None, help="bundle (default: cached/exported)")
     ap.add_argument(
         "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "interest-bench-stream"
@@ -484,7 +490,8 @@ def main() -> None:
             " (batches in flight overlap)",
             flush=True,
         )
-        lat = asyncio.run(latency(bootstrap, clicks, recs, later, rate / 2, args.latency_seconds))
+        lat_rate = args.latency_rate or rate / 2
+        lat = asyncio.run(latency(bootstrap, clicks, recs, later, lat_rate, args.latency_seconds))
         print(
             f"(c) latency at {lat['rate']:,.0f} events/s for {args.latency_seconds:.0f}s: "
             f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms, max {lat['max_ms']:.1f} ms "
