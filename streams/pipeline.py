@@ -327,7 +327,8 @@ class BatchProcessor:
         return recommended
 
     def finish(self, applied: AppliedBatch, recommended: Result) -> PreparedBatch:
-        """Stage 3, on the event loop: payloads, online hit rate and the state to write.
+        """Stage 3: payloads, online hit rate and the state to write. Pure Python, no I/O
+        (`BatchPipeline` runs it in the executor thread, beside the next batch's stage 1).
 
         Users taken from an earlier batch need that batch's stage 3 done first (their last
         recommendation is its output)."""
@@ -473,11 +474,12 @@ class _InFlight:
 class BatchPipeline:
     """Batches in flight at once, each one stage behind the one before it.
 
-    Why: a batch's stages wait on different things: stage 1 (windows) and stage 3 (payloads)
-    are Python on the event loop, stage 2 (inference) runs in a thread that mostly holds no
-    GIL, and the commit mostly waits for Kafka and Redis. One batch at a time left the loop
-    idle during inference and the thread idle the rest of the time. Here batch N+1 is applied
-    while batch N is recommended and batch N-1 commits.
+    Why: a batch's stages wait on different things: stage 1 (windows) is Python on the event
+    loop, stage 2 (inference) runs in the executor thread and mostly holds no GIL, stage 3
+    (payloads) is Python, and the commit mostly waits for Kafka and Redis. One batch at a time
+    left the loop idle during inference and the thread idle the rest of the time. Here batch
+    N+1 is applied while batch N is recommended and finished and batch N-1 commits. Stage 3
+    runs in the executor too, as the event loop is the busier thread (bench/README.md).
 
     What keeps it equal to one batch at a time: every stage runs in submission order (each
     waits for the batch before it to finish that stage), a user in an uncommitted batch is
