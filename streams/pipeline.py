@@ -1,12 +1,15 @@
-"""One micro-batch, end to end, as a plain async function the Faust agent calls.
+"""Micro-batches, end to end, as plain async code the Faust agent calls.
 
-validate -> read state (1 Redis round trip) -> window update -> recommend -> publish DLQ and
-recommendations (wait for delivery) -> write state (1 atomic Redis round trip).
+One batch: validate -> read state (1 Redis round trip) -> window update -> recommend ->
+payloads -> publish DLQ and recommendations (wait for delivery) -> write state (1 atomic Redis
+round trip). `BatchProcessor` has these as stages; `BatchPipeline` keeps several batches in
+flight, a stage apart.
 
 Ordering gives the delivery guarantees: state is written only after the batch's output is
-delivered, and offsets are committed (by Faust, after the batch returns) only after the state
-write. A crash anywhere replays the batch: already-applied messages are recognised by their
-offsets and skipped, and recommendation ids are deterministic, so consumers can dedupe.
+delivered, and offsets are committed (by Faust, once the batch's messages are acked after its
+state write) only after the state write. A crash anywhere replays the batch: already-applied
+messages are recognised by their offsets and skipped, and recommendation ids are deterministic,
+so consumers can dedupe.
 """
 
 from __future__ import annotations
@@ -484,9 +487,12 @@ class BatchPipeline:
     What keeps it equal to one batch at a time: every stage runs in submission order (each
     waits for the batch before it to finish that stage), a user in an uncommitted batch is
     taken from it rather than from Redis (`BatchProcessor.apply`), commits are serial, and each
-    batch's messages are handed to ``on_committed`` (acked) only after its own commit. If a
-    commit meets another writer (StaleStateError) every later batch in flight was computed on
-    a state that never got written: each of them is redone with a fresh `process`, in order.
+    batch's messages are handed to ``on_committed`` (acked) only after its own commit. One
+    difference remains: the popularity ranking (cold-start fallback) is read from Redis, so it
+    lacks the events of batches not yet written. If a commit meets another writer
+    (StaleStateError) every later batch in flight was computed on a state that never got
+    written: each of them is redone with a fresh `process`, in order, and the next batch is
+    applied only once they are done.
     """
 
     def __init__(
@@ -501,14 +507,23 @@ class BatchPipeline:
         self.on_fatal = on_fatal  # an unexpected error: nothing may be acked after it
         self.max_in_flight = max_in_flight
         self._in_flight: deque[_InFlight] = deque()
+        self._met_another_writer = False  # a commit raised StaleStateError: drain first
+        self._cancelling = False
 
     async def submit(self, messages: Sequence[RawMessage], token: Any) -> None:
         """Apply a batch (stage 1) and start the rest of it; returns without waiting for it."""
-        while self._in_flight and self._in_flight[0].done.is_set():
-            self._in_flight.popleft()
-        while len(self._in_flight) >= self.max_in_flight:
-            await self._in_flight[0].done.wait()
-            self._in_flight.popleft()
+        while True:
+            while self._in_flight and self._in_flight[0].done.is_set():
+                self._in_flight.popleft()
+            if self._met_another_writer:
+                # The batches in flight are being redone; one applied on top of them would
+                # have to be redone too, and so on for as long as the backlog lasts.
+                await self.drain()
+                self._met_another_writer = False
+            elif len(self._in_flight) >= self.max_in_flight:
+                await self._in_flight[0].done.wait()
+            else:
+                break
         earlier = [f.applied for f in self._in_flight if not f.done.is_set()]
         applied = await with_retry(partial(self.processor.apply, messages, earlier))
         before = self._in_flight[-1] if self._in_flight else None
@@ -523,6 +538,7 @@ class BatchPipeline:
 
     def cancel(self) -> None:
         """Stop what is in flight (shutting down: nothing more is acked; it replays)."""
+        self._cancelling = True
         for flight in self._in_flight:
             if flight.task is not None:
                 flight.task.cancel()
@@ -555,10 +571,13 @@ class BatchPipeline:
                     redo = True
             if redo:
                 flight.redone = True
+                self._met_another_writer = True
                 await with_retry(partial(processor.process, flight.messages))
             self.on_committed(flight.token)
             flight.done.set()
         except asyncio.CancelledError:
+            if not self._cancelling:  # not our cancel(): this batch would never be done
+                self.on_fatal()
             raise
         except Exception:
             self.on_fatal()

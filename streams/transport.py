@@ -198,11 +198,14 @@ class Consumer(aiokafka_driver.Consumer):
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 self.diag.set_flag(CONSUMER_FETCHING)
-                generation_id = self.app.consumer_generation_id
+                # No generation check around the fetch: _fetch waits out a whole rebalance
+                # (flow suspended) before it fetches, from positions the rebalance already set.
+                # A rebalance that begins after the fetch suspends the flow, so the put below
+                # drops the fetch, and the new assignment seeks back to the committed offsets.
                 fetched = await self._fetch(timeout=1.0)
                 await self.sleep(0)
-                if self.should_stop or self.app.consumer_generation_id != generation_id:
-                    continue  # a rebalance: faust seeks back to the committed offsets
+                if self.should_stop:
+                    continue
                 delivery = await self._select(fetched, sink_topics)
                 del fetched  # unacked messages are weakly tracked: hold them only where needed
                 if self._commit_every is not None and self._n_acked >= self._commit_every:

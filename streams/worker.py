@@ -64,11 +64,11 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
         broker_max_poll_interval=settings.kafka_max_poll_interval_seconds,
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication,
-        # Faust hands every record of one fetch to the stream before it polls again, and the
+        # A fetch is one unit of delivery (the fetch sink's, or faust's stream's), and the
         # group drops a member that has not polled within the poll interval. Bounding a fetch
-        # to a few batches keeps polls frequent even when processing is slow.
+        # to two batches keeps polls frequent even when processing is slow.
         broker_max_poll_records=settings.batch_size * 2,
-        stream_buffer_maxsize=settings.batch_size * 4,
+        stream_buffer_maxsize=settings.batch_size * 4,  # faust's stream (fast_consumer=false)
         web_enabled=False,
         key_serializer="raw",
         value_serializer="raw",
@@ -112,7 +112,9 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
                 # meanwhile fetches into the sink's bounded queue.
                 while True:
                     messages = await sink.take(settings.batch_size, settings.batch_within_seconds)
-                    # Between batches: pick up a rolled-out model, if any.
+                    # Between batches: pick up a rolled-out model, if any. Batches already in
+                    # flight may then be recommended by it too; recommendation events carry the
+                    # version that made them, and a state of another version is rebuilt.
                     processor.recommender = await watcher.refresh(executor)
                     try:
                         await pipeline.submit(raw(messages), messages)
