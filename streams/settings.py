@@ -97,7 +97,8 @@ class Settings(BaseSettings):
     # Threads for inference off the event loop.
     inference_threads: int = Field(default=1, ge=1)
 
-    # Hand fetched messages to the agent without a task per message (streams/transport.py);
+    # Hand whole fetches to the agent, several batches in flight (streams/transport.py,
+    # streams/pipeline.py);
     # false falls back to faust's stock aiokafka driver.
     fast_consumer: bool = True
 

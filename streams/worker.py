@@ -54,7 +54,7 @@ def _credentials(settings: Settings) -> object | None:
 def create_app(settings: Settings, datadir: Path, recommender: Recommender | None = None) -> AppT:
     app = faust.App(
         settings.group_id,
-        # faust's aiokafka driver minus a task per delivered message (streams/transport.py).
+        # faust's aiokafka driver, handing the agent whole fetches (streams/transport.py).
         broker=f"{TRANSPORT_SCHEME if settings.fast_consumer else 'kafka'}://"
         f"{settings.bootstrap_servers}",
         broker_credentials=_credentials(settings),
