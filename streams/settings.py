@@ -98,8 +98,7 @@ class Settings(BaseSettings):
     inference_threads: int = Field(default=1, ge=1)
 
     # Hand whole fetches to the agent, several batches in flight (streams/transport.py,
-    # streams/pipeline.py);
-    # false falls back to faust's stock aiokafka driver.
+    # streams/pipeline.py); false: faust's stock aiokafka driver, one batch at a time.
     fast_consumer: bool = True
 
     # Longest a fetch waits on the broker when there is no new data (fast_consumer only; faust's
