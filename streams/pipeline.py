@@ -40,7 +40,14 @@ from streams.recommend import (
     recommendation_event,
 )
 from streams.settings import Settings
-from streams.store import StaleStateError, StateStore, StoredUser, UserWrite, encode_offsets
+from streams.store import (
+    StaleStateError,
+    StateStore,
+    StoredUser,
+    UserWrite,
+    encode_offsets,
+    popularity_epoch,
+)
 from streams.window import (
     UserState,
     WindowEntry,
@@ -121,9 +128,7 @@ class AppliedBatch:
 
     def popularity_epoch_after(self) -> int | None:
         """The popularity epoch once this batch is written (its write sets one if none)."""
-        if self.popularity_epoch_ms is not None or not self.changes.new_items:
-            return self.popularity_epoch_ms
-        return min(ts for _, ts in self.changes.new_items)
+        return popularity_epoch(self.popularity_epoch_ms, self.changes.new_items)
 
     def model_after(self, user_id: str) -> tuple[bytes | None, bytes | None, str | None]:
         """(vector, memory, model_version) after this batch; needs stage 2 done."""
@@ -549,7 +554,7 @@ class BatchPipeline:
         try:
             if before is not None:
                 await before.recommended.wait()
-            recommended = await with_retry(partial(processor.recommend, flight.applied))
+            recommended = await processor.recommend(flight.applied)  # no I/O: no retry
             flight.recommended.set()
             if before is not None:
                 await before.finished.wait()

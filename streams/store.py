@@ -148,6 +148,16 @@ return 1
 """
 
 
+def popularity_epoch(
+    epoch_ms: int | None, item_timestamps: Sequence[tuple[str, int]]
+) -> int | None:
+    """The epoch popularity weights are relative to: the stored one, else (the first write)
+    the oldest new event's time; None while there is neither."""
+    if epoch_ms is not None or not item_timestamps:
+        return epoch_ms
+    return min(ts for _, ts in item_timestamps)
+
+
 def _latest_event_time() -> int:
     """The newest event time popularity believes: now, plus a clock-skew allowance."""
     return int(time.time() * 1000) + MAX_CLOCK_SKEW_MS
@@ -359,10 +369,10 @@ class StateStore:
         """
         if not item_timestamps:
             return popular
-        if epoch_ms is None:
-            epoch_ms = min(ts for _, ts in item_timestamps)
+        epoch = popularity_epoch(epoch_ms, item_timestamps)
+        assert epoch is not None  # there are events
         scores = dict(popular)
-        for item_id, weight in self.popularity_weights(item_timestamps, epoch_ms):
+        for item_id, weight in self.popularity_weights(item_timestamps, epoch):
             scores[item_id] = scores.get(item_id, 0.0) + weight
         return sorted(scores.items(), key=lambda pair: pair[1], reverse=True)
 
@@ -376,9 +386,7 @@ class StateStore:
         """One atomic script: all users' new state, popularity increments of new events and
         the online hit-rate counters (`online`: field -> increment)."""
         item_timestamps = list(item_timestamps)
-        epoch = popularity_epoch_ms
-        if epoch is None and item_timestamps:
-            epoch = min(ts for _, ts in item_timestamps)
+        epoch = popularity_epoch(popularity_epoch_ms, item_timestamps)
         if epoch is not None and item_timestamps:
             newest = min(max(ts for _, ts in item_timestamps), _latest_event_time())
             half_lives = (newest - epoch) / self.half_life_ms
