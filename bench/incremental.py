@@ -8,9 +8,10 @@ the ratio (target: >= 20x).
     python bench/incremental.py [--history 200] [--batches 1 256] [--threads 2] [--spin]
 
 The model is the encoder's default config, randomly initialised (weights do not change the
-cost). "graph" rows time the bare ONNX sessions; "api" rows time EncoderRuntime.rebuild/step,
-i.e. including the padding and bookkeeping the worker pays. Times are medians; the ratio is
-the median of per-pair ratios (see paired_medians), so it is not exactly full ms / step ms.
+cost). "graph" rows time the bare ONNX sessions; "api" rows time EncoderRuntime.rebuild and
+step_in_place, i.e. including the padding and bookkeeping the worker pays. Times are medians;
+the ratio is the median of per-pair ratios (see paired_medians), so it is not exactly
+full ms / step ms.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def main() -> None:
         # api level: what the worker calls (full recompute = rebuild from the whole window)
         a_full, a_step, a_ratio = _compare(
             lambda w=(items, types, gaps, memory): rt.rebuild(*w),
-            lambda s=states, e=nxt: rt.step(s, *e),
+            lambda s=states, e=nxt: rt.step_in_place(s, *e),  # the worker's path
             args.repeats,
             args.seconds,
         )

@@ -66,6 +66,12 @@ def outputs(cfg: EncoderConfig) -> list[str]:
     return ["vector", *(f"out_{n}" for n in state_names(cfg))]
 
 
+def step_outputs(cfg: EncoderConfig) -> list[str]:
+    """The vector, then per state: a cache's new slot, the new memory, the next ring."""
+    names = state_names(cfg)
+    return ["vector", *(f"slot_{n}" for n in names[:-2]), *(f"out_{n}" for n in names[-2:])]
+
+
 # ---------------------------------------------------------------------- model directory
 
 
@@ -194,8 +200,8 @@ def export_onnx(model: InterestEncoder, out_dir: Path) -> dict[str, Any]:
             (last["items"], last["types"], last["gaps"], *to_graph_state(model.init_state(2))),
             str(out_dir / "step.onnx"),
             input_names=step_in,
-            output_names=outs,
-            dynamic_axes={n: batch_axis for n in (*step_in, *outs)},
+            output_names=step_outputs(cfg),
+            dynamic_axes={n: batch_axis for n in (*step_in, *step_outputs(cfg))},
             opset_version=OPSET,
             dynamo=False,
         )
@@ -217,10 +223,10 @@ def export_onnx(model: InterestEncoder, out_dir: Path) -> dict[str, Any]:
             "step": {
                 "file": "step.onnx",
                 "inputs": step_in,
-                "outputs": outs,
+                "outputs": step_outputs(cfg),
                 "requires": "every row has a real item (index >= 1)",
-                "next_state": "each cache output holds one slot more than the state (on its"
-                " slot_axis): the next state is the last ones",
+                "next_state": "caches are ring buffers: write each slot_ output into its cache"
+                " at index ring on the slot_axis, then take out_memory and out_ring",
             },
         },
     }
@@ -296,8 +302,10 @@ def check_parity(model: InterestEncoder, out_dir: Path) -> dict[str, float]:
         state = from_graph_state([torch.from_numpy(a) for a in got[1:]])
         ref_vec, ref_next = model.step(state, *nxt)
         feeds = dict(zip(step_inputs(cfg), [t.numpy() for t in nxt] + got[1:], strict=True))
-        vec, *caches = step.run(None, feeds)
-        got_step = [vec, *next_state(caches)]
+        vec, *outs = step.run(None, feeds)
+        before = [torch.from_numpy(a) for a in got[1:]]
+        after = next_state(before, [torch.from_numpy(a) for a in outs])
+        got_step = [vec, *(t.numpy() for t in to_graph_state(from_graph_state(after)))]
         ref_step = [ref_vec, *to_graph_state(ref_next)]
         step_diff = max(_maxdiff(r, g) for r, g in zip(ref_step, got_step, strict=True))
     return {"full_max_abs_diff": full_diff, "step_max_abs_diff": step_diff}

@@ -1,36 +1,44 @@
 """What full.onnx and step.onnx compute, and the state layout they pass between them.
 
-The graph state is two attention caches per layer plus the long-term memory:
+The graph state is two attention caches per layer, the long-term memory and a ring position:
 
-    keys_<layer>    (B, H, span-1, hd+1)  per cached event, oldest first: [key | mask]
+    keys_<layer>    (B, H, span-1, hd+1)  per cached event: [key | mask]
     values_<layer>  (B, H, span-1, hd+1)  [value | 1]
     memory          (B, d)                the decayed memory after the user's last event
+    ring            (B,) int64            the slot of the oldest cached event, where the
+                                          next one is written
 
-Why this layout and the rearranged step: a batch-1 step is ONNX Runtime overhead, not
-arithmetic (about 2 us per graph input or output and 1 us per node on this machine,
-bench/README.md), so the step graph is written for few inputs and few nodes:
+The caches are ring buffers: slot ``(ring + i) % (span-1)`` holds the i-th oldest cached event.
+full.onnx returns them oldest first (ring 0). step.onnx returns only what the event adds, the
+new key and value of each layer (B, H, 1, hd+1), the new memory and ring + 1; the caller
+writes the new slots at ``ring`` (``next_state``; the runtime does it in place). Why: a step
+used to return every cache with the new event appended, so each event copied its user's whole
+state (~100 KB at 3 layers of span 67) twice more, in the graph and into the worker's state
+cache; on this machine's memory bandwidth those copies cost more than the arithmetic
+(bench/README.md). Now a step writes 6 x 65 floats per user.
+
+Why the rest of the layout (a batch-1 step is ONNX Runtime overhead, not arithmetic: about
+2 us per graph input or output and 1 us per node on this machine, bench/README.md):
 
 * The mask column is 0 where a slot holds an event and NEG_INF where it is empty, and the
   step's query carries a constant 1 there, so ``query . key`` already includes the mask: no
-  event counter in the state (one input and one output fewer) and no mask nodes.
+  event counter in the state and no mask nodes.
 * The values' constant 1 lets the attention output carry the projection bias, and a hidden
   unit with a constant input carries the feed-forward output bias, so both residual adds are
   the C input of a Gemm (AttentionStep, FeedForwardStep).
-* step.onnx returns the caches with the new event appended; the state to continue from is
-  their last span-1 slots (``next_state``), a view the runtime takes instead of a Slice node
-  that would copy every cache once more.
+* The relative-position bias of a slot depends on its age, ``(slot - ring) % (span-1)``: one
+  small index computation per step, shared by the layers, and one Gather per layer.
 
 Keys and values packed into one tensor per layer saved more at batch 1 but made batch 256
 slower (both attention products then read the whole cache); keys stored transposed gained
-nothing. The torch model (encoder/model.py) keeps its plain EncoderState; ``to_graph_state``
-and ``from_graph_state`` convert, and the tests compare these wrappers against the model's
-``state_from_window`` and ``step`` (the references).
+nothing. The torch model (encoder/model.py) keeps its plain EncoderState (oldest slot first);
+``to_graph_state`` and ``from_graph_state`` convert, and the tests compare these wrappers
+against the model's ``state_from_window`` and ``step`` (the references).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -44,15 +52,15 @@ from encoder.model import (
     InterestEncoder,
     SlidingWindowAttention,
 )
+from export.runtime import RING_STATE
 
-ArrayT = TypeVar("ArrayT")  # a torch tensor or a numpy array
 MEMORY_STATE = "memory"
 SLOT_AXIS = 2  # the cached-event axis of the attention caches
 
 
 def state_names(cfg: EncoderConfig) -> list[str]:
     caches = [f"{kind}_{i}" for i in range(cfg.n_layers) for kind in ("keys", "values")]
-    return [*caches, MEMORY_STATE]
+    return [*caches, MEMORY_STATE, RING_STATE]
 
 
 def pack_cache(
@@ -66,7 +74,7 @@ def pack_cache(
 
 
 def to_graph_state(state: EncoderState) -> list[torch.Tensor]:
-    """EncoderState -> tensors in ``state_names`` order."""
+    """EncoderState -> tensors in ``state_names`` order (oldest slot first: ring 0)."""
     slots = state.keys.shape[3]
     back = torch.arange(slots, 0, -1, device=state.count.device)  # slot j is slots-j events back
     filled = back[None, :] <= state.count[:, None]  # (B, S-1)
@@ -75,23 +83,42 @@ def to_graph_state(state: EncoderState) -> list[torch.Tensor]:
         for i in range(state.keys.shape[1])
         for t in pack_cache(state.keys[:, i], state.values[:, i], filled)
     ]
-    return [*caches, state.memory]
+    ring = torch.zeros(state.memory.shape[0], dtype=torch.long, device=state.memory.device)
+    return [*caches, state.memory, ring]
 
 
-def next_state(step_outputs: list[ArrayT]) -> list[ArrayT]:
-    """StepGraph's outputs after the vector (torch or numpy) -> the state to continue from."""
-    *caches, memory = step_outputs
-    drop_oldest = (slice(None),) * SLOT_AXIS + (slice(1, None),)
-    return [*(c[drop_oldest] for c in caches), memory]
+def next_state(state: list[torch.Tensor], step_outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A state and StepGraph's outputs after the vector -> the state to continue from (a new
+    one): each layer's new slot written at ``ring``, the new memory and ring.
+
+    The plain reference for the runtime's in-place update (``EncoderRuntime.step_in_place``).
+    """
+    *caches, _, ring = state
+    *slots, memory, next_ring = step_outputs
+    users = torch.arange(ring.shape[0])
+    written = []
+    for cache, slot in zip(caches, slots, strict=True):
+        cache = cache.clone()
+        cache[users, :, ring] = slot[:, :, 0]  # (B,H,w) at each user's ring slot
+        written.append(cache)
+    return [*written, memory, next_ring]
+
+
+def oldest_first(cache: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:
+    """(B,H,S-1,w) ring-ordered cache -> oldest slot first."""
+    slots = cache.shape[SLOT_AXIS]
+    order = (ring[:, None] + torch.arange(slots)) % slots  # (B,S-1)
+    return torch.take_along_dim(cache, order[:, None, :, None], dim=SLOT_AXIS)
 
 
 def from_graph_state(tensors: list[torch.Tensor]) -> EncoderState:
-    """Tensors in ``state_names`` order -> EncoderState.
+    """Tensors in ``state_names`` order -> EncoderState (oldest slot first).
 
     The graph state knows the event count only up to span-1 (the filled slots), which is all
     the step depends on; ``count`` comes back capped there.
     """
-    *caches, memory = tensors
+    *caches, memory, ring = tensors
+    caches = [oldest_first(c, ring) for c in caches]
     keys = torch.stack([k[..., :-1] for k in caches[0::2]], dim=1)
     values = torch.stack([v[..., :-1] for v in caches[1::2]], dim=1)
     count = (caches[0][:, 0, :, -1] == 0).sum(dim=1)
@@ -144,16 +171,19 @@ class FullGraph(nn.Module):
             for k, v in zip(full.keys, full.values, strict=True)
             for t in pack_cache(last_slots(k), last_slots(v), filled)
         ]
-        return (vector, *caches, mem)
+        ring = torch.zeros_like(items[:, 0])  # oldest slot first
+        return (vector, *caches, mem, ring)
 
 
 class AttentionStep(nn.Module):
-    """``x + SlidingWindowAttention.step(ln1(x))`` on the graph caches, weights rearranged.
+    """``x + SlidingWindowAttention.step(ln1(x))`` on the ring-buffer caches, weights
+    rearranged.
 
     qkv emits, per head, the query [q / sqrt(hd) | 1], the key [k | 0] and the value [v | 1].
     The values' constant 1 comes out of the attention as exactly the sum of the weights, 1,
     so the output projection's bias rides in that column, and the residual add is the Gemm's
-    C input: one Gemm for ``x + proj(y)``.
+    C input: one Gemm for ``x + proj(y)``. The new event is attended to beside the caches,
+    not appended to them (that would copy them).
     """
 
     def __init__(self, cfg: EncoderConfig, attn: SlidingWindowAttention) -> None:
@@ -173,22 +203,28 @@ class AttentionStep(nn.Module):
         wo = F.pad(attn.proj.weight.detach().reshape(d, H, hd), (0, 1))  # (d,H,hd+1)
         wo[:, :, hd] = attn.proj.bias.detach()[:, None] / H  # every head's column holds 1
         self.register_buffer("proj_t", wo.reshape(d, -1).T.contiguous())  # (H*w, d)
-        S = cfg.span
-        dist = (S - 1) - torch.arange(S)  # slot S-1 (the new event) is 0 back
-        self.register_buffer("bias", attn.rel_bias.detach()[:, None, dist].clone())  # (H,1,S)
+        rel_bias = attn.rel_bias.detach()  # (H,S): bias of an event k steps back
+        self.register_buffer("bias_by_age", rel_bias.T.contiguous())  # (S,H)
+        self.register_buffer("bias_self", rel_bias[:, 0].reshape(1, H, 1, 1).clone())
 
     def forward(
-        self, x: torch.Tensor, x_ln: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+        self,
+        x: torch.Tensor,
+        x_ln: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        back: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x and ln1(x) (B,d), caches (B,H,S-1,w) -> x + attention (B,d), and the caches with
-        the new event appended (B,H,S,w): the next state is their last S-1 slots."""
+        """x and ln1(x) (B,d), caches (B,H,S-1,w), back (B,S-1): how many events back each
+        slot is -> x + attention (B,d), and the event's key and value (B,H,1,w)."""
         H, w = self.n_heads, self.width
         q, k, v = self.qkv(x_ln).reshape(-1, 3 * H, 1, w).split(H, dim=1)  # 3 x (B,H,1,w)
-        keys = torch.cat([k_cache, k], dim=2)  # (B,H,S,w), newest last
-        vals = torch.cat([v_cache, v], dim=2)
-        att = (q @ keys.transpose(-1, -2) + self.bias).softmax(dim=-1)  # (B,H,1,S)
-        y = (att @ vals).reshape(-1, H * w)  # empty slots have weight 0
-        return torch.addmm(x, y, self.proj_t), keys, vals
+        bias = F.embedding(back, self.bias_by_age).permute(0, 2, 1).unsqueeze(2)  # (B,H,1,S-1)
+        cached = q @ k_cache.transpose(-1, -2) + bias  # (B,H,1,S-1); empty slots ~ -inf
+        itself = (q * k).sum(dim=-1, keepdim=True) + self.bias_self  # (B,H,1,1)
+        att = torch.cat([cached, itself], dim=-1).softmax(dim=-1)  # (B,H,1,S)
+        y = att[..., :-1] @ v_cache + att[..., -1:] * v  # (B,H,1,w)
+        return torch.addmm(x, y.reshape(-1, H * w), self.proj_t), k, v
 
 
 class FeedForwardStep(nn.Module):
@@ -213,17 +249,12 @@ class FeedForwardStep(nn.Module):
 
 
 class StepGraph(nn.Module):
-    """(items, types, gaps (B,), *state) -> (vector, *next_state) for users who all have an
-    event: ``InterestEncoder.step`` without its per-row "item 0 keeps the state" select.
+    """(items, types, gaps (B,), *state) -> (vector, new key and value per layer (B,H,1,w),
+    memory, ring + 1) for users who all have an event: ``InterestEncoder.step`` without its
+    per-row "item 0 keeps the state" select (the runtime never sends item 0).
 
-    Why: that select reads and writes every cache once more per step, and the runtime never
-    sends item 0 (it steps only the users that have a known event). Reference:
-    InterestEncoder.step, compared in tests/export/test_parity.py.
-
-    The caches come back with span slots, the oldest still in front; the next state is the
-    last span-1 (``next_state``). Why not drop it in the graph: a Slice node copies every
-    cache once more, while the runtime takes a view and the worker's per-user state cache
-    copies the rows anyway.
+    The caller writes the new slots at ``ring`` (``next_state``). Reference:
+    InterestEncoder.step, compared in tests/export/test_graphs.py and test_parity.py.
     """
 
     def __init__(self, model: InterestEncoder) -> None:
@@ -245,15 +276,18 @@ class StepGraph(nn.Module):
         self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, *state: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         m = self.model
-        *caches, memory = state
+        *caches, memory, ring = state
+        slots = m.cfg.span - 1
+        # events back of each slot: the oldest (at ring) is span-1 back, the newest 1
+        back = slots - (torch.arange(slots, device=ring.device) - ring[:, None]) % slots
         x = m._embed(items, types, gaps)  # (B,d)
-        next_caches: list[torch.Tensor] = []
+        new_slots: list[torch.Tensor] = []
         layers = zip(m.blocks, self.attention, self.ffn, strict=True)
         for i, (block, attention, ffn) in enumerate(layers):
-            x, k, v = attention(x, block.ln1(x), caches[2 * i], caches[2 * i + 1])
+            x, k, v = attention(x, block.ln1(x), caches[2 * i], caches[2 * i + 1], back)
             x = ffn(x, block.ln2(x))
-            next_caches += [k, v]
+            new_slots += [k, v]
         if m.memory is not None:
             memory = m.memory.step(memory, m.item_emb(items))
             x = torch.addmm(x, m.memory.ln(memory), self.mix_t)  # + W_m LN(m); bias folded above
-        return (m.ln_f(x), *next_caches, memory)
+        return (m.ln_f(x), *new_slots, memory, (ring + 1) % slots)

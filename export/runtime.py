@@ -38,7 +38,9 @@ from export.scoring import PADDING, TopKScorer
 
 log = logging.getLogger(__name__)
 
-BUNDLE_FORMAT = "interest-bundle/1"
+# The state of a cache's ring position, last in the step state (export/graphs.py).
+RING_STATE = "ring"
+BUNDLE_FORMAT = "interest-bundle/2"  # 2: ring-buffer step state (export/graphs.py)
 MANIFEST = "manifest.json"
 # Sentinel index_of() returns for an item id the model has never seen.
 UNKNOWN = -1
@@ -183,13 +185,15 @@ class EncoderRuntime:
         self.d_model: int = int(manifest["d_model"])
         self.state_names: list[str] = [s["name"] for s in manifest["state"]]
         self._step_inputs: list[str] = manifest["graphs"]["step"]["inputs"]
-        # step.onnx returns the caches one slot longer than the state: keep their last slots
-        self._next_state = [
-            (slice(None),) * s["slot_axis"] + (slice(-s["shape"][s["slot_axis"]], None),)
-            if "slot_axis" in s
-            else None
-            for s in manifest["state"]
-        ]
+        # step.onnx returns, per cache (a ring buffer on its slot axis), only the new slot to
+        # write at the ring position; the ring itself is the last state (export/graphs.py)
+        self._slot_axes: list[int | None] = [s.get("slot_axis") for s in manifest["state"]]
+        # cache state name -> its slot axis
+        self.ring_caches: dict[str, int] = {
+            n: a for n, a in zip(self.state_names, self._slot_axes, strict=True) if a is not None
+        }
+        if self.state_names[-1] != RING_STATE:
+            raise BundleError(f"{path}: the step state has no {RING_STATE!r} (re-export it)")
         self.event_types: list[str] = list(manifest.get("event_types", []))
         self.n_time_buckets: int = int(manifest["config"]["n_time_buckets"])
         # Index = model item index; item_ids[0] is None (padding).
@@ -327,7 +331,8 @@ class EncoderRuntime:
         types: Sequence[int] | np.ndarray,
         gaps: Sequence[int] | np.ndarray,
     ) -> tuple[np.ndarray, EncoderStates]:
-        """Add one event per user; cost does not depend on history length.
+        """Add one event per user; cost does not depend on history length. ``states`` is left
+        as it was (the new state is a copy; ``step_in_place`` is the copy-free path).
 
         Users whose item is UNKNOWN (or padding) are skipped: their state comes back unchanged
         and their vector is their previous one.
@@ -337,33 +342,50 @@ class EncoderRuntime:
         ga = np.asarray(gaps, dtype=np.int64).reshape(-1)
         if not (len(it) == len(ty) == len(ga) == len(states)):
             raise ValueError("step() needs one item, type and gap per user in states")
-        known = it > 0
-        if len(it) == 0:
-            return states.vectors.copy(), states
-        if known.all():
-            return self._run_step(states, it, ty, ga)
-        out = states.take(np.arange(len(states)))  # skipped users: state and vector unchanged
-        rows = np.flatnonzero(known)
-        if len(rows):
-            _, stepped = self._run_step(states.take(rows), it[rows], ty[rows], ga[rows])
-            for name, a in stepped.arrays.items():
-                out.arrays[name][rows] = a
-            out.vectors[rows] = stepped.vectors
+        out = states.take(np.arange(len(states)))
+        rows = np.flatnonzero(it > 0)
+        if len(rows) == len(out) and len(rows):
+            self.step_in_place(out, it, ty, ga)
+        elif len(rows):
+            self.step_in_place(out, it[rows], ty[rows], ga[rows], rows=rows)
         return out.vectors.copy(), out
 
-    def _run_step(
-        self, states: EncoderStates, items: np.ndarray, types: np.ndarray, gaps: np.ndarray
-    ) -> tuple[np.ndarray, EncoderStates]:
-        """step.onnx on rows that all have a known item (the graph requires it)."""
-        state = (states.arrays[n] for n in self.state_names)
-        feeds = dict(zip(self._step_inputs, (items, types, gaps, *state), strict=True))
+    def step_in_place(
+        self,
+        states: EncoderStates,
+        items: np.ndarray,
+        types: np.ndarray,
+        gaps: np.ndarray,
+        rows: Sequence[int] | np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Add one event to each of ``rows`` of ``states`` (all rows if None), in place.
+
+        Every item must be known (index >= 1): step.onnx has no "keep the state" path. Each
+        cache gets its new slot written at the user's ring position, so an event writes a few
+        hundred floats per user instead of copying its whole state. Returns the vectors after
+        the events, one per row (``states.vectors`` is updated too). Reference: ``step``'s
+        graph outputs through export/graphs.py's ``next_state``, compared in
+        tests/export/test_runtime.py.
+        """
+        index = np.arange(len(states)) if rows is None else np.asarray(rows, dtype=np.int64)
+        sub = states if rows is None else states.take(index)
+        feeds = dict(
+            zip(
+                self._step_inputs,
+                (items, types, gaps, *(sub.arrays[n] for n in self.state_names)),
+                strict=True,
+            )
+        )
         vector, *outs = self._step.run(None, feeds)
-        # views, not copies: whoever keeps the state (the worker's state cache) copies it anyway
-        arrays = {
-            name: out if keep is None else out[keep]
-            for name, keep, out in zip(self.state_names, self._next_state, outs, strict=True)
-        }
-        return vector.copy(), EncoderStates(arrays=arrays, vectors=vector)
+        ring = sub.arrays[RING_STATE].copy()  # where this event's slots go
+        for name, axis, out in zip(self.state_names, self._slot_axes, outs, strict=True):
+            target = states.arrays[name]
+            if axis is None:  # memory, ring: replaced
+                target[index] = out
+            else:  # a cache: the new slot at the ring position
+                target[(index, *(slice(None),) * (axis - 1), ring)] = out.take(0, axis=axis)
+        states.vectors[index] = vector
+        return vector
 
     def top_k(
         self,
@@ -449,7 +471,10 @@ def verify_bundle(path: Path) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{mpath}: not valid JSON ({exc})") from None
     if manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{mpath}: format {manifest.get('format')!r}, expected {BUNDLE_FORMAT}")
+        raise BundleError(
+            f"{mpath}: format {manifest.get('format')!r}, expected {BUNDLE_FORMAT}"
+            " (export the model again with `interest export`)"
+        )
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise BundleError(f"{mpath}: no file checksums")

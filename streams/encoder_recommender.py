@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from encoder.features import DEFAULT_EVENT_TYPE, time_gap_bucket
-from export.runtime import EncoderRuntime, EncoderStates
+from export.runtime import RING_STATE, EncoderRuntime, EncoderStates
 from streams.recommend import (
     Batch,
     ModelUpdate,
@@ -36,17 +36,27 @@ from streams.recommend import (
 from streams.window import WindowEntry
 
 
+def _at_slots(rows: np.ndarray, slots: np.ndarray, axis: int) -> tuple[object, ...]:
+    """The index of one slot per row on a cache's slot axis: cache[_at_slots(...)]."""
+    return (rows, *(slice(None),) * (axis - 1), slots)
+
+
 class StateSlab:
     """Per-user encoder states in preallocated arrays, one row per cached user, LRU-evicted.
 
     Why a slab: a state is ~100 KB (attention caches); keeping one small array set per user
     meant a copy to stack users into a batch and another to split them again, which cost more
-    than the model itself. Rows are gathered and scattered with one fancy-index per tensor.
+    than the model itself. Rows are gathered with one fancy-index per tensor, and a user whose
+    row still holds the state the batch started from gets back only the cache slots the
+    batch's steps wrote (the caches are ring buffers, export/graphs.py), not its whole state.
     np.zeros pages are only committed when a row is first written.
     """
 
-    def __init__(self, template: EncoderStates, max_users: int) -> None:
+    def __init__(
+        self, template: EncoderStates, max_users: int, ring_caches: dict[str, int]
+    ) -> None:
         self.max_users = max_users
+        self.ring_caches = ring_caches  # cache name -> slot axis
         self.arrays = {
             name: np.zeros((max_users, *a.shape[1:]), a.dtype)
             for name, a in template.arrays.items()
@@ -71,28 +81,64 @@ class StateSlab:
         return EncoderStates({n: a[index] for n, a in self.arrays.items()}, self.vectors[index])
 
     def store(
-        self, users: Sequence[str], states: EncoderStates, version: str, signatures: Sequence[str]
+        self,
+        users: Sequence[str],
+        states: EncoderStates,
+        version: str,
+        signatures: Sequence[str],
+        unchanged_since_lookup: set[int] = frozenset(),  # type: ignore[assignment]
+        slot_writes: Sequence[tuple[np.ndarray, np.ndarray]] = (),
     ) -> None:
+        """Cache users' states (row i of ``states`` is ``users[i]``'s).
+
+        ``unchanged_since_lookup``: rows whose slab row, found by ``lookup`` for this batch,
+        held the state the batch started from, and which the batch changed only by steps;
+        ``slot_writes``: each step's (rows, ring slots written). Those rows get only the
+        written slots plus their memory, ring and vector; every other row is copied whole.
+        """
         if self.max_users == 0:
             return
-        rows = []
-        for user_id, signature in zip(users, signatures, strict=True):
+        n = len(users)
+        first = max(0, n - self.max_users)  # a batch larger than the cache: its last users stay
+        slab_rows = np.full(n, -1, np.int64)
+        for i, user_id in enumerate(users):  # take the batch's rows out of the LRU first ...
             entry = self.rows.pop(user_id, None)
-            if entry is not None:
-                row = entry[0]
-            elif self.free:
-                row = self.free.pop()
-            else:  # evict the least recently used user
-                _, (row, _, _) = self.rows.popitem(last=False)
-            self.rows[user_id] = (row, version, signature)
-            rows.append(row)
-        if len(rows) > self.max_users:  # only the last max_users of this batch stay cached
-            rows = rows[-self.max_users :]
-            states = states.take(range(len(users))[-self.max_users :])
-        index = np.asarray(rows, np.int64)
+            if entry is None:
+                continue
+            if i >= first:
+                slab_rows[i] = entry[0]
+            else:
+                self.free.append(entry[0])
+        for i in range(first, n):  # ... so that evicting cannot take one of them
+            if slab_rows[i] < 0:
+                if self.free:
+                    slab_rows[i] = self.free.pop()
+                else:
+                    _, (slab_rows[i], _, _) = self.rows.popitem(last=False)
+        for i in range(first, n):
+            self.rows[users[i]] = (int(slab_rows[i]), version, signatures[i])
+
+        partial = np.zeros(n, bool)
+        partial[[i for i in unchanged_since_lookup if i >= first]] = True
+        whole = np.flatnonzero(~partial[first:]) + first
+        if len(whole):
+            for name, a in self.arrays.items():
+                a[slab_rows[whole]] = states.arrays[name][whole]
+            self.vectors[slab_rows[whole]] = states.vectors[whole]
+        stepped = np.flatnonzero(partial)
+        if not len(stepped):
+            return
+        for rows, slots in slot_writes:
+            keep = partial[rows]
+            rows, slots = rows[keep], slots[keep]
+            for name, axis in self.ring_caches.items():
+                self.arrays[name][_at_slots(slab_rows[rows], slots, axis)] = states.arrays[name][
+                    _at_slots(rows, slots, axis)
+                ]
         for name, a in self.arrays.items():
-            a[index] = states.arrays[name]
-        self.vectors[index] = states.vectors
+            if name not in self.ring_caches:  # memory, ring
+                a[slab_rows[stepped]] = states.arrays[name][stepped]
+        self.vectors[slab_rows[stepped]] = states.vectors[stepped]
 
 
 class EncoderRecommender:
@@ -100,7 +146,7 @@ class EncoderRecommender:
 
     def __init__(self, runtime: EncoderRuntime, cache_users: int = 10_000) -> None:
         self.runtime = runtime
-        self.cache = StateSlab(runtime.initial_state(1), cache_users)
+        self.cache = StateSlab(runtime.initial_state(1), cache_users, runtime.ring_caches)
         self._item_names = np.array(runtime.item_ids, dtype=object)  # index -> id, 0 -> None
         config = runtime.manifest.get("config", {})
         # A model trained without types/timestamps saw only the defaults: feed it the same.
@@ -195,7 +241,11 @@ class EncoderRecommender:
             )
             self._put(work, [row_of[u] for u in missing], rebuilt)
 
-        # 2. One step per event, batched across users round by round.
+        # 2. One step per event, batched across users round by round, in place in `work`.
+        # Rows changed only by steps go back to the slab as the slots written (`store`).
+        unchanged = {w for w, _ in hits}
+        slot_writes: list[tuple[np.ndarray, np.ndarray]] = []
+        ring = work.arrays[RING_STATE]
         vectors = np.zeros((len(requests), rt.d_model), np.float32)
         rounds = max((len(indices) for indices in per_user.values()), default=0)
         for r in range(rounds):
@@ -211,14 +261,17 @@ class EncoderRecommender:
                     [self._event_features(requests[i], int(event_items[i])) for _, i in stepping],
                     np.int64,
                 )
-                rows = [w for w, _ in stepping]
-                if len(rows) == len(users):  # everyone steps, in work order: no gather/scatter
-                    out, work = rt.step(work, features[:, 0], features[:, 1], features[:, 2])
-                else:
-                    out, states = rt.step(
-                        work.take(rows), features[:, 0], features[:, 1], features[:, 2]
-                    )
-                    self._put(work, rows, states)
+                rows = np.array([w for w, _ in stepping], np.int64)
+                slot_writes.append((rows, ring[rows]))
+                # everyone steps, in work order: no gather
+                everyone = len(rows) == len(users)
+                out = rt.step_in_place(
+                    work,
+                    features[:, 0],
+                    features[:, 1],
+                    features[:, 2],
+                    rows=None if everyone else rows,
+                )
                 vectors[[i for _, i in stepping]] = out
             if inserted:
                 # Out of time order: recompute from the window; the persisted memory is that of
@@ -229,6 +282,7 @@ class EncoderRecommender:
                     list(work.take(rows).memory[:, None]),
                 )
                 self._put(work, rows, rebuilt)
+                unchanged.difference_update(rows)
                 vectors[[i for _, i in inserted]] = rebuilt.vectors
 
         # 3. Top-K with seen items excluded; cold users fall back to popularity. The seen items
@@ -280,7 +334,14 @@ class EncoderRecommender:
                 recommendations.append(Recommendation(items, rt.version, "popularity"))
 
         # 4. Persist and cache each user's state after its last event.
-        self.cache.store(users, work, rt.version, [batch.final_signatures[u] for u in users])
+        self.cache.store(
+            users,
+            work,
+            rt.version,
+            [batch.final_signatures[u] for u in users],
+            unchanged,
+            slot_writes,
+        )
         updates = {
             user_id: ModelUpdate(
                 vector=work.vectors[i].tobytes(),

@@ -34,18 +34,30 @@ def test_graph_state_round_trip(model: InterestEncoder) -> None:
 
 
 def test_step_wrapper_matches_model_step(model: InterestEncoder) -> None:
-    """StepGraph's rearranged weights (per head) compute InterestEncoder.step, from a state
-    with empty slots and from a full one."""
+    """StepGraph's rearranged weights (per head) and its ring-buffer caches compute
+    InterestEncoder.step, from a state with empty slots and from a full one, over more steps
+    than the ring has slots (so it wraps around)."""
     step = StepGraph(model).eval()
+    slots = model.cfg.span - 1
     for length in (2, 3 * model.cfg.span):
-        items, types, gaps = _events(model, 3, length + 1, seed=length)
+        n_steps = slots + 3
+        items, types, gaps = _events(model, 3, length + n_steps, seed=length)
         with torch.no_grad():
-            _, state = model.state_from_window(items[:, :-1], types[:, :-1], gaps[:, :-1])
-            ref_vec, ref_next = model.step(state, items[:, -1], types[:, -1], gaps[:, -1])
-            vec, *got = step(items[:, -1], types[:, -1], gaps[:, -1], *to_graph_state(state))
-        assert (vec - ref_vec).abs().max() <= TOL
-        for ref, out in zip(to_graph_state(ref_next), next_state(got), strict=True):
-            assert (ref - out).abs().max() <= TOL
+            window = (items[:, :length], types[:, :length], gaps[:, :length])
+            _, ref_state = model.state_from_window(*window)
+            graph_state = to_graph_state(ref_state)
+            for t in range(length, length + n_steps):
+                event = (items[:, t], types[:, t], gaps[:, t])
+                ref_vec, ref_state = model.step(ref_state, *event)
+                vec, *outputs = step(*event, *graph_state)
+                graph_state = next_state(graph_state, outputs)
+                assert (vec - ref_vec).abs().max() <= TOL
+                got = from_graph_state(graph_state)
+                assert (got.keys - ref_state.keys).abs().max() <= TOL
+                assert (got.values - ref_state.values).abs().max() <= TOL
+                assert (got.memory - ref_state.memory).abs().max() <= TOL
+                assert got.count.tolist() == ref_state.count.clamp(max=slots).tolist()
+        assert graph_state[-1].tolist() == [(n_steps) % slots] * 3  # the ring went round
 
 
 def test_full_wrapper_marks_padding_as_empty(model: InterestEncoder) -> None:

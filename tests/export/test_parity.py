@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from encoder.model import InterestEncoder
-from export.graphs import from_graph_state, state_names, to_graph_state
+from export.graphs import from_graph_state, next_state, state_names, to_graph_state
 from export.runtime import EncoderRuntime, EncoderStates
 
 TOL = 1e-4
@@ -38,6 +38,13 @@ def _t(a: np.ndarray) -> torch.Tensor:
 def _maxdiff(a: torch.Tensor | np.ndarray, b: np.ndarray) -> float:
     a = a.numpy() if isinstance(a, torch.Tensor) else a
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+
+
+def _oldest_first(runtime: EncoderRuntime, states: EncoderStates) -> dict[str, np.ndarray]:
+    """The state with each ring-buffer cache rotated to oldest slot first (ring 0)."""
+    graph = [torch.from_numpy(states.arrays[n]) for n in runtime.state_names]
+    canonical = to_graph_state(from_graph_state(graph))
+    return {n: t.numpy() for n, t in zip(runtime.state_names, canonical, strict=True)}
 
 
 def test_full_graph_matches_torch(model: InterestEncoder, runtime: EncoderRuntime) -> None:
@@ -84,12 +91,38 @@ def test_step_graph_matches_torch(model: InterestEncoder, runtime: EncoderRuntim
         arrays=dict(zip(runtime.state_names, arrays, strict=True)),
         vectors=np.zeros((3, model.cfg.d_model), np.float32),
     )
+    before = {n: a.copy() for n, a in ort_state.arrays.items()}
     vec, out = runtime.step(ort_state, *nxt)
     assert _maxdiff(ref_vec[[0, 2]], vec[[0, 2]]) <= TOL
     assert not vec[1].any()  # skipped user: previous (zero) vector
+    got = _oldest_first(runtime, out)
     for name, ref in zip(runtime.state_names, to_graph_state(ref_state), strict=True):
-        assert _maxdiff(ref[[0, 2]], out.arrays[name][[0, 2]]) <= TOL, name
+        assert _maxdiff(ref[[0, 2]], got[name][[0, 2]]) <= TOL, name
         assert _maxdiff(ref[1], out.arrays[name][1]) == 0, name  # skipped: unchanged
+        assert np.array_equal(ort_state.arrays[name], before[name]), name  # step() copies
+
+
+def test_step_in_place_matches_reference(model: InterestEncoder, runtime: EncoderRuntime) -> None:
+    """The in-place ring update (the worker's path) == step.onnx's outputs applied by
+    export/graphs.py's plain ``next_state``, for a subset of rows and across the ring's end."""
+    items, types, gaps = _history(4, runtime.receptive_field + 5, model.cfg.n_items, seed=12)
+    _, states = runtime.rebuild(items, types, gaps)
+    states.arrays["ring"][:] = [0, 3, model.cfg.span - 2, 1]  # a slot of each kind
+    rows = np.array([3, 0, 2])
+    event = (np.array([4, 9, 2]), np.array([1, 0, 2]), np.array([3, 1, 7]))
+    graph_state = [torch.from_numpy(states.arrays[n][rows].copy()) for n in runtime.state_names]
+    feeds = dict(
+        zip(runtime._step_inputs, [*event, *(t.numpy() for t in graph_state)], strict=True)
+    )
+    ref_vec, *outputs = runtime._step.run(None, feeds)
+    ref = next_state(graph_state, [torch.from_numpy(o) for o in outputs])
+    untouched = {n: a[1].copy() for n, a in states.arrays.items()}
+    vec = runtime.step_in_place(states, *event, rows=rows)
+    assert np.array_equal(vec, ref_vec)
+    assert np.array_equal(states.vectors[rows], ref_vec)
+    for name, want in zip(runtime.state_names, ref, strict=True):
+        assert np.array_equal(states.arrays[name][rows], want.numpy()), name
+        assert np.array_equal(states.arrays[name][1], untouched[name]), name  # row 1: no event
 
 
 def test_incremental_steps_equal_full_recompute(

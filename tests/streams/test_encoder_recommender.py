@@ -76,3 +76,45 @@ def test_each_event_excludes_the_window_and_the_batch_so_far(tmp_path: Path) -> 
         rec = result.recommendations[last[user]]
         assert [item for item, _ in rec.items] == rt.ids_of(ref_i[0])
         np.testing.assert_allclose([s for _, s in rec.items], ref_s[0], rtol=1e-5, atol=1e-5)
+
+
+def test_cached_states_continue_like_states_rebuilt_from_the_window(tmp_path: Path) -> None:
+    """The state cache's in-place path (ring-buffer slots written back, rows evicted and
+    reused, users with several events in a batch) gives the vectors of a recommender that
+    rebuilds every user from its whole window each batch (the reference, no cache)."""
+    _, bundle = make_bundle(tmp_path, seed=5)
+    rt = EncoderRuntime.load(bundle, device="cpu")
+    cached = EncoderRecommender(rt, cache_users=5)  # fewer rows than users: evictions
+    reference = EncoderRecommender(rt, cache_users=0)
+    rng = np.random.default_rng(0)
+    users = [f"u{i}" for i in range(8)]
+    windows: dict[str, list[WindowEntry]] = {user: [] for user in users}
+    clock = 1_000
+    for _ in range(30):  # ~10 events per user: the 4-slot rings wrap around
+        picked = rng.choice(users, size=int(rng.integers(1, 7)), replace=False)
+        prior = {user: tuple(windows[user]) for user in picked}
+        requests = []
+        for user in picked:
+            for _ in range(int(rng.integers(1, 4))):
+                clock += 1
+                item = ITEMS[int(rng.integers(0, len(ITEMS)))]
+                event = Event(f"e{clock}", user, item, "click", clock, Source("t", 0, clock))
+                windows[user].append(WindowEntry.from_event(event))
+                requests.append(Request(event, tuple(windows[user])))
+        batch = Batch(
+            requests=requests,
+            prior_windows=prior,
+            stored={},
+            prior_signatures={user: f"{user}:{len(prior[user])}" for user in picked},
+            final_signatures={user: f"{user}:{len(windows[user])}" for user in picked},
+            popular=[],
+            k=3,
+        )
+        got, want = cached.recommend(batch), reference.recommend(batch)
+        for user in picked:
+            np.testing.assert_allclose(
+                np.frombuffer(got.updates[user].vector, np.float32),
+                np.frombuffer(want.updates[user].vector, np.float32),
+                atol=1e-4,
+            )
+    assert len(cached.cache) == 5
