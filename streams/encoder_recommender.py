@@ -76,9 +76,20 @@ class StateSlab:
         self.rows.move_to_end(user_id)
         return entry[0]
 
-    def gather(self, rows: Sequence[int]) -> EncoderStates:
+    def gather(self, rows: Sequence[int], total: int) -> EncoderStates:
+        """States of ``total`` users, the first ``len(rows)`` copied from these slab rows, the
+        rest uninitialised (the caller fills them)."""
         index = np.asarray(rows, np.int64)
-        return EncoderStates({n: a[index] for n, a in self.arrays.items()}, self.vectors[index])
+        out = EncoderStates(
+            {n: np.empty((total, *a.shape[1:]), a.dtype) for n, a in self.arrays.items()},
+            np.empty((total, self.vectors.shape[1]), np.float32),
+        )
+        # mode="clip": with the default "raise" numpy copies through a buffer when given
+        # `out`; slab rows are always in range.
+        for name, a in self.arrays.items():
+            np.take(a, index, axis=0, out=out.arrays[name][: len(index)], mode="clip")
+        np.take(self.vectors, index, axis=0, out=out.vectors[: len(index)], mode="clip")
+        return out
 
     def store(
         self,
@@ -146,7 +157,8 @@ class EncoderRecommender:
 
     def __init__(self, runtime: EncoderRuntime, cache_users: int = 10_000) -> None:
         self.runtime = runtime
-        self.cache = StateSlab(runtime.initial_state(1), cache_users, runtime.ring_caches)
+        self._empty = runtime.initial_state(1)
+        self.cache = StateSlab(self._empty, cache_users, runtime.ring_caches)
         self._item_names = np.array(runtime.item_ids, dtype=object)  # index -> id, 0 -> None
         config = runtime.manifest.get("config", {})
         # A model trained without types/timestamps saw only the defaults: feed it the same.
@@ -199,6 +211,16 @@ class EncoderRecommender:
         )
         return states
 
+    def _reset(self, work: EncoderStates, first: int) -> None:
+        """Rows from ``first`` on: the state of a user with no history.
+
+        Why not ``initial_state(len(users))``: that repeats the empty state for every user of
+        the batch (~50 MB at 500 users, with the GIL held) when only a few are not cached."""
+        empty = self._empty
+        for name, a in work.arrays.items():
+            a[first:] = empty.arrays[name]
+        work.vectors[first:] = 0.0
+
     @staticmethod
     def _put(work: EncoderStates, rows: Sequence[int], states: EncoderStates) -> None:
         index = np.asarray(rows, np.int64)
@@ -217,33 +239,35 @@ class EncoderRecommender:
 
         # 1. Start states, one row per user in `work`: cache hits gathered from the slab,
         # zeros for users without history, one batched rebuild for the rest.
-        users = list(per_user)
+        # Work rows: the cache hits first (gathered straight into the front of `work`), then
+        # the users without a cached state.
+        slab_rows: list[int] = []
+        hit_users: list[str] = []
+        other_users: list[str] = []
+        for user_id in per_user:
+            slab_row = self.cache.lookup(user_id, rt.version, batch.prior_signatures[user_id])
+            if slab_row is None:
+                other_users.append(user_id)
+            else:
+                hit_users.append(user_id)
+                slab_rows.append(slab_row)
+        users = hit_users + other_users
         row_of = {user_id: i for i, user_id in enumerate(users)}
         event_items = rt.index_of([r.event.item_id for r in requests])  # once per batch
-        hits: list[tuple[int, int]] = []  # (work row, slab row)
-        missing: list[str] = []
-        for user_id in users:
-            slab_row = self.cache.lookup(user_id, rt.version, batch.prior_signatures[user_id])
-            if slab_row is not None:
-                hits.append((row_of[user_id], slab_row))
-            elif batch.prior_windows.get(user_id):
-                missing.append(user_id)
-        if len(hits) == len(users):  # the steady state: one gather, no zero-fill
-            work = self.cache.gather([c for _, c in hits])
-        else:
-            work = rt.initial_state(len(users))
-            if hits:
-                self._put(work, [w for w, _ in hits], self.cache.gather([c for _, c in hits]))
-        if missing:
-            rebuilt = self._rebuild(
-                [batch.prior_windows[u] for u in missing],
-                [self._memory(batch.stored.get(u)) for u in missing],
-            )
-            self._put(work, [row_of[u] for u in missing], rebuilt)
+        work = self.cache.gather(slab_rows, len(users))
+        if other_users:  # no history: the empty state; a history: one batched rebuild
+            self._reset(work, len(hit_users))
+            missing = [u for u in other_users if batch.prior_windows.get(u)]
+            if missing:
+                rebuilt = self._rebuild(
+                    [batch.prior_windows[u] for u in missing],
+                    [self._memory(batch.stored.get(u)) for u in missing],
+                )
+                self._put(work, [row_of[u] for u in missing], rebuilt)
 
         # 2. One step per event, batched across users round by round, in place in `work`.
         # Rows changed only by steps go back to the slab as the slots written (`store`).
-        unchanged = {w for w, _ in hits}
+        unchanged = set(range(len(hit_users)))
         slot_writes: list[tuple[np.ndarray, np.ndarray]] = []
         ring = work.arrays[RING_STATE]
         vectors = np.zeros((len(requests), rt.d_model), np.float32)
@@ -257,6 +281,7 @@ class EncoderRecommender:
                     target = stepping if requests[index].appended else inserted
                     target.append((row_of[user_id], index))
             if stepping:
+                stepping.sort()  # work order: when everyone steps, `work` is the graph input
                 features = np.array(
                     [self._event_features(requests[i], int(event_items[i])) for _, i in stepping],
                     np.int64,
