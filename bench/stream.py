@@ -12,6 +12,7 @@ One run on a private embedded stack (Tansu + Redis in a temporary home, stopped 
       while producing at half that rate.
 
     python bench/stream.py [--events 150000] [--naive-events 2000] [--latency-seconds 25]
+                           [--latency-rate R] [--worker-without-model]
 
 Events: ml-1m.txt (SASRec `user item` lines) interleaved across users (each user's events in
 order, user by user per rank), as click events with synthetic per-user timestamps. The bundle:
@@ -396,6 +397,12 @@ def main() -> None:
         "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "interest-bench-stream"
     )
     ap.add_argument("--keep-worker-log", action="store_true")
+    ap.add_argument(
+        "--worker-without-model",
+        action="store_true",
+        help="(c) without INTEREST_MODEL (the popularity baseline): what the rest of the "
+        "worker's path allows, without the encoder",
+    )
     args = ap.parse_args()
     if not DATA.is_file():
         print(f"skipped: {DATA} is missing (licensed data is never committed; see DESIGN.md)")
@@ -461,9 +468,13 @@ def main() -> None:
         )
 
         log = log_path.open("wb")
+        worker_env = {**os.environ, **env}
+        if args.worker_without_model:
+            del worker_env["INTEREST_MODEL"]
+            print("(c) runs without INTEREST_MODEL: the popularity baseline", flush=True)
         worker = subprocess.Popen(
             [sys.executable, "-c", "from interest.cli import main; main()", "worker"],
-            env={**os.environ, **env},
+            env=worker_env,
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO_ROOT,
