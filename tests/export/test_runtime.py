@@ -67,6 +67,16 @@ def test_missing_or_edited_manifest_is_refused(bundle_copy: Path) -> None:
         EncoderRuntime.load(bundle_copy / "nope")
 
 
+def test_a_bundle_of_the_previous_format_asks_for_a_new_export(bundle_copy: Path) -> None:
+    """Format 1 bundles (caches shifted every step, no ring) cannot run on this runtime."""
+    path = bundle_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["format"] = "interest-bundle/1"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"interest-bundle/1.*export the model again"):
+        EncoderRuntime.load(bundle_copy)
+
+
 def test_manifest_describes_the_bundle(runtime: EncoderRuntime, bundle: Path) -> None:
     m = runtime.manifest
     assert set(m["files"]) == {"full.onnx", "step.onnx", "items.json", "item_embeddings.npy"}
