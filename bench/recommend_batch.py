@@ -4,7 +4,8 @@ all but one cached (a new user in every batch, as in production), median ms of 1
     python bench/recommend_batch.py REPO_ROOT BUNDLE
 
 REPO_ROOT: the tree whose streams/ and export/ are imported (run it against two checkouts,
-alternately, to compare a change side by side). No Kafka or Redis.
+alternately, to compare a change side by side; a tree of another bundle format needs the model
+exported by that tree). No Kafka or Redis.
 """
 
 from __future__ import annotations

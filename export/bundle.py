@@ -308,6 +308,21 @@ def check_parity(model: InterestEncoder, out_dir: Path) -> dict[str, float]:
         got_step = [vec, *(t.numpy() for t in to_graph_state(from_graph_state(after)))]
         ref_step = [ref_vec, *to_graph_state(ref_next)]
         step_diff = max(_maxdiff(r, g) for r, g in zip(ref_step, got_step, strict=True))
+        # the same state with each user's ring turned (slot i moved to i + shift): same step
+        *caches, memory, _ = got[1:]
+        shift = np.arange(len(memory)) % (cfg.span - 1) + 1
+        turned = [
+            np.stack([np.roll(c[b], int(shift[b]), axis=SLOT_AXIS - 1) for b in range(len(c))])
+            for c in caches
+        ]
+        feeds = dict(
+            zip(
+                step_inputs(cfg),
+                [*(t.numpy() for t in nxt), *turned, memory, shift % (cfg.span - 1)],
+                strict=True,
+            )
+        )
+        step_diff = max(step_diff, _maxdiff(ref_vec, step.run(None, feeds)[0]))
     return {"full_max_abs_diff": full_diff, "step_max_abs_diff": step_diff}
 
 

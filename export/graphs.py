@@ -251,7 +251,7 @@ class FeedForwardStep(nn.Module):
 class StepGraph(nn.Module):
     """(items, types, gaps (B,), *state) -> (vector, new key and value per layer (B,H,1,w),
     memory, ring + 1) for users who all have an event: ``InterestEncoder.step`` without its
-    per-row "item 0 keeps the state" select (the runtime never sends item 0).
+    per-row "item 0 keeps the state" select (the runtime sends known items only).
 
     The caller writes the new slots at ``ring`` (``next_state``). Reference:
     InterestEncoder.step, compared in tests/export/test_graphs.py and test_parity.py.

@@ -7,10 +7,10 @@ The worker's loop per micro-batch (all calls are batched over users; one row per
     idx = rt.index_of(item_ids)                 # unknown ids -> UNKNOWN (-1), never an error
     # cache miss: rebuild from the user's window (oldest first) + persisted memory (or None)
     vectors, states = rt.rebuild(win_items, win_types, win_gaps, memory=[m_or_None, ...])
-    # cache hit: one event per user, constant cost (users with an UNKNOWN item are skipped)
-    vectors, states = rt.step(EncoderStates.stack(cached), items, types, gaps)
+    # one event per user, constant cost (users with an UNKNOWN item are skipped); the worker
+    # uses step_in_place on the rows of the users with a known item instead (no copy)
+    vectors, states = rt.step(states, items, types, gaps)
     top, scores = rt.top_k(vectors, k, exclude=[seen item indices per user])
-    cached = states.split()                     # one batch-1 state per user for the LRU
     persist(states.memory)                      # (B, d): what rebuild() needs besides the window
 
 Inputs are the model's: item indices (0 = padding, 1..n_items = ``rt.item_ids[i]``), event type
@@ -121,10 +121,10 @@ class EncoderStates:
     """Incremental encoder state for a batch of users: numpy arrays with the user on axis 0.
 
     ``arrays`` holds the graph's state tensors by name, as listed in the bundle manifest
-    (``keys_<layer>``/``values_<layer>`` attention caches of the last span-1 events, ``memory``
-    the long-term memory; export/graphs.py has the layout); ``vectors`` is each user's latest
-    interest vector (zeros before any event), kept so a skipped event can return it.
-    Keep one batch-1 state per user in an LRU (``split``) and ``stack`` them for a batch.
+    (``keys_<layer>``/``values_<layer>`` attention caches of the last span-1 events, ring
+    buffers; ``memory`` the long-term memory; ``ring`` each user's oldest slot, where the next
+    event goes; export/graphs.py has the layout); ``vectors`` is each user's latest interest
+    vector (zeros before any event), kept so a skipped event can return it.
     """
 
     arrays: dict[str, np.ndarray]
@@ -365,8 +365,11 @@ class EncoderRuntime:
         hundred floats per user instead of copying its whole state. Returns the vectors after
         the events, one per row (``states.vectors`` is updated too). Reference: ``step``'s
         graph outputs through export/graphs.py's ``next_state``, compared in
-        tests/export/test_runtime.py.
+        tests/export/test_parity.py.
         """
+        if (np.asarray(items) <= 0).any():
+            # ONNX's Gather takes -1 (UNKNOWN) as the last row: a wrong state, silently.
+            raise ValueError("step_in_place() needs known items (index >= 1); step() skips others")
         index = np.arange(len(states)) if rows is None else np.asarray(rows, dtype=np.int64)
         sub = states if rows is None else states.take(index)
         feeds = dict(

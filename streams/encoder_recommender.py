@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 
 import numpy as np
 
@@ -97,7 +98,7 @@ class StateSlab:
         states: EncoderStates,
         version: str,
         signatures: Sequence[str],
-        unchanged_since_lookup: set[int] = frozenset(),  # type: ignore[assignment]
+        unchanged_since_lookup: AbstractSet[int] = frozenset(),
         slot_writes: Sequence[tuple[np.ndarray, np.ndarray]] = (),
     ) -> None:
         """Cache users' states (row i of ``states`` is ``users[i]``'s).
@@ -110,7 +111,9 @@ class StateSlab:
         if self.max_users == 0:
             return
         n = len(users)
-        first = max(0, n - self.max_users)  # a batch larger than the cache: its last users stay
+        # A batch with more users than the cache keeps its last rows (in the recommender's work
+        # order: the users that were not cached before).
+        first = max(0, n - self.max_users)
         slab_rows = np.full(n, -1, np.int64)
         for i, user_id in enumerate(users):  # take the batch's rows out of the LRU first ...
             entry = self.rows.pop(user_id, None)
@@ -238,7 +241,7 @@ class EncoderRecommender:
             per_user.setdefault(request.event.user_id, []).append(index)
 
         # 1. Start states, one row per user in `work`: cache hits gathered from the slab,
-        # zeros for users without history, one batched rebuild for the rest.
+        # the empty state for users without history, one batched rebuild for the rest.
         # Work rows: the cache hits first (gathered straight into the front of `work`), then
         # the users without a cached state.
         slab_rows: list[int] = []
@@ -275,11 +278,19 @@ class EncoderRecommender:
         for r in range(rounds):
             stepping: list[tuple[int, int]] = []  # (work row, request index)
             inserted: list[tuple[int, int]] = []
+            unknown: list[tuple[int, int]] = []  # an item the model does not know: no step
             for user_id, indices in per_user.items():
                 if r < len(indices):
                     index = indices[r]
-                    target = stepping if requests[index].appended else inserted
+                    if not requests[index].appended:
+                        target = inserted
+                    elif event_items[index] > 0:
+                        target = stepping
+                    else:
+                        target = unknown
                     target.append((row_of[user_id], index))
+            if unknown:  # the state stays as it is; the vector is the one before the event
+                vectors[[i for _, i in unknown]] = work.vectors[[w for w, _ in unknown]]
             if stepping:
                 stepping.sort()  # work order: when everyone steps, `work` is the graph input
                 features = np.array(

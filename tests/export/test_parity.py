@@ -107,7 +107,8 @@ def test_step_in_place_matches_reference(model: InterestEncoder, runtime: Encode
     export/graphs.py's plain ``next_state``, for a subset of rows and across the ring's end."""
     items, types, gaps = _history(4, runtime.receptive_field + 5, model.cfg.n_items, seed=12)
     _, states = runtime.rebuild(items, types, gaps)
-    states.arrays["ring"][:] = [0, 3, model.cfg.span - 2, 1]  # a slot of each kind
+    slots = model.cfg.span - 1
+    states.arrays["ring"][:] = [0, slots - 1, 2, 1]  # the first, the last, middle ones
     rows = np.array([3, 0, 2])
     event = (np.array([4, 9, 2]), np.array([1, 0, 2]), np.array([3, 1, 7]))
     graph_state = [torch.from_numpy(states.arrays[n][rows].copy()) for n in runtime.state_names]

@@ -80,8 +80,9 @@ def test_each_event_excludes_the_window_and_the_batch_so_far(tmp_path: Path) -> 
 
 def test_cached_states_continue_like_states_rebuilt_from_the_window(tmp_path: Path) -> None:
     """The state cache's in-place path (ring-buffer slots written back, rows evicted and
-    reused, users with several events in a batch) gives the vectors of a recommender that
-    rebuilds every user from its whole window each batch (the reference, no cache)."""
+    reused, users with several events in a batch, items the model does not know) gives the
+    vectors of a recommender that rebuilds every user from its whole window each batch (the
+    reference, no cache)."""
     _, bundle = make_bundle(tmp_path, seed=5)
     rt = EncoderRuntime.load(bundle, device="cpu")
     cached = EncoderRecommender(rt, cache_users=5)  # fewer rows than users: evictions
@@ -97,7 +98,8 @@ def test_cached_states_continue_like_states_rebuilt_from_the_window(tmp_path: Pa
         for user in picked:
             for _ in range(int(rng.integers(1, 4))):
                 clock += 1
-                item = ITEMS[int(rng.integers(0, len(ITEMS)))]
+                unknown = rng.random() < 0.15  # an item the model never saw: no step
+                item = f"new-{clock}" if unknown else ITEMS[int(rng.integers(0, len(ITEMS)))]
                 event = Event(f"e{clock}", user, item, "click", clock, Source("t", 0, clock))
                 windows[user].append(WindowEntry.from_event(event))
                 requests.append(Request(event, tuple(windows[user])))
@@ -118,3 +120,29 @@ def test_cached_states_continue_like_states_rebuilt_from_the_window(tmp_path: Pa
                 atol=1e-4,
             )
     assert len(cached.cache) == 5
+
+
+def test_an_item_the_model_does_not_know_leaves_the_state_as_it_was(tmp_path: Path) -> None:
+    _, bundle = make_bundle(tmp_path, seed=7)
+    recommender = EncoderRecommender(EncoderRuntime.load(bundle, device="cpu"), cache_users=10)
+    window: list[WindowEntry] = []
+
+    def batch_of(item: str, offset: int) -> Batch:
+        prior = tuple(window)
+        event = Event(f"e{offset}", "u", item, "click", 1_000 + offset, Source("t", 0, offset))
+        window.append(WindowEntry.from_event(event))
+        return Batch(
+            requests=[Request(event, tuple(window))],
+            prior_windows={"u": prior},
+            stored={},
+            prior_signatures={"u": str(len(prior))},
+            final_signatures={"u": str(len(window))},
+            popular=[],
+            k=3,
+        )
+
+    for offset in range(3):
+        before = recommender.recommend(batch_of(ITEMS[offset], offset)).updates["u"]
+    after = recommender.recommend(batch_of("never-seen-item", 3)).updates["u"]
+    assert after.vector == before.vector
+    assert after.memory == before.memory
