@@ -3,7 +3,8 @@
 A bundle is a directory:
 
     full.onnx            window (B,T) + persisted memory -> vector at the last event + step state
-    step.onnx            one event per user (B,) + state -> vector + next state
+    step.onnx            one event per user (B,) + state -> vector + the event's cache slots,
+                         memory and ring (the caches are ring buffers: export/graphs.py)
     items.json           item ids in model index order; entry 0 is null (padding)
     item_embeddings.npy  (n_items + 1, d) float32, row 0 = padding; scores are dot products
     manifest.json        config, metrics, state layout, receptive field, sha256 of every file,
