@@ -1,7 +1,9 @@
 """EncoderRecommender.recommend on one 500-user batch of the ml-1m bundle, all users cached and
 all but one cached (a new user in every batch, as in production), median ms of 15 batches.
 
-    python bench/recommend_batch.py REPO_ROOT BUNDLE
+    python bench/recommend_batch.py REPO_ROOT BUNDLE [HISTORY]
+
+HISTORY: events per user before the timed batches (default 3; 200 fills the default window).
 
 REPO_ROOT: the tree whose streams/ and export/ are imported (run it against two checkouts,
 alternately, to compare a change side by side; a tree of another bundle format needs the model
@@ -56,7 +58,8 @@ def main() -> None:
         )
 
     users = [f"u{i}" for i in range(USERS)]
-    for _ in range(3):  # warm: every user cached
+    history = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    for _ in range(history):  # warm: every user cached
         recommender.recommend(batch(users))
     fresh = iter(range(USERS, 4 * USERS))
     for label, one_new in (("all cached", False), ("all but one cached", True)):

@@ -79,10 +79,10 @@ def test_each_event_excludes_the_window_and_the_batch_so_far(tmp_path: Path) -> 
 
 
 def test_cached_states_continue_like_states_rebuilt_from_the_window(tmp_path: Path) -> None:
-    """The state cache's in-place path (ring-buffer slots written back, rows evicted and
-    reused, users with several events in a batch, items the model does not know) gives the
-    vectors of a recommender that rebuilds every user from its whole window each batch (the
-    reference, no cache)."""
+    """The state cache's in-place path (ring-buffer slots written back, window items kept
+    mapped, rows evicted and reused, users with several events in a batch, items the model does
+    not know) gives the vectors and recommendations of a recommender that rebuilds every user
+    from its whole window each batch (the reference, no cache)."""
     _, bundle = make_bundle(tmp_path, seed=5)
     rt = EncoderRuntime.load(bundle, device="cpu")
     cached = EncoderRecommender(rt, cache_users=5)  # fewer rows than users: evictions
@@ -113,6 +113,11 @@ def test_cached_states_continue_like_states_rebuilt_from_the_window(tmp_path: Pa
             k=3,
         )
         got, want = cached.recommend(batch), reference.recommend(batch)
+        # the same seen items excluded (the cached path keeps them mapped, the reference maps
+        # each window afresh), so the same items recommended
+        assert [[i for i, _ in r.items] for r in got.recommendations] == [
+            [i for i, _ in r.items] for r in want.recommendations
+        ]
         for user in picked:
             np.testing.assert_allclose(
                 np.frombuffer(got.updates[user].vector, np.float32),
@@ -146,3 +151,41 @@ def test_an_item_the_model_does_not_know_leaves_the_state_as_it_was(tmp_path: Pa
     after = recommender.recommend(batch_of("never-seen-item", 3)).updates["u"]
     assert after.vector == before.vector
     assert after.memory == before.memory
+
+
+def test_the_cached_window_items_follow_the_trimmed_window(tmp_path: Path) -> None:
+    """What the cache keeps as a user's seen items is its window's, after the window dropped
+    its oldest events, and after an event inserted out of time order."""
+    _, bundle = make_bundle(tmp_path, seed=8)
+    rt = EncoderRuntime.load(bundle, device="cpu")
+    recommender = EncoderRecommender(rt, cache_users=10)
+    window: list[WindowEntry] = []
+
+    def run(items_and_times: list[tuple[str, int]], keep: int) -> None:
+        prior = tuple(window)
+        requests = []
+        for item, ts in items_and_times:
+            event = Event(f"e{ts}", "u", item, "click", ts, Source("t", 0, ts))
+            entry = WindowEntry.from_event(event)
+            appended = not window or window[-1].timestamp_ms <= ts
+            window.append(entry)
+            window.sort(key=lambda e: e.timestamp_ms)
+            del window[:-keep]
+            requests.append(Request(event, tuple(window), appended))
+        recommender.recommend(
+            Batch(
+                requests=requests,
+                prior_windows={"u": prior},
+                stored={},
+                prior_signatures={"u": str(len(prior) and prior[-1].timestamp_ms)},
+                final_signatures={"u": str(window[-1].timestamp_ms)},
+                popular=[],
+                k=3,
+            )
+        )
+        expected = rt.index_of([entry.item_id for entry in window])
+        assert recommender.cache.window_items("u").tolist() == expected.tolist()
+
+    run([(ITEMS[i], 1_000 + i) for i in range(5)], keep=3)  # 5 events into a 3-event window
+    run([(ITEMS[7], 2_000), ("not-a-known-item", 2_001)], keep=3)  # a hit: prior + new, trimmed
+    run([(ITEMS[9], 1_500)], keep=3)  # older than the newest: inserted
