@@ -46,6 +46,12 @@ MANIFEST = "manifest.json"
 UNKNOWN = -1
 
 
+def slot_index(rows: np.ndarray, slots: np.ndarray, axis: int) -> tuple[object, ...]:
+    """Index of one slot per row (``slots[i]`` of row ``rows[i]``) on a cache's slot axis:
+    ``cache[slot_index(rows, slots, axis)]`` is (len(rows), ...) without that axis."""
+    return (rows, *(slice(None),) * (axis - 1), slots)
+
+
 class BundleError(Exception):
     """The bundle is missing, incomplete or corrupted; the message says which file and why."""
 
@@ -186,11 +192,10 @@ class EncoderRuntime:
         self.state_names: list[str] = [s["name"] for s in manifest["state"]]
         self._step_inputs: list[str] = manifest["graphs"]["step"]["inputs"]
         # step.onnx returns, per cache (a ring buffer on its slot axis), only the new slot to
-        # write at the ring position; the ring itself is the last state (export/graphs.py)
-        self._slot_axes: list[int | None] = [s.get("slot_axis") for s in manifest["state"]]
-        # cache state name -> its slot axis
+        # write at the ring position; the ring itself is the last state (export/graphs.py).
+        # Cache state name -> its slot axis.
         self.ring_caches: dict[str, int] = {
-            n: a for n, a in zip(self.state_names, self._slot_axes, strict=True) if a is not None
+            s["name"]: s["slot_axis"] for s in manifest["state"] if "slot_axis" in s
         }
         if self.state_names[-1] != RING_STATE:
             raise BundleError(f"{path}: the step state has no {RING_STATE!r} (re-export it)")
@@ -344,10 +349,9 @@ class EncoderRuntime:
             raise ValueError("step() needs one item, type and gap per user in states")
         out = states.take(np.arange(len(states)))
         rows = np.flatnonzero(it > 0)
-        if len(rows) == len(out) and len(rows):
-            self.step_in_place(out, it, ty, ga)
-        elif len(rows):
-            self.step_in_place(out, it[rows], ty[rows], ga[rows], rows=rows)
+        if len(rows):
+            everyone = len(rows) == len(out)  # then no gather of the rows
+            self.step_in_place(out, it[rows], ty[rows], ga[rows], None if everyone else rows)
         return out.vectors.copy(), out
 
     def step_in_place(
@@ -381,12 +385,12 @@ class EncoderRuntime:
         )
         vector, *outs = self._step.run(None, feeds)
         ring = sub.arrays[RING_STATE].copy()  # where this event's slots go
-        for name, axis, out in zip(self.state_names, self._slot_axes, outs, strict=True):
-            target = states.arrays[name]
+        for name, out in zip(self.state_names, outs, strict=True):
+            target, axis = states.arrays[name], self.ring_caches.get(name)
             if axis is None:  # memory, ring: replaced
                 target[index] = out
             else:  # a cache: the new slot at the ring position
-                target[(index, *(slice(None),) * (axis - 1), ring)] = out.take(0, axis=axis)
+                target[slot_index(index, ring, axis)] = out.take(0, axis=axis)
         states.vectors[index] = vector
         return vector
 

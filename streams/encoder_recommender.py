@@ -24,7 +24,7 @@ from collections.abc import Set as AbstractSet
 import numpy as np
 
 from encoder.features import DEFAULT_EVENT_TYPE, time_gap_bucket
-from export.runtime import RING_STATE, EncoderRuntime, EncoderStates
+from export.runtime import RING_STATE, EncoderRuntime, EncoderStates, slot_index
 from streams.recommend import (
     Batch,
     ModelUpdate,
@@ -35,11 +35,6 @@ from streams.recommend import (
     popular_unseen,
 )
 from streams.window import WindowEntry
-
-
-def _at_slots(rows: np.ndarray, slots: np.ndarray, axis: int) -> tuple[object, ...]:
-    """The index of one slot per row on a cache's slot axis: cache[_at_slots(...)]."""
-    return (rows, *(slice(None),) * (axis - 1), slots)
 
 
 class StateSlab:
@@ -154,8 +149,8 @@ class StateSlab:
             keep = partial[rows]
             rows, slots = rows[keep], slots[keep]
             for name, axis in self.ring_caches.items():
-                self.arrays[name][_at_slots(slab_rows[rows], slots, axis)] = states.arrays[name][
-                    _at_slots(rows, slots, axis)
+                self.arrays[name][slot_index(slab_rows[rows], slots, axis)] = states.arrays[name][
+                    slot_index(rows, slots, axis)
                 ]
         for name, a in self.arrays.items():
             if name not in self.ring_caches:  # memory, ring
