@@ -514,9 +514,18 @@ class BatchPipeline:
         self._in_flight: deque[_InFlight] = deque()
         self._met_another_writer = False  # a commit raised StaleStateError: drain first
         self._cancelling = False
+        self._computing = 0  # batches submitted whose stage 3 is not done
+        # Set while no batch is in stages 1-3, i.e. the CPU would otherwise wait for I/O.
+        self.computing_idle = asyncio.Event()
+        self.computing_idle.set()
 
-    async def submit(self, messages: Sequence[RawMessage], token: Any) -> None:
-        """Apply a batch (stage 1) and start the rest of it; returns without waiting for it."""
+    async def wait_for_room(self) -> None:
+        """Return once another batch may be submitted.
+
+        Why the worker waits here before taking its next batch, not in `submit`: messages
+        that arrive meanwhile join that batch, instead of waiting, already taken, in a batch
+        that cannot start.
+        """
         while True:
             while self._in_flight and self._in_flight[0].done.is_set():
                 self._in_flight.popleft()
@@ -528,7 +537,25 @@ class BatchPipeline:
             elif len(self._in_flight) >= self.max_in_flight:
                 await self._in_flight[0].done.wait()
             else:
-                break
+                return
+
+    async def submit(self, messages: Sequence[RawMessage], token: Any) -> None:
+        """Apply a batch (stage 1) and start the rest of it; returns without waiting for it."""
+        await self.wait_for_room()
+        self._computing += 1
+        self.computing_idle.clear()
+        try:
+            await self._submit(messages, token)
+        except BaseException:
+            self._computed()
+            raise
+
+    def _computed(self) -> None:
+        self._computing -= 1
+        if not self._computing:
+            self.computing_idle.set()
+
+    async def _submit(self, messages: Sequence[RawMessage], token: Any) -> None:
         earlier = [f.applied for f in self._in_flight if not f.done.is_set()]
         applied = await with_retry(partial(self.processor.apply, messages, earlier))
         before = self._in_flight[-1] if self._in_flight else None
@@ -552,17 +579,20 @@ class BatchPipeline:
     async def _finish(self, flight: _InFlight) -> None:
         processor, before = self.processor, flight.before
         try:
-            if before is not None:
-                await before.recommended.wait()
-            recommended = await processor.recommend(flight.applied)  # no I/O: no retry
-            flight.recommended.set()
-            if before is not None:
-                await before.finished.wait()
-            # In the executor too: it is Python either way, and the event loop is the busier
-            # of the two threads (it applies the next batch and commits the one before).
-            prepared = await asyncio.get_running_loop().run_in_executor(
-                processor.executor, processor.finish, flight.applied, recommended
-            )
+            try:
+                if before is not None:
+                    await before.recommended.wait()
+                recommended = await processor.recommend(flight.applied)  # no I/O: no retry
+                flight.recommended.set()
+                if before is not None:
+                    await before.finished.wait()
+                # In the executor too: it is Python either way, and the event loop is the
+                # busier of the two threads (it applies the next batch, commits the one before).
+                prepared = await asyncio.get_running_loop().run_in_executor(
+                    processor.executor, processor.finish, flight.applied, recommended
+                )
+            finally:
+                self._computed()
             flight.finished.set()
             redo = False
             if before is not None:

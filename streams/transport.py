@@ -29,6 +29,7 @@ in faust's transport registry); everything else is faust's aiokafka driver.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -38,7 +39,6 @@ from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP, AppT, Message
 from mode import Service
-from mode.utils.queues import FlowControlQueue
 
 SCHEME = "interest-kafka"
 # Where a FetchSink attaches itself to the app, for the consumer to find.
@@ -48,59 +48,113 @@ FETCH_SINK_ATTR = "interest_fetch_sink"
 class FetchSink:
     """Whole fetches of some topics, from the consumer to one batch-processing agent.
 
-    The queue holds at most ``max_fetches`` fetches (each at most ``broker_max_poll_records``
-    messages): while the agent processes one batch the consumer fetches the next ones, and
-    stops when the queue is full. The app's flow control clears it when partitions are
-    revoked or assigned, as it clears faust's stream buffers.
+    The sink holds at most ``max_messages`` messages (a fetch that arrives below the bound is
+    taken whole): while the agent processes one batch the consumer fetches the next ones, and
+    stops when the sink is full. The bound is in messages, not fetches: at a low rate a fetch
+    holds a few dozen messages, and a bound of a few fetches stopped the consumer with a
+    fraction of a batch buffered while the events waited on the broker. The app's flow control
+    clears the sink when partitions are revoked or assigned, as it clears faust's stream
+    buffers.
     """
 
-    def __init__(self, app: AppT, topics: Iterable[str], max_fetches: int) -> None:
+    def __init__(self, app: AppT, topics: Iterable[str], max_messages: int) -> None:
         self.app = app
         self.topics = frozenset(topics)
-        self._queue: FlowControlQueue[list[Message]] = FlowControlQueue(
-            maxsize=max_fetches, flow_control=app.flow_control
-        )
-        self._rest: list[Message] = []  # of a fetch that did not fit in the last batch
+        self.max_messages = max_messages
+        # Fetches not yet taken, oldest first, each with the loop time it arrived.
+        self._fetches: deque[tuple[float, list[Message]]] = deque()
+        self._buffered = 0
+        self._arrived = asyncio.Event()  # set while something is buffered
+        self._room = asyncio.Event()  # set while below max_messages
+        self._room.set()
         app.flow_control.manage_queue(self)  # type: ignore[arg-type]  # needs only clear()
         setattr(app, FETCH_SINK_ATTR, self)
 
+    @property
+    def buffered(self) -> int:
+        return self._buffered
+
     async def put(self, messages: list[Message]) -> None:
-        await self._queue.put(messages)
+        """Buffer one fetch; waits while the sink is full or the app's flow is suspended."""
+        flow_control = self.app.flow_control
+        await flow_control.acquire()
+        while self._buffered >= self.max_messages:
+            await self._room.wait()
+            await flow_control.acquire()
+        self._fetches.append((asyncio.get_running_loop().time(), messages))
+        self._buffered += len(messages)
+        self._arrived.set()
+        if self._buffered >= self.max_messages:
+            self._room.clear()
 
     def clear(self) -> None:
         """Drop what was fetched but not taken (a rebalance re-reads it from the commits)."""
-        self._queue.clear()
-        self._rest = []
+        self._fetches.clear()
+        self._buffered = 0
+        self._arrived.clear()
+        self._room.set()
 
-    async def take(self, max_messages: int, within: float) -> list[Message]:
-        """The next batch, in fetch order: up to ``max_messages``, waiting at most ``within``
-        seconds after the first message for the batch to fill."""
-        queue, loop = self._queue, asyncio.get_running_loop()
-        messages, self._rest = self._rest, []
-        if not messages:
-            messages = await queue.get()
-        deadline = loop.time() + within
-        while len(messages) < max_messages:
-            if not queue.empty():
-                messages += queue.get_nowait()
-                continue
-            remaining = deadline - loop.time()
+    async def take(
+        self, max_messages: int, within: float, flush: asyncio.Event | None = None
+    ) -> list[Message]:
+        """The next batch, in fetch order: up to ``max_messages``.
+
+        Waits for a first message, then for the batch to fill, at most until the oldest
+        buffered message has waited ``within`` seconds, or until ``flush`` is set (the worker
+        sets it while no batch is being computed: waiting to fill a batch then only adds
+        latency, as nothing else would use the time).
+        """
+        loop = asyncio.get_running_loop()
+        while not self._buffered:
+            await self._arrived.wait()
+        while self._buffered < max_messages and not (flush is not None and flush.is_set()):
+            remaining = self._fetches[0][0] + within - loop.time()
             if remaining <= 0:
                 break
-            try:
-                # A cancelled Queue.get never loses an item: it is taken only on success.
-                messages += await asyncio.wait_for(queue.get(), remaining)
-            except TimeoutError:
-                break
-        if len(messages) > max_messages:
-            messages, self._rest = messages[:max_messages], messages[max_messages:]
-        return messages
+            self._arrived.clear()  # set again by the next put
+            await _first_of(self._arrived, flush, timeout=remaining)
+            if not self._buffered:  # cleared by a rebalance meanwhile
+                return await self.take(max_messages, within, flush)
+        return self._pop(max_messages)
+
+    def _pop(self, max_messages: int) -> list[Message]:
+        batch: list[Message] = []
+        fetches = self._fetches
+        while fetches and len(batch) < max_messages:
+            arrived, messages = fetches[0]
+            room = max_messages - len(batch)
+            if len(messages) <= room:
+                batch += messages
+                fetches.popleft()
+            else:  # the rest stays first, with its arrival time
+                batch += messages[:room]
+                fetches[0] = (arrived, messages[room:])
+        self._buffered -= len(batch)
+        if self._buffered:
+            self._arrived.set()
+        else:
+            self._arrived.clear()
+        if self._buffered < self.max_messages:
+            self._room.set()
+        return batch
 
     def ack(self, messages: Sequence[Message]) -> None:
         """Mark messages processed: faust may commit their offsets from now on."""
         ack = self.app.consumer.ack
         for message in messages:
             ack(message)
+
+
+async def _first_of(event: asyncio.Event, other: asyncio.Event | None, timeout: float) -> None:
+    """Wait until either event is set or ``timeout`` seconds pass."""
+    waits = [asyncio.ensure_future(event.wait())]
+    if other is not None:
+        waits.append(asyncio.ensure_future(other.wait()))
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 # Where create_app leaves Settings.kafka_fetch_max_wait_ms for the consumer thread to read.

@@ -33,7 +33,8 @@ from streams.transport import SCHEME as TRANSPORT_SCHEME
 
 log = logging.getLogger(__name__)
 
-# Fetches (each up to broker_max_poll_records messages) the consumer may hold ahead of the agent.
+# Fetches' worth of messages (broker_max_poll_records each) the consumer may hold ahead of the
+# agent.
 FETCH_QUEUE_FETCHES = 4
 
 
@@ -81,7 +82,11 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
     # The fast consumer hands the agent whole fetches (streams/transport.py); faust's stock
     # driver feeds its stream one message at a time.
     sink = (
-        FetchSink(app, settings.input_topics, max_fetches=FETCH_QUEUE_FETCHES)
+        FetchSink(
+            app,
+            settings.input_topics,
+            max_messages=FETCH_QUEUE_FETCHES * app.conf.broker_max_poll_records,
+        )
         if settings.fast_consumer
         else None
     )
@@ -111,7 +116,15 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
                 # Up to three batches in flight, a stage apart (BatchPipeline); the consumer
                 # meanwhile fetches into the sink's bounded queue.
                 while True:
-                    messages = await sink.take(settings.batch_size, settings.batch_within_seconds)
+                    # Room first, then take: what arrives while the pipeline is full joins
+                    # the next batch. While no batch is being computed, take what is there
+                    # at once rather than wait for a batch to fill (BatchPipeline).
+                    await pipeline.wait_for_room()
+                    messages = await sink.take(
+                        settings.batch_size,
+                        settings.batch_within_seconds,
+                        flush=pipeline.computing_idle,
+                    )
                     # Between batches: pick up a rolled-out model, if any. Batches already in
                     # flight may then be recommended by it too; recommendation events carry the
                     # version that made them, and a state of another version is rebuilt.

@@ -16,10 +16,10 @@ def test_scheme_selects_the_transport() -> None:
     assert drivers.by_url(f"{SCHEME}://127.0.0.1:9092") is Transport
 
 
-def _sink(max_fetches: int = 4) -> FetchSink:
+def _sink(max_messages: int = 4000) -> FetchSink:
     app = faust.App("sink-test", broker="memory://")
     app.flow_control.resume()
-    return FetchSink(app, ["clicks"], max_fetches=max_fetches)
+    return FetchSink(app, ["clicks"], max_messages=max_messages)
 
 
 def test_the_app_knows_its_sink() -> None:
@@ -60,16 +60,54 @@ def test_take_waits_at_most_within_for_a_batch_to_fill() -> None:
     asyncio.run(main())
 
 
-def test_a_full_queue_holds_the_consumer_back() -> None:
+def test_within_counts_from_when_the_oldest_message_arrived() -> None:
     async def main() -> None:
-        sink = _sink(max_fetches=1)
+        sink = _sink()
         await sink.put([1])  # type: ignore[list-item]
-        blocked = asyncio.ensure_future(sink.put([2]))  # type: ignore[list-item]
+        await asyncio.sleep(0.06)  # it waited while the worker was busy with other batches
+        started = time.monotonic()
+        assert await sink.take(100, within=0.05) == [1]
+        assert time.monotonic() - started < 0.04
+
+    asyncio.run(main())
+
+
+def test_flush_takes_what_is_there_without_waiting_for_the_batch_to_fill() -> None:
+    async def main() -> None:
+        sink = _sink()
+        flush = asyncio.Event()
+        await sink.put([1])  # type: ignore[list-item]
+
+        async def idle_later() -> None:
+            await asyncio.sleep(0.02)
+            flush.set()
+
+        setting = asyncio.ensure_future(idle_later())
+        started = time.monotonic()
+        assert await sink.take(100, within=5.0, flush=flush) == [1]
+        assert 0.02 <= time.monotonic() - started < 1.0
+        await setting
+        await sink.put([2])  # type: ignore[list-item]
+        started = time.monotonic()
+        assert await sink.take(100, within=5.0, flush=flush) == [2]  # already set: at once
+        assert time.monotonic() - started < 0.5
+
+    asyncio.run(main())
+
+
+def test_a_full_sink_holds_the_consumer_back_by_messages_not_fetches() -> None:
+    async def main() -> None:
+        sink = _sink(max_messages=3)
+        await sink.put([1])  # type: ignore[list-item]
+        await sink.put([2])  # type: ignore[list-item]
+        await sink.put([3, 4])  # type: ignore[list-item]  # below the bound when it came
+        blocked = asyncio.ensure_future(sink.put([5]))  # type: ignore[list-item]
         await asyncio.sleep(0.01)
         assert not blocked.done()
-        assert await sink.take(1, within=0.0) == [1]
+        assert sink.buffered == 4
+        assert await sink.take(2, within=0.0) == [1, 2]
         await asyncio.wait_for(blocked, 1)
-        assert await sink.take(1, within=0.0) == [2]
+        assert await sink.take(10, within=0.0) == [3, 4, 5]
 
     asyncio.run(main())
 
