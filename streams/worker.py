@@ -34,7 +34,6 @@ from streams.transport import SCHEME as TRANSPORT_SCHEME
 log = logging.getLogger(__name__)
 
 
-
 def _credentials(settings: Settings) -> object | None:
     options = settings.kafka_client_options()
     if settings.security_protocol.startswith("SASL"):
