@@ -127,17 +127,28 @@ for u = 1, (#KEYS - 3) / 2 do
   if ARGV[a + 1] == 'replace' then redis.call('DEL', list) end
   local entries = {}
   for entry in string.gmatch(ARGV[a + 2], '[^\\n]+') do entries[#entries + 1] = entry end
+  local length = -1  -- unknown
   for i = 1, #entries, 1000 do  -- unpack() fails past ~8000 values
-    redis.call('RPUSH', list, unpack(entries, i, math.min(i + 999, #entries)))
+    length = redis.call('RPUSH', list, unpack(entries, i, math.min(i + 999, #entries)))
   end
   local keep = tonumber(ARGV[a + 3])
-  if keep > 0 then redis.call('LTRIM', list, -keep, -1) else redis.call('DEL', list) end
-  redis.call('HSET', hash, 'offsets', ARGV[a + 4], 'updated_ms', now)
-  if ARGV[a + 5] ~= '' then
-    redis.call('HSET', hash, 'vector', ARGV[a + 5], 'memory', ARGV[a + 6],
-               'model_version', ARGV[a + 7])
+  if keep <= 0 then
+    redis.call('DEL', list)
+  elseif length < 0 or length > keep then
+    redis.call('LTRIM', list, -keep, -1)
   end
-  if ARGV[a + 8] ~= '' then redis.call('HSET', hash, 'recs', ARGV[a + 8]) end
+  -- One HSET per user: each redis.call costs the script more than the command itself.
+  local fields = {'offsets', ARGV[a + 4], 'updated_ms', now}
+  if ARGV[a + 5] ~= '' then
+    fields[5], fields[6] = 'vector', ARGV[a + 5]
+    fields[7], fields[8] = 'memory', ARGV[a + 6]
+    fields[9], fields[10] = 'model_version', ARGV[a + 7]
+  end
+  if ARGV[a + 8] ~= '' then
+    fields[#fields + 1] = 'recs'
+    fields[#fields + 1] = ARGV[a + 8]
+  end
+  redis.call('HSET', hash, unpack(fields))
   if ttl > 0 then
     redis.call('PEXPIRE', hash, ttl)
     if keep > 0 then redis.call('PEXPIRE', list, ttl) end

@@ -160,6 +160,11 @@ async def _append_trim_replace(settings: Settings) -> None:
         {"bob": UserWrite(state, read_offsets=read_offsets, replace=True)}, [], None
     )
     assert ids() == ["e2", "e9", "e4"]
+    # Nothing new, but the oldest aged out (window_max_age): trimmed all the same.
+    state = UserState(window=[entry(9), entry(4)], offsets={"clicks/0": 5, "clicks/1": 0})
+    read_offsets = encode_offsets({"clicks/0": 5})
+    await store.write_batch({"bob": UserWrite(state, read_offsets=read_offsets)}, [], None)
+    assert ids() == ["e9", "e4"]
     raw.close()
     await client.aclose()
 
