@@ -192,3 +192,33 @@ def test_a_commit_that_meets_another_writer_redoes_the_batches_after_it(
         await processor.store.client.aclose()
 
     asyncio.run(main())
+
+
+def test_computing_idle_tells_the_worker_when_no_batch_is_being_computed(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The worker takes a partial batch at once only while this is set (streams/worker.py)."""
+    _, bundle = make_bundle(tmp_path, seed=7)
+    first, second, *_ = batches(settings)
+
+    async def main() -> None:
+        processor = processor_for(settings, bundle, settings.redis_key_prefix)
+        publisher = processor.publisher
+        assert isinstance(publisher, RecordingPublisher)
+        acked: list[int] = []
+        pipeline = BatchPipeline(processor, on_committed=acked.append, on_fatal=pytest.fail)
+        assert pipeline.computing_idle.is_set()
+        publisher.hold = asyncio.Event()
+        await pipeline.submit(first, 0)
+        assert not pipeline.computing_idle.is_set()  # stages 2 and 3 to come
+        await publisher.waiting.wait()  # computed; only its commit is left
+        assert pipeline.computing_idle.is_set()
+        await pipeline.submit(second, 1)
+        assert not pipeline.computing_idle.is_set()
+        publisher.hold.set()
+        await pipeline.drain()
+        assert pipeline.computing_idle.is_set()
+        assert acked == [0, 1]
+        await processor.store.client.aclose()
+
+    asyncio.run(main())
