@@ -106,7 +106,10 @@ class Settings(BaseSettings):
     # paces empty polls there; the embedded broker waits it out, adding it to latency.
     kafka_fetch_max_wait_ms: int = Field(default=50, ge=1, le=30_000)
 
-    # Micro-batching in the worker (stream.noack_take(batch_size, within=batch_within_seconds)).
+    # Micro-batching in the worker: at most batch_size events; while another batch is being
+    # computed, a batch waits to fill until its oldest event has waited batch_within_seconds
+    # (with none computing it is taken at once; streams/transport.py FetchSink.take). With
+    # fast_consumer=false: stream.noack_take(batch_size, within=batch_within_seconds).
     batch_size: int = Field(default=500, ge=1)
     batch_within_seconds: float = Field(default=0.05, gt=0)
 

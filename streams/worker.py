@@ -79,7 +79,7 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
     # driver feeds its stream one message at a time.
     sink = (
         # The consumer reads ahead at most one fetch's worth (two batches). With four
-        # fetches' worth the worker sustained 10-15% fewer events/s (bench/README.md,
+        # fetches' worth the worker sustained 9-16% fewer events/s (bench/README.md,
         # "Taking batches"): more messages held, more consumer work competing for the GIL.
         FetchSink(app, settings.input_topics, max_messages=app.conf.broker_max_poll_records)
         if settings.fast_consumer
