@@ -109,6 +109,18 @@ def processor_for(settings: Settings, bundle: Path, prefix: str) -> BatchProcess
     )
 
 
+def pipeline_for(
+    settings: Settings, bundle: Path
+) -> tuple[BatchProcessor, RecordingPublisher, BatchPipeline, list[int]]:
+    """A pipeline over a fresh processor, its recording publisher, and what it acked."""
+    processor = processor_for(settings, bundle, settings.redis_key_prefix)
+    publisher = processor.publisher
+    assert isinstance(publisher, RecordingPublisher)
+    acked: list[int] = []
+    pipeline = BatchPipeline(processor, on_committed=acked.append, on_fatal=pytest.fail)
+    return processor, publisher, pipeline, acked
+
+
 def test_batches_in_flight_leave_what_one_batch_at_a_time_leaves(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -143,11 +155,7 @@ def test_a_commit_that_meets_another_writer_redoes_the_batches_after_it(
     first, second, *rest = batches(settings)  # u1, u2 and u3 are in the first two
 
     async def main() -> None:
-        processor = processor_for(settings, bundle, settings.redis_key_prefix)
-        publisher = processor.publisher
-        assert isinstance(publisher, RecordingPublisher)
-        acked: list[int] = []
-        pipeline = BatchPipeline(processor, on_committed=acked.append, on_fatal=pytest.fail)
+        processor, publisher, pipeline, acked = pipeline_for(settings, bundle)
         redone: list[int] = []
         process = processor.process
 
@@ -202,11 +210,7 @@ def test_computing_idle_tells_the_worker_when_no_batch_is_being_computed(
     first, second, *_ = batches(settings)
 
     async def main() -> None:
-        processor = processor_for(settings, bundle, settings.redis_key_prefix)
-        publisher = processor.publisher
-        assert isinstance(publisher, RecordingPublisher)
-        acked: list[int] = []
-        pipeline = BatchPipeline(processor, on_committed=acked.append, on_fatal=pytest.fail)
+        processor, publisher, pipeline, acked = pipeline_for(settings, bundle)
         assert pipeline.computing_idle.is_set()
         publisher.hold = asyncio.Event()
         await pipeline.submit(first, 0)
