@@ -8,17 +8,17 @@ bookkeeping. On this 2-core machine that machinery alone caps a no-op agent at 4
 (DESIGN.md, "Facts measured here") and cost the worker ~85 us per event (bench/README.md).
 
 What changes: for the topics of a `FetchSink` (the worker's input topics), one fetch becomes one
-list of messages, put on the sink's queue in one step; the worker's agent takes whole lists from
-it (``FetchSink.take``) and acks them with the consumer's own ``ack`` once their batch is
+list of messages, put in the sink in one step; the worker's agent takes batches from it
+(``FetchSink.take``) and acks them with the consumer's own ``ack`` once their batch is
 written. Everything else stays faust's: the consumer group, offsets, gap tracking, commits
 (``commit_every`` and the periodic commit), flow control and rebalances:
 
 - each delivered message is tracked in the consumer's unacked set, as the conductor does, so a
   rebalance waits for the batch in flight (``wait_empty``) before offsets are committed;
-- the sink's queue is a flow-controlled queue managed by the app, so a revocation clears the
-  fetches not yet taken (they are re-fetched from the committed offsets after the rebalance,
-  as faust does with its stream buffers);
-- a fetch waits for room in the queue (back-pressure), raced against a suspended flow exactly
+- the sink is managed by the app's flow control, so a revocation clears the fetches not yet
+  taken (they are re-fetched from the committed offsets after the rebalance, as faust does
+  with its stream buffers);
+- a fetch waits for room in the sink (back-pressure), raced against a suspended flow exactly
   as faust races each delivery.
 
 Messages of other topics (none in the worker) go through faust's per-message delivery,
