@@ -30,6 +30,7 @@ def create_producer(settings: Settings, client_id: str) -> AIOKafkaProducer:
         bootstrap_servers=settings.bootstrap_servers,
         client_id=client_id,
         acks="all",
+        max_batch_size=settings.kafka_max_batch_bytes,
         **settings.kafka_client_options(),  # type: ignore[arg-type]
     )
 

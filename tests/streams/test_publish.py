@@ -27,7 +27,9 @@ async def _publish(settings: Settings, batches: list[list[OutRecord]]) -> None:
 
 def test_every_record_arrives_once_in_its_keys_partition_in_order(settings: Settings) -> None:
     topic = settings.topic_recommendations
-    # 2 KB values: a partition's records overflow aiokafka's 16 KB batch several times over.
+    # 2 KB values and the smallest record batch allowed (16 KiB): a partition's records fill
+    # several batches, sent one after another.
+    settings = settings.model_copy(update={"kafka_max_batch_bytes": 16 * 1024})
     records = [
         OutRecord(topic, f"user-{i % 37}".encode(), f"{i:06d}".encode() + b"x" * 2000)
         for i in range(600)
