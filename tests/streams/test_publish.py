@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from typing import Any
 
 from kafka.partitioner import murmur2
 
@@ -50,3 +51,35 @@ def test_every_record_arrives_once_in_its_keys_partition_in_order(settings: Sett
         sent = [r.value for r in records if r.key == key]
         assert [v for _, _, v in sorted(rows)] == sent  # publish order within the key
     assert len(read_records(settings, settings.topic_dlq, expected=3, timeout=10)) == 3
+
+
+def test_a_micro_batch_goes_out_in_one_produce_request(settings: Settings) -> None:
+    """500 recommendation-sized records (~200 KB, ~50 KB a partition). With aiokafka's 16 KiB
+    default record batches they took 4 requests here, one after another, and ~16 per
+    micro-batch in the worker under load (bench/README.md, "Streaming")."""
+    topic = settings.topic_recommendations
+    records = [
+        OutRecord(topic, f"user-{i}".encode(), f"{i:06d}".encode() + b"r" * 400) for i in range(500)
+    ]
+    produce_requests: list[str] = []
+
+    async def main() -> None:
+        producer = create_producer(settings, client_id="test-publish-requests")
+        await producer.start()
+        client_send = producer.client.send
+
+        async def counting_send(node_id: int, request: Any, **kw: Any) -> Any:
+            if type(request).__name__.startswith("ProduceRequest"):
+                produce_requests.append(type(request).__name__)
+            return await client_send(node_id, request, **kw)
+
+        producer.client.send = counting_send  # type: ignore[method-assign]
+        try:
+            await BatchPublisher(producer, timeout_seconds=30).publish(records)
+        finally:
+            await producer.stop()
+
+    asyncio.run(main())
+    assert len(produce_requests) == 1
+    got = read_records(settings, topic, expected=len(records), timeout=30)
+    assert sorted(r.value for r in got) == sorted(r.value for r in records)
