@@ -133,10 +133,10 @@ class Settings(BaseSettings):
     # How long a batch waits for the broker to acknowledge its output before it is retried.
     kafka_delivery_timeout_seconds: float = Field(default=30.0, gt=0)
     # Largest record batch the worker's producer builds per partition. aiokafka's default
-    # (16 KiB, ~40 recommendations) split one micro-batch's output into many record batches,
-    # and aiokafka sends one batch per partition per request, one request per broker at a time:
-    # ~16 round trips per micro-batch under load (bench/README.md, "Streaming"). Keep it at or
-    # below the topics' max.message.bytes (Kafka's default: 1 MiB).
+    # (16 KiB, a few dozen recommendations) split one micro-batch's output into many record
+    # batches, and aiokafka sends one batch per partition per request, one request per broker
+    # at a time: ~16 round trips per micro-batch under load (bench/README.md, "Streaming").
+    # Keep it at or below the topics' max.message.bytes (Kafka's default: 1 MiB).
     kafka_max_batch_bytes: int = Field(default=512 * 1024, ge=16 * 1024, le=64 * 1024 * 1024)
 
     # Worker observability: Prometheus /metrics on this port (0 disables it).
