@@ -92,7 +92,8 @@ class Settings(BaseSettings):
     model_poll_seconds: float = Field(default=5.0, gt=0)
     # Per-user incremental encoder states kept in worker memory (LRU; tens of KB each).
     state_cache_users: int = Field(default=10_000, ge=0)
-    # Decoded windows kept in worker memory (LRU), re-read from Redis only when stale.
+    # Users as last read or written (window, offsets, vector, recs) kept in worker memory
+    # (LRU); a batch re-reads a user from Redis only when another writer changed it since.
     window_cache_users: int = Field(default=20_000, ge=0)
     # Threads for inference off the event loop.
     inference_threads: int = Field(default=1, ge=1)

@@ -27,8 +27,10 @@ that both think they own a user (a zombie during a rebalance) cannot interleave 
 Why scripts and a list: with a hash per user written field by field, a batch of 500 events cost
 thousands of commands, and re-encoding every touched window (up to 200 entries each) dominated
 the worker. Now windows only grow by RPUSH of the new entries (LTRIM drops the oldest), and the
-worker keeps decoded windows in memory, re-reading a window only when the user's `offsets`
-differ from what this worker last wrote (another worker, or a restart, applied events since).
+worker keeps each user as it last read or wrote it in memory: a batch's read sends the `offsets`
+it holds per user and gets back `false` for each user nobody else wrote since (every write
+changes them), and the user's hash and window only where another worker, or a restart, applied
+events since.
 """
 
 from __future__ import annotations
@@ -68,22 +70,23 @@ return 1
 
 # KEYS: popularity, epoch, then (user hash, window list) per user.
 # ARGV: popular_n, then per user the offsets JSON this worker last wrote ("" if none).
-# Returns {popular (flat item, score), epoch, per user {offsets, vector, memory, version, recs,
-# updated_ms, window or false}}: the window only where offsets differ from ARGV (cache miss).
+# Returns {popular (flat item, score), epoch, per user false or {offsets, vector, memory,
+# version, recs, window}}: false where the offsets are the ones in ARGV (the worker's copy of
+# the user is current: nothing else has written it since), everything else on a cache miss.
 _READ_SCRIPT = """
 local out = {}
 out[1] = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
 out[2] = redis.call('GET', KEYS[2])
 for u = 1, (#KEYS - 2) / 2 do
   local hash, list = KEYS[2 * u + 1], KEYS[2 * u + 2]
-  local row = redis.call('HMGET', hash, 'offsets', 'vector', 'memory', 'model_version', 'recs',
-                         'updated_ms')
-  if row[1] and row[1] == ARGV[u + 1] then
-    row[7] = false
+  local offsets = redis.call('HGET', hash, 'offsets')
+  if offsets and offsets == ARGV[u + 1] then
+    out[u + 2] = false
   else
-    row[7] = redis.call('LRANGE', list, 0, -1)
+    local row = redis.call('HMGET', hash, 'vector', 'memory', 'model_version', 'recs')
+    out[u + 2] = {offsets or false, row[1], row[2], row[3], row[4],
+                  redis.call('LRANGE', list, 0, -1)}
   end
-  out[u + 2] = row
 end
 return out
 """
@@ -290,27 +293,79 @@ def connect(settings: Settings) -> aioredis.Redis:
 
 
 @dataclass(slots=True)
-class _WindowCache:
-    """Decoded windows this worker last wrote, keyed by user, with the offsets they match."""
+class _CachedUser:
+    """A user as this worker last read or wrote it: what Redis holds while ``raw_offsets``
+    is still the stored ``offsets`` (every write changes them)."""
+
+    raw_offsets: bytes
+    window: list[WindowEntry]
+    offsets: dict[str, int]
+    vector: bytes | None
+    memory: bytes | None
+    model_version: str | None
+    recs: list[str] | None
+
+
+@dataclass(slots=True)
+class _UserCache:
+    """Users this worker last read or wrote, LRU, keyed by user id.
+
+    Why: a batch's read then sends Redis only the offsets each user is cached with, and gets
+    back one ``false`` per user nothing else wrote since, instead of the user's hash and window
+    to decode again (a worker that owns its partitions hits nearly always).
+    """
 
     max_users: int
-    entries: OrderedDict[str, tuple[bytes, list[WindowEntry]]] = field(default_factory=OrderedDict)
+    entries: OrderedDict[str, _CachedUser] = field(default_factory=OrderedDict)
 
     def signature(self, user_id: str) -> bytes:
         entry = self.entries.get(user_id)
-        return entry[0] if entry else b""
+        return entry.raw_offsets if entry else b""
 
-    def get(self, user_id: str) -> list[WindowEntry]:
-        _, window = self.entries[user_id]
+    def get(self, user_id: str) -> StoredUser:
+        """The cached user, with a window and offsets of its own (the batch changes them and
+        may fail before writing)."""
+        entry = self.entries[user_id]
         self.entries.move_to_end(user_id)
-        return list(window)  # a copy: the batch mutates it and may fail before writing
+        return StoredUser(
+            UserState(list(entry.window), dict(entry.offsets)),
+            raw_offsets=entry.raw_offsets,
+            vector=entry.vector,
+            memory=entry.memory,
+            model_version=entry.model_version,
+            recs=entry.recs,
+        )
 
-    def put(self, user_id: str, offsets: bytes, window: list[WindowEntry]) -> None:
-        # Not copied: a written window is not changed again (`get` hands out copies).
-        self.entries[user_id] = (offsets, window)
+    def put(self, user_id: str, entry: _CachedUser) -> None:
+        # Not copied: what is put is not changed again (`get` hands out copies).
+        self.entries[user_id] = entry
         self.entries.move_to_end(user_id)
         while len(self.entries) > self.max_users:
             self.entries.popitem(last=False)
+
+    def after_write(self, user_id: str, offsets: bytes, write: UserWrite) -> None:
+        """Cache the user as ``write`` leaves it. Fields the write leaves unchanged come from
+        the cached copy the batch read; without one the user is dropped (read afresh)."""
+        prior = self.entries.pop(user_id, None)
+        if prior is not None and prior.raw_offsets != (write.read_offsets or b""):
+            prior = None
+        keeps_model = write.vector is None
+        if (keeps_model or write.recs is None) and prior is None:
+            return
+        model = prior if keeps_model else write
+        assert model is not None
+        self.put(
+            user_id,
+            _CachedUser(
+                offsets,
+                write.state.window,
+                write.state.offsets,
+                model.vector,
+                model.memory,
+                model.model_version,
+                prior.recs if write.recs is None and prior is not None else write.recs,
+            ),
+        )
 
 
 class StateStore:
@@ -324,7 +379,7 @@ class StateStore:
         self._rebase = client.register_script(_REBASE_SCRIPT)
         self._read = client.register_script(_READ_SCRIPT)
         self._write = client.register_script(_WRITE_SCRIPT)
-        self._windows = _WindowCache(settings.window_cache_users)
+        self._cache = _UserCache(settings.window_cache_users)
 
     async def read_batch(self, user_ids: Iterable[str], popular_n: int) -> BatchRead:
         """One command: every user's state plus the current popular items."""
@@ -332,25 +387,31 @@ class StateStore:
         keys = [self.keys.popularity, self.keys.popularity_epoch]
         for user_id in ids:
             keys += [self.keys.user(user_id), self.keys.window(user_id)]
-        args = [popular_n, *(self._windows.signature(user_id) for user_id in ids)]
+        cache = self._cache
+        args = [popular_n, *(cache.signature(user_id) for user_id in ids)]
         result = await self._read(keys=keys, args=args)
         flat, epoch = result[0], result[1]
         popular = [(flat[i].decode(), float(flat[i + 1])) for i in range(0, len(flat), 2)]
-        users = {uid: self._decode(uid, row) for uid, row in zip(ids, result[2:], strict=True)}
+        users: dict[str, StoredUser] = {}
+        for user_id, row in zip(ids, result[2:], strict=True):
+            if row is not None:  # Lua false (None here): the cached copy is current
+                self._cache_read(user_id, row)
+            users[user_id] = cache.get(user_id)
         return BatchRead(users, popular, int(epoch) if epoch else None)
 
-    def _decode(self, user_id: str, row: list) -> StoredUser:  # type: ignore[type-arg]
-        offsets_raw, vector, memory, version, recs, updated, window_raw = row
-        # Lua false (None here): the window this worker cached is current.
-        window = self._windows.get(user_id) if window_raw is None else decode_window(window_raw)
-        return StoredUser(
-            state=UserState(window, orjson.loads(offsets_raw) if offsets_raw else {}),
-            raw_offsets=offsets_raw,
-            vector=vector,
-            memory=memory,
-            model_version=_text(version),
-            updated_ms=int(updated) if updated else None,
-            recs=orjson.loads(recs) if recs else None,
+    def _cache_read(self, user_id: str, row: list) -> None:  # type: ignore[type-arg]
+        offsets_raw, vector, memory, version, recs, window_raw = row
+        self._cache.put(
+            user_id,
+            _CachedUser(
+                raw_offsets=offsets_raw or b"",
+                window=decode_window(window_raw),
+                offsets=orjson.loads(offsets_raw) if offsets_raw else {},
+                vector=vector,
+                memory=memory,
+                model_version=_text(version),
+                recs=orjson.loads(recs) if recs else None,
+            ),
         )
 
     def popularity_weights(
@@ -440,7 +501,7 @@ class StateStore:
         if not await self._write(keys=keys, args=args):
             raise StaleStateError("state changed since this batch read it; retrying the batch")
         for user_id, write in writes.items():
-            self._windows.put(user_id, signatures[user_id], write.state.window)
+            self._cache.after_write(user_id, signatures[user_id], write)
 
     async def _rebase_popularity(self, epoch: int, half_lives: float) -> int:
         shift = math.floor(half_lives) - 1

@@ -17,6 +17,7 @@ from streams.store import (
     KeyLayout,
     StaleStateError,
     StateStore,
+    StoredUser,
     UserWrite,
     connect,
     decode_window,
@@ -203,6 +204,81 @@ async def _two_writers(settings: Settings) -> None:
 
 def test_a_writer_with_stale_state_is_refused_and_changes_nothing(settings: Settings) -> None:
     run(_two_writers(settings))
+
+
+def _fields(user: StoredUser) -> tuple:
+    return (
+        user.state.window,
+        user.state.offsets,
+        user.raw_offsets or b"",
+        user.vector,
+        user.memory,
+        user.model_version,
+        user.recs,
+    )
+
+
+async def _cached_reads(settings: Settings) -> None:
+    client = connect(settings)
+    store = StateStore(client, settings)
+    e1, e2 = WindowEntry("e1", "i1", "click", 1_000), WindowEntry("e2", "i2", "click", 2_000)
+    first = UserState(window=[e1], offsets={"clicks/0": 1})
+    await store.write_batch(
+        {
+            "erin": UserWrite(
+                first, new_entries=[e1], vector=b"v1", memory=b"m1", model_version="a", recs=["i9"]
+            )
+        },
+        [],
+        None,
+    )
+    read = await store.read_batch(["erin"], 5)
+    # A write that leaves the model state and recs as they were (vector/recs None).
+    second = UserState(window=[e1, e2], offsets={"clicks/0": 2})
+    await store.write_batch(
+        {"erin": UserWrite(second, read_offsets=read.users["erin"].raw_offsets, new_entries=[e2])},
+        [],
+        None,
+    )
+    cached = await store.read_batch(["erin"], 5)
+    fresh = await StateStore(client, settings).read_batch(["erin"], 5)
+    assert _fields(cached.users["erin"]) == _fields(fresh.users["erin"])
+    assert cached.users["erin"].vector == b"v1" and cached.users["erin"].recs == ["i9"]
+
+    # Another worker writes the user: this worker's copy is stale and must not be used.
+    other = StateStore(client, settings)
+    theirs = await other.read_batch(["erin"], 5)
+    e3 = WindowEntry("e3", "i3", "click", 3_000)
+    third = UserState(window=[e1, e2, e3], offsets={"clicks/0": 3})
+    await other.write_batch(
+        {
+            "erin": UserWrite(
+                third,
+                read_offsets=theirs.users["erin"].raw_offsets,
+                new_entries=[e3],
+                vector=b"v2",
+                memory=b"m2",
+                model_version="b",
+                recs=["i8"],
+            )
+        },
+        [],
+        None,
+    )
+    again = await store.read_batch(["erin"], 5)
+    assert again.users["erin"].state.window == [e1, e2, e3]
+    assert (again.users["erin"].vector, again.users["erin"].recs) == (b"v2", ["i8"])
+    # The batch changes what it was handed; the cached copy stays as Redis holds it.
+    again.users["erin"].state.window.append(WindowEntry("e4", "i4", "click", 4_000))
+    again.users["erin"].state.offsets["clicks/0"] = 4
+    assert _fields((await store.read_batch(["erin"], 5)).users["erin"]) == _fields(
+        (await StateStore(client, settings).read_batch(["erin"], 5)).users["erin"]
+    )
+    await client.aclose()
+
+
+def test_cached_reads_answer_what_redis_holds(settings: Settings) -> None:
+    run(_cached_reads(settings))
 
 
 async def _huge_window(settings: Settings) -> None:
