@@ -60,13 +60,13 @@ class StateSlab:
         self.vectors = np.zeros((max_users, template.vectors.shape[1]), np.float32)
         # user -> (row, version, offsets signature the state matches, the model indices of
         # the items in the user's window then)
-        self.rows: OrderedDict[str, tuple[int, str, str, np.ndarray]] = OrderedDict()
+        self.rows: OrderedDict[str, tuple[int, str, bytes, np.ndarray]] = OrderedDict()
         self.free = list(range(max_users - 1, -1, -1))
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def lookup(self, user_id: str, version: str, signature: str) -> int | None:
+    def lookup(self, user_id: str, version: str, signature: bytes) -> int | None:
         entry = self.rows.get(user_id)
         if entry is None or entry[1] != version or entry[2] != signature:
             return None
@@ -98,7 +98,7 @@ class StateSlab:
         users: Sequence[str],
         states: EncoderStates,
         version: str,
-        signatures: Sequence[str],
+        signatures: Sequence[bytes],
         window_items: Sequence[np.ndarray],
         unchanged_since_lookup: AbstractSet[int] = frozenset(),
         slot_writes: Sequence[tuple[np.ndarray, np.ndarray]] = (),
@@ -387,9 +387,16 @@ class EncoderRecommender:
         for user_id in users:
             indices = per_user[user_id]
             window = requests[indices[-1]].window  # the window after the user's last event
-            items = np.concatenate([prior_seen[user_id], event_items[indices]])
-            if len(items) >= len(window) and all(requests[i].appended for i in indices):
-                final_items.append(items[len(items) - len(window) :])
+            # One event (the common case): a slice, not an index array built from a list.
+            new_items = (
+                event_items[indices[0] : indices[0] + 1]
+                if len(indices) == 1
+                else event_items[indices]
+            )
+            prior = prior_seen[user_id]
+            keep_prior = len(window) - len(new_items)  # of the prior items, the newest ones
+            if 0 <= keep_prior <= len(prior) and all(requests[i].appended for i in indices):
+                final_items.append(np.concatenate([prior[len(prior) - keep_prior :], new_items]))
             else:
                 final_items.append(rt.index_of([entry.item_id for entry in window]))
         self.cache.store(
@@ -401,12 +408,21 @@ class EncoderRecommender:
             unchanged,
             slot_writes,
         )
+        # Serialised once for the batch and sliced per user: two tobytes() per user cost more.
+        vector_rows, memory_rows = _rows_as_bytes(work.vectors), _rows_as_bytes(work.memory)
         updates = {
             user_id: ModelUpdate(
-                vector=work.vectors[i].tobytes(),
-                memory=np.ascontiguousarray(work.memory[i], np.float32).tobytes(),
+                vector=vector_rows[i],
+                memory=memory_rows[i],
                 model_version=rt.version,
             )
             for i, user_id in enumerate(users)
         }
         return Result(recommendations, updates)
+
+
+def _rows_as_bytes(array: np.ndarray) -> list[bytes]:
+    """Each row of a (B, ...) array as float32 bytes, from one serialisation of the whole."""
+    data = np.ascontiguousarray(array, np.float32).tobytes()
+    size = len(data) // len(array) if len(array) else 0
+    return [data[i : i + size] for i in range(0, len(data), size)] if size else []

@@ -53,7 +53,6 @@ from streams.window import (
     WindowEntry,
     WindowPolicy,
     apply_event,
-    offsets_signature,
 )
 
 log = logging.getLogger(__name__)
@@ -109,8 +108,9 @@ class AppliedBatch:
     changes: _Applied
     outcomes: Counter[tuple[str, str]]
     prior_windows: dict[str, tuple[WindowEntry, ...]]
-    prior_signatures: dict[str, str]
-    final_signatures: dict[str, str]
+    # Per user: the offsets JSON before (as stored) and after this batch (as it will be).
+    prior_signatures: dict[str, bytes]
+    final_signatures: dict[str, bytes]
     popular: list[tuple[str, float]]
     popularity_epoch_ms: int | None
     seconds: float  # spent in this batch's stages so far
@@ -123,7 +123,7 @@ class AppliedBatch:
         state = self.states[user_id]
         return StoredUser(
             UserState(list(state.window), dict(state.offsets)),
-            raw_offsets=encode_offsets(state.offsets),
+            raw_offsets=self.final_signatures[user_id],
         )
 
     def popularity_epoch_after(self) -> int | None:
@@ -283,7 +283,6 @@ class BatchProcessor:
             epoch = earlier[-1].popularity_epoch_after()
         states: dict[str, UserState] = {uid: user.state for uid, user in users.items()}
         prior_windows = {uid: tuple(state.window) for uid, state in states.items()}
-        prior_signatures = {uid: offsets_signature(state) for uid, state in states.items()}
         applied = self._apply(events, states, result, outcomes)
         return AppliedBatch(
             result=result,
@@ -294,8 +293,9 @@ class BatchProcessor:
             changes=applied,
             outcomes=outcomes,
             prior_windows=prior_windows,
-            prior_signatures=prior_signatures,
-            final_signatures={uid: offsets_signature(states[uid]) for uid in states},
+            # Stored offsets change with every applied event, whichever worker applied it.
+            prior_signatures={uid: user.raw_offsets or b"" for uid, user in users.items()},
+            final_signatures={uid: encode_offsets(states[uid].offsets) for uid in states},
             popular=self.store.merge_popularity(read.popular, applied.new_items, epoch),
             popularity_epoch_ms=epoch,
             seconds=time.perf_counter() - started,
@@ -372,6 +372,7 @@ class BatchProcessor:
             writes[uid] = UserWrite(
                 states[uid],
                 read_offsets=users[uid].raw_offsets,
+                offsets_json=applied.final_signatures[uid],
                 new_entries=applied.changes.appended.get(uid, ()),
                 replace=uid in applied.changes.rewritten,
                 vector=update.vector if update else None,

@@ -44,9 +44,10 @@ class Batch:
     # Per user: the window before this batch's events, and the persisted model state.
     prior_windows: Mapping[str, tuple[WindowEntry, ...]]
     stored: Mapping[str, StoredModelState]
-    # Per user: `window.offsets_signature` before and after this batch (cache validation).
-    prior_signatures: Mapping[str, str]
-    final_signatures: Mapping[str, str]
+    # Per user: the offsets JSON before and after this batch (cache validation: it changes
+    # with every event applied to the user, whichever worker applied it).
+    prior_signatures: Mapping[str, bytes]
+    final_signatures: Mapping[str, bytes]
     popular: Sequence[tuple[str, float]]  # best first
     k: int
 

@@ -226,6 +226,7 @@ class BatchRead:
 class UserWrite:
     state: UserState  # after the batch
     read_offsets: bytes | None = None  # `offsets` exactly as read before the batch (the CAS)
+    offsets_json: bytes | None = None  # encode_offsets(state.offsets), if the caller has it
     # Entries appended at the end of the window by this batch; `replace` rewrites the whole
     # window instead (an event was inserted out of time order).
     new_entries: Sequence[WindowEntry] = ()
@@ -485,7 +486,7 @@ class StateStore:
         for user_id, write in writes.items():
             keys += [self.keys.user(user_id), self.keys.window(user_id)]
             entries = write.state.window if write.replace else write.new_entries
-            offsets = encode_offsets(write.state.offsets)
+            offsets = write.offsets_json or encode_offsets(write.state.offsets)
             signatures[user_id] = offsets
             args += [
                 write.read_offsets or b"",

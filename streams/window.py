@@ -73,11 +73,6 @@ def offset_key(topic: str, partition: int) -> str:
     return f"{topic}/{partition}"
 
 
-def offsets_signature(state: UserState) -> str:
-    """Changes whenever an event is applied to the user, whichever worker applied it."""
-    return ",".join(f"{key}={offset}" for key, offset in sorted(state.offsets.items()))
-
-
 def is_applied(state: UserState, event: Event) -> bool:
     """True when this exact message was applied before (a replay)."""
     applied = state.offsets.get(offset_key(event.source.topic, event.source.partition))

@@ -49,8 +49,8 @@ def test_each_event_excludes_the_window_and_the_batch_so_far(tmp_path: Path) -> 
         requests=requests,
         prior_windows={user: tuple(window) for user, window in priors.items()},
         stored={},
-        prior_signatures={user: "" for user in priors},
-        final_signatures={user: "after" for user in priors},
+        prior_signatures={user: b"" for user in priors},
+        final_signatures={user: b"after" for user in priors},
         popular=[(ITEMS[i], float(100 - i)) for i in range(20)],
         k=k,
     )
@@ -107,8 +107,8 @@ def test_cached_states_continue_like_states_rebuilt_from_the_window(tmp_path: Pa
             requests=requests,
             prior_windows=prior,
             stored={},
-            prior_signatures={user: f"{user}:{len(prior[user])}" for user in picked},
-            final_signatures={user: f"{user}:{len(windows[user])}" for user in picked},
+            prior_signatures={user: f"{user}:{len(prior[user])}".encode() for user in picked},
+            final_signatures={user: f"{user}:{len(windows[user])}".encode() for user in picked},
             popular=[],
             k=3,
         )
@@ -140,8 +140,8 @@ def test_an_item_the_model_does_not_know_leaves_the_state_as_it_was(tmp_path: Pa
             requests=[Request(event, tuple(window))],
             prior_windows={"u": prior},
             stored={},
-            prior_signatures={"u": str(len(prior))},
-            final_signatures={"u": str(len(window))},
+            prior_signatures={"u": str(len(prior)).encode()},
+            final_signatures={"u": str(len(window)).encode()},
             popular=[],
             k=3,
         )
@@ -177,8 +177,8 @@ def test_the_cached_window_items_follow_the_trimmed_window(tmp_path: Path) -> No
                 requests=requests,
                 prior_windows={"u": prior},
                 stored={},
-                prior_signatures={"u": str(len(prior) and prior[-1].timestamp_ms)},
-                final_signatures={"u": str(window[-1].timestamp_ms)},
+                prior_signatures={"u": str(len(prior) and prior[-1].timestamp_ms).encode()},
+                final_signatures={"u": str(window[-1].timestamp_ms).encode()},
                 popular=[],
                 k=3,
             )
