@@ -365,12 +365,10 @@ class EncoderRecommender:
             requests, known, names, scores.tolist(), strict=True
         ):
             if is_known:
-                items = (
-                    list(zip(row_names, row_scores, strict=True))
-                    if None not in row_names  # the common case: k real items
-                    else [(n, s) for n, s in zip(row_names, row_scores, strict=True) if n]
-                )
-                recommendations.append(Recommendation(items, rt.version, "encoder"))
+                if None in row_names:  # fewer than k items left to recommend: drop padding
+                    row_scores = [s for n, s in zip(row_names, row_scores, strict=True) if n]
+                    row_names = [n for n in row_names if n]
+                recommendations.append(Recommendation(row_names, row_scores, rt.version, "encoder"))
             else:  # the model knows none of this user's items yet
                 user_id = request.event.user_id
                 seen_names = popular_seen.setdefault(
@@ -378,7 +376,7 @@ class EncoderRecommender:
                 )
                 seen_names.add(request.event.item_id)
                 items = popular_unseen(batch.popular, seen_names, batch.k)
-                recommendations.append(Recommendation(items, rt.version, "popularity"))
+                recommendations.append(Recommendation.of(items, rt.version, "popularity"))
 
         # 4. Persist and cache each user's state after its last event, and its window's items:
         # the prior ones plus the batch's, less those trimmed off the front (an event inserted

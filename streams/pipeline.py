@@ -357,7 +357,7 @@ class BatchProcessor:
                 # Online quality: was this event among the items recommended just before it?
                 online[f"events:{recommendation.model_version}"] += 1
                 online[f"hits:{recommendation.model_version}"] += event.item_id in previous
-            last_recs[event.user_id] = [item for item, _ in recommendation.items]
+            last_recs[event.user_id] = recommendation.item_ids  # not changed later: shared
             payload = recommendation_event(event, recommendation)
             out.append(
                 OutRecord(settings.topic_recommendations, event.user_id.encode(), _dumps(payload))

@@ -54,9 +54,24 @@ class Batch:
 
 @dataclass(frozen=True, slots=True)
 class Recommendation:
-    items: list[tuple[str, float]]
+    # Best first. Two lists rather than (item, score) pairs: the encoder's top-k comes as two
+    # rows, and the worker needs the ids alone too (the user's last recommendation).
+    item_ids: list[str]
+    scores: list[float]
     model_version: str
     source: str  # "encoder" or "popularity" (cold start / baseline)
+
+    @classmethod
+    def of(
+        cls, items: Sequence[tuple[str, float]], model_version: str, source: str
+    ) -> Recommendation:
+        return cls(
+            [item for item, _ in items], [score for _, score in items], model_version, source
+        )
+
+    @property
+    def items(self) -> list[tuple[str, float]]:
+        return list(zip(self.item_ids, self.scores, strict=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +128,7 @@ class PopularityRecommender:
                 seen = per_user[user_id] = {entry.item_id for entry in prior}
             seen.add(request.event.item_id)
             items = popular_unseen(batch.popular, seen, batch.k)
-            recommendations.append(Recommendation(items, self.model_version, "popularity"))
+            recommendations.append(Recommendation.of(items, self.model_version, "popularity"))
         return Result(recommendations)
 
 
@@ -142,7 +157,10 @@ def recommendation_event(event: Event, recommendation: Recommendation) -> dict[s
     return {
         "recommendation_id": recommendation_id(event.event_id, recommendation.model_version),
         "user_id": event.user_id,
-        "items": [{"item_id": item, "score": score} for item, score in recommendation.items],
+        "items": [
+            {"item_id": item, "score": score}
+            for item, score in zip(recommendation.item_ids, recommendation.scores, strict=True)
+        ],
         "model_version": recommendation.model_version,
         "source": recommendation.source,
         "trigger_event_id": event.event_id,
