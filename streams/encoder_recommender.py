@@ -338,25 +338,37 @@ class EncoderRecommender:
         for user_id, prior in zip(other_users, unmapped, strict=True):
             prior_seen[user_id] = mapped[start : start + len(prior)]
             start += len(prior)
-        lengths = [len(prior_seen[user_id]) for user_id in users]
+        lengths = np.array([len(prior_seen[user_id]) for user_id in users], np.int64)
         ends = np.cumsum(lengths)
         flat = np.concatenate([prior_seen[user_id] for user_id in users]) if users else mapped
         known_so_far = np.concatenate([[0], np.cumsum(flat > 0)])
-        knows_user: dict[str, bool] = {}  # the model knows at least one of the user's items
-        for user_id, end, length in zip(users, ends.tolist(), lengths, strict=True):
-            knows_user[user_id] = bool(known_so_far[end] > known_so_far[end - length])
-        batch_seen: dict[str, list[int]] = {user_id: [] for user_id in users}
-        width = max((len(prior_seen[u]) + len(ids) for u, ids in per_user.items()), default=1)
-        exclude = np.zeros((len(requests), width), np.int64)
-        known: list[bool] = []
-        for row, (request, item) in enumerate(zip(requests, event_items.tolist(), strict=True)):
-            user_id = request.event.user_id
-            prior, so_far = prior_seen[user_id], batch_seen[user_id]
-            so_far.append(item)
-            knows_user[user_id] = knows_user[user_id] or item > 0
-            known.append(knows_user[user_id])
-            exclude[row, : len(prior)] = prior
-            exclude[row, len(prior) : len(prior) + len(so_far)] = so_far
+        # The model knows at least one of the user's prior items.
+        knows_prior = known_so_far[ends] > known_so_far[ends - lengths]
+        # Per request: its user's work row and how many of the user's events in this batch
+        # come before it; a row excludes the prior items, then the user's batch items so far.
+        request_user = np.empty(len(requests), np.int64)
+        rank = np.empty(len(requests), np.int64)
+        repeats: list[list[int]] = []  # users with several events: their request indices
+        for user_id, indices in per_user.items():
+            request_user[indices] = row_of[user_id]
+            rank[indices] = range(len(indices))
+            if len(indices) > 1:
+                repeats.append(indices)
+        prior_length = lengths[request_user]
+        width = int((prior_length + rank).max()) + 1 if len(requests) else 1
+        columns = np.arange(width)
+        padded = np.append(flat, 0)  # index len(flat): a pad, for columns past a user's prior
+        source = np.minimum((ends - lengths)[request_user][:, None] + columns, len(flat))
+        exclude = np.where(columns < prior_length[:, None], padded[source], 0)
+        exclude[np.arange(len(requests)), prior_length + rank] = event_items
+        known_rows = knows_prior[request_user] | (event_items > 0)
+        for indices in repeats:  # earlier batch events of the same user, in order
+            for later, index in enumerate(indices[1:], start=1):
+                exclude[index, prior_length[index] : prior_length[index] + later] = event_items[
+                    indices[:later]
+                ]
+                known_rows[index] |= known_rows[indices[later - 1]]
+        known = known_rows.tolist()
         top, scores = rt.top_k(vectors, batch.k, exclude=exclude)
         names = self._item_names[top].tolist()  # (B, k) item ids, None for padding
         popular_seen: dict[str, set[str]] = {}
