@@ -7,10 +7,10 @@ happens to it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import orjson
 
 EVENT_TYPES = ("click", "purchase", "view", "add_to_cart")
@@ -19,8 +19,11 @@ MIN_TIMESTAMP_MS = 631_152_000_000
 MAX_TIMESTAMP_MS = 7_258_118_400_000
 
 
-@dataclass(frozen=True, slots=True)
-class Source:
+# The per-event records here and in streams/recommend.py and streams/pipeline.py are frozen
+# msgspec Structs, not frozen dataclasses: ~90 ns to build against ~690 ns (a frozen
+# dataclass sets each field through object.__setattr__), and several are built per event.
+# gc=False where the fields are scalars only: such a record can never be part of a cycle.
+class Source(msgspec.Struct, frozen=True, gc=False):
     """Where a message came from; the unit of idempotence is (topic, partition, offset)."""
 
     topic: str
@@ -28,19 +31,17 @@ class Source:
     offset: int
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(msgspec.Struct, frozen=True):
     event_id: str
     user_id: str
     item_id: str
     event_type: str
     timestamp_ms: int
     source: Source
-    properties: dict[str, Any] = field(default_factory=dict)
+    properties: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class Rejection:
+class Rejection(msgspec.Struct, frozen=True):
     error: str
     source: Source
     raw: bytes

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
+import msgspec
 import orjson
 from aiokafka.errors import KafkaError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -58,15 +59,13 @@ from streams.window import (
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class RawMessage:
+class RawMessage(msgspec.Struct, frozen=True, gc=False):
     key: bytes | None
     value: bytes | None
     source: Source
 
 
-@dataclass(frozen=True, slots=True)
-class OutRecord:
+class OutRecord(msgspec.Struct, frozen=True, gc=False):
     topic: str
     key: bytes | None
     value: bytes

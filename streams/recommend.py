@@ -14,12 +14,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import msgspec
+
 from streams.events import Event
 from streams.window import WindowEntry
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(msgspec.Struct, frozen=True):
     """Recommend for `event.user_id` right after `event`, given the window at that moment."""
 
     event: Event
@@ -29,8 +30,7 @@ class Request:
     appended: bool = True
 
 
-@dataclass(frozen=True, slots=True)
-class StoredModelState:
+class StoredModelState(msgspec.Struct, frozen=True, gc=False):
     """What the store holds per user for the model, as read before the batch."""
 
     vector: bytes | None = None
@@ -52,8 +52,7 @@ class Batch:
     k: int
 
 
-@dataclass(frozen=True, slots=True)
-class Recommendation:
+class Recommendation(msgspec.Struct, frozen=True):
     # Best first. Two lists rather than (item, score) pairs: the encoder's top-k comes as two
     # rows, and the worker needs the ids alone too (the user's last recommendation).
     item_ids: list[str]
@@ -74,8 +73,7 @@ class Recommendation:
         return list(zip(self.item_ids, self.scores, strict=True))
 
 
-@dataclass(frozen=True, slots=True)
-class ModelUpdate:
+class ModelUpdate(msgspec.Struct, frozen=True, gc=False):
     """The new model state of one user, written in the same atomic batch as its window."""
 
     vector: bytes
