@@ -81,7 +81,8 @@ def is_applied(state: UserState, event: Event) -> bool:
 
 def trim(window: list[WindowEntry], policy: WindowPolicy) -> list[WindowEntry]:
     """Keep the newest `length` entries and drop those older than max age (event time)."""
-    window = window[-policy.length :]
+    if len(window) > policy.length:  # else kept as it is: no copy of the window per event
+        window = window[-policy.length :]
     if policy.max_age_ms is not None and window:
         newest = window[-1].timestamp_ms
         window = [e for e in window if newest - e.timestamp_ms <= policy.max_age_ms]
