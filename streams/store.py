@@ -262,6 +262,20 @@ def _text(value: bytes | None) -> str | None:
     return value.decode() if value is not None else None
 
 
+def _decode_row(row: list) -> _CachedUser:  # type: ignore[type-arg]
+    """A user as the read script returns it on a cache miss."""
+    offsets_raw, vector, memory, version, recs, window_raw = row
+    return _CachedUser(
+        raw_offsets=offsets_raw or b"",
+        window=decode_window(window_raw),
+        offsets=orjson.loads(offsets_raw) if offsets_raw else {},
+        vector=vector,
+        memory=memory,
+        model_version=_text(version),
+        recs=orjson.loads(recs) if recs else None,
+    )
+
+
 class HiredisPacking:
     """Mixin for a redis.asyncio connection class: build commands with hiredis, in C.
 
@@ -310,6 +324,18 @@ class _CachedUser:
     model_version: str | None
     recs: list[str] | None
 
+    def stored(self) -> StoredUser:
+        """The user for a batch, with a window and offsets of its own (the batch changes them
+        and may fail before writing)."""
+        return StoredUser(
+            UserState(list(self.window), dict(self.offsets)),
+            raw_offsets=self.raw_offsets,
+            vector=self.vector,
+            memory=self.memory,
+            model_version=self.model_version,
+            recs=self.recs,
+        )
+
 
 @dataclass(slots=True)
 class _UserCache:
@@ -323,23 +349,12 @@ class _UserCache:
     max_users: int
     entries: OrderedDict[str, _CachedUser] = field(default_factory=OrderedDict)
 
-    def signature(self, user_id: str) -> bytes:
-        entry = self.entries.get(user_id)
-        return entry.raw_offsets if entry else b""
+    def peek(self, user_id: str) -> _CachedUser | None:
+        return self.entries.get(user_id)
 
-    def get(self, user_id: str) -> StoredUser:
-        """The cached user, with a window and offsets of its own (the batch changes them and
-        may fail before writing)."""
-        entry = self.entries[user_id]
-        self.entries.move_to_end(user_id)
-        return StoredUser(
-            UserState(list(entry.window), dict(entry.offsets)),
-            raw_offsets=entry.raw_offsets,
-            vector=entry.vector,
-            memory=entry.memory,
-            model_version=entry.model_version,
-            recs=entry.recs,
-        )
+    def touch(self, user_id: str) -> None:
+        if user_id in self.entries:
+            self.entries.move_to_end(user_id)
 
     def put(self, user_id: str, entry: _CachedUser) -> None:
         # Not copied: what is put is not changed again (`get` hands out copies).
@@ -393,31 +408,24 @@ class StateStore:
         for user_id in ids:
             keys += [self.keys.user(user_id), self.keys.window(user_id)]
         cache = self._cache
-        args = [popular_n, *(cache.signature(user_id) for user_id in ids)]
+        # The copies the offsets are sent for, kept here: while the script runs, a commit of
+        # the batch before (or a put below) may evict them from the cache, and a `false`
+        # answer is about these copies (cached entries are never changed, only replaced).
+        held = [cache.peek(user_id) for user_id in ids]
+        args = [popular_n, *(entry.raw_offsets if entry else b"" for entry in held)]
         result = await self._read(keys=keys, args=args)
         flat, epoch = result[0], result[1]
         popular = [(flat[i].decode(), float(flat[i + 1])) for i in range(0, len(flat), 2)]
         users: dict[str, StoredUser] = {}
-        for user_id, row in zip(ids, result[2:], strict=True):
-            if row is not None:  # Lua false (None here): the cached copy is current
-                self._cache_read(user_id, row)
-            users[user_id] = cache.get(user_id)
+        for user_id, entry, row in zip(ids, held, result[2:], strict=True):
+            if row is None:  # Lua false: the copy held is current (only sent offsets match)
+                assert entry is not None
+                cache.touch(user_id)
+            else:
+                entry = _decode_row(row)
+                cache.put(user_id, entry)
+            users[user_id] = entry.stored()
         return BatchRead(users, popular, int(epoch) if epoch else None)
-
-    def _cache_read(self, user_id: str, row: list) -> None:  # type: ignore[type-arg]
-        offsets_raw, vector, memory, version, recs, window_raw = row
-        self._cache.put(
-            user_id,
-            _CachedUser(
-                raw_offsets=offsets_raw or b"",
-                window=decode_window(window_raw),
-                offsets=orjson.loads(offsets_raw) if offsets_raw else {},
-                vector=vector,
-                memory=memory,
-                model_version=_text(version),
-                recs=orjson.loads(recs) if recs else None,
-            ),
-        )
 
     def popularity_weights(
         self, item_timestamps: Iterable[tuple[str, int]], epoch_ms: int

@@ -281,6 +281,29 @@ def test_cached_reads_answer_what_redis_holds(settings: Settings) -> None:
     run(_cached_reads(settings))
 
 
+async def _evicted_while_read(settings: Settings) -> None:
+    client = connect(settings)
+    store = StateStore(client, settings.model_copy(update={"window_cache_users": 2}))
+    entries = {user: WindowEntry(f"{user}1", "i1", "click", 1_000) for user in ("a", "b")}
+    for user, entry in entries.items():  # cached: a (least recently used), then b
+        state = UserState(window=[entry], offsets={"clicks/0": 1})
+        write = UserWrite(
+            state, new_entries=[entry], vector=b"v", memory=b"m", model_version="x", recs=["i"]
+        )
+        await store.write_batch({user: write}, [], None)
+    # c is a miss: caching it evicts a, whose offsets were sent and whom Redis answers `false`.
+    read = await store.read_batch(["c", "a"], 5)
+    assert read.users["a"].state.window == [entries["a"]]
+    assert read.users["c"].state.window == []
+    await client.aclose()
+
+
+def test_a_user_evicted_from_the_cache_during_a_read_is_still_answered(
+    settings: Settings,
+) -> None:
+    run(_evicted_while_read(settings))
+
+
 async def _huge_window(settings: Settings) -> None:
     client = connect(settings)
     store = StateStore(client, settings)
