@@ -68,10 +68,6 @@ class Recommendation(msgspec.Struct, frozen=True):
             [item for item, _ in items], [score for _, score in items], model_version, source
         )
 
-    @property
-    def items(self) -> list[tuple[str, float]]:
-        return list(zip(self.item_ids, self.scores, strict=True))
-
 
 class ModelUpdate(msgspec.Struct, frozen=True, gc=False):
     """The new model state of one user, written in the same atomic batch as its window."""

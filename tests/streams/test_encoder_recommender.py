@@ -61,8 +61,8 @@ def test_each_event_excludes_the_window_and_the_batch_so_far(tmp_path: Path) -> 
         seen = {e.item_id for e in priors[user]} | {
             item for u, item in events[: index + 1] if u == user
         }
-        assert not seen & {item for item, _ in rec.items}, (index, rec.items)
-        assert len(rec.items) == k
+        assert not seen & set(rec.item_ids), (index, rec.item_ids)
+        assert len(rec.item_ids) == len(rec.scores) == k
     # u3 knows nothing the model knows: the popularity fallback, marked as such.
     sources = [rec.source for rec in result.recommendations]
     assert sources == ["encoder", "encoder", "encoder", "popularity", "encoder", "encoder"]
@@ -74,8 +74,8 @@ def test_each_event_excludes_the_window_and_the_batch_so_far(tmp_path: Path) -> 
         seen_idx = rt.index_of([e.item_id for e in windows[user]])
         ref_i, ref_s = top_k_reference(rt.scores(vector), k, [seen_idx])
         rec = result.recommendations[last[user]]
-        assert [item for item, _ in rec.items] == rt.ids_of(ref_i[0])
-        np.testing.assert_allclose([s for _, s in rec.items], ref_s[0], rtol=1e-5, atol=1e-5)
+        assert rec.item_ids == rt.ids_of(ref_i[0])
+        np.testing.assert_allclose(rec.scores, ref_s[0], rtol=1e-5, atol=1e-5)
 
 
 def test_cached_states_continue_like_states_rebuilt_from_the_window(tmp_path: Path) -> None:
@@ -115,8 +115,8 @@ def test_cached_states_continue_like_states_rebuilt_from_the_window(tmp_path: Pa
         got, want = cached.recommend(batch), reference.recommend(batch)
         # the same seen items excluded (the cached path keeps them mapped, the reference maps
         # each window afresh), so the same items recommended
-        assert [[i for i, _ in r.items] for r in got.recommendations] == [
-            [i for i, _ in r.items] for r in want.recommendations
+        assert [r.item_ids for r in got.recommendations] == [
+            r.item_ids for r in want.recommendations
         ]
         for user in picked:
             np.testing.assert_allclose(
