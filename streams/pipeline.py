@@ -121,7 +121,7 @@ class AppliedBatch:
         (copies, for the next batch to change); model state and recs follow later."""
         state = self.states[user_id]
         return StoredUser(
-            UserState(list(state.window), dict(state.offsets)),
+            state.copy(),
             raw_offsets=self.final_signatures[user_id],
         )
 

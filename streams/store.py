@@ -267,8 +267,9 @@ def _decode_row(row: list) -> _CachedUser:  # type: ignore[type-arg]
     offsets_raw, vector, memory, version, recs, window_raw = row
     return _CachedUser(
         raw_offsets=offsets_raw or b"",
-        window=decode_window(window_raw),
-        offsets=orjson.loads(offsets_raw) if offsets_raw else {},
+        state=UserState(
+            decode_window(window_raw), orjson.loads(offsets_raw) if offsets_raw else {}
+        ),
         vector=vector,
         memory=memory,
         model_version=_text(version),
@@ -317,18 +318,17 @@ class _CachedUser:
     is still the stored ``offsets`` (every write changes them)."""
 
     raw_offsets: bytes
-    window: list[WindowEntry]
-    offsets: dict[str, int]
+    state: UserState
     vector: bytes | None
     memory: bytes | None
     model_version: str | None
     recs: list[str] | None
 
     def stored(self) -> StoredUser:
-        """The user for a batch, with a window and offsets of its own (the batch changes them
-        and may fail before writing)."""
+        """The user for a batch, with a state of its own (the batch changes it and may fail
+        before writing)."""
         return StoredUser(
-            UserState(list(self.window), dict(self.offsets)),
+            self.state.copy(),
             raw_offsets=self.raw_offsets,
             vector=self.vector,
             memory=self.memory,
@@ -378,8 +378,7 @@ class _UserCache:
             user_id,
             _CachedUser(
                 offsets,
-                write.state.window,
-                write.state.offsets,
+                write.state,
                 model.vector,
                 model.memory,
                 model.model_version,

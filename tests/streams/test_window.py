@@ -1,3 +1,6 @@
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from streams.events import Event, Source
 from streams.window import UserState, WindowEntry, WindowPolicy, apply_event, trim
 
@@ -82,3 +85,64 @@ def test_window_entries_are_not_tracked_by_the_cycle_collector() -> None:
     entry = WindowEntry("e1", "i1", "click", 1_000)
     gc.collect()
     assert not gc.is_tracked(entry)
+
+
+def apply_event_reference(state: UserState, event: Event, policy: WindowPolicy) -> bool:
+    """`apply_event` as plainly defined: the duplicate check scans the window's ids."""
+    key = f"{event.source.topic}/{event.source.partition}"
+    applied = state.offsets.get(key)
+    if applied is not None and event.source.offset <= applied:
+        return False
+    state.offsets[key] = event.source.offset
+    if any(entry.event_id == event.event_id for entry in state.window):
+        return False
+    window = [*state.window, WindowEntry.from_event(event)]
+    window.sort(key=lambda entry: entry.timestamp_ms)  # stable: ties keep arrival order
+    state.window = trim(window, policy)
+    return True
+
+
+# (event id, timestamp, topic, copy the state before applying): few ids and times, so that
+# duplicates, ties, out-of-order events and trims are all common.
+steps = st.lists(
+    st.tuples(
+        st.integers(0, 12), st.integers(0, 40), st.sampled_from(["clicks", "buys"]), st.booleans()
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=steps, length=st.integers(1, 6), max_age=st.one_of(st.none(), st.integers(0, 15)))
+def test_apply_event_matches_the_reference(
+    steps: list[tuple[int, int, str, bool]], length: int, max_age: int | None
+) -> None:
+    """The kept event-id set gives the same windows as scanning, across trims and the copies
+    the store hands each batch."""
+    policy = WindowPolicy(length, max_age)
+    state, reference = UserState(), UserState()
+    for offset, (event_id, ts, topic, copy) in enumerate(steps):
+        if copy:
+            state = state.copy()
+        event = make(offset, ts, event_id=f"e{event_id}", topic=topic)
+        assert apply_event(state, event, policy) == apply_event_reference(reference, event, policy)
+        assert state.window == reference.window
+        assert state.offsets == reference.offsets
+
+
+def test_a_copy_does_not_share_the_event_ids() -> None:
+    policy = WindowPolicy(length=10)
+    state = UserState()
+    apply_event(state, make(1, 1000), policy)
+    copy = state.copy()
+    assert apply_event(copy, make(2, 1001, event_id="only-in-the-copy"), policy)
+    assert apply_event(state, make(2, 1001, event_id="only-in-the-copy"), policy)
+
+
+def test_an_event_id_trimmed_out_of_the_window_is_applied_again() -> None:
+    state = UserState()
+    policy = WindowPolicy(length=2)
+    for offset in range(3):
+        apply_event(state, make(offset, 1000 + offset), policy)
+    assert apply_event(state, make(3, 1003, event_id="e0"), policy)
+    assert [e.event_id for e in state.window] == ["e2", "e0"]
