@@ -357,7 +357,8 @@ class _UserCache:
             self.entries.move_to_end(user_id)
 
     def put(self, user_id: str, entry: _CachedUser) -> None:
-        # Not copied: what is put is not changed again (`get` hands out copies).
+        # Not copied: what is put is not changed again (`_CachedUser.stored` hands out
+        # copies).
         self.entries[user_id] = entry
         self.entries.move_to_end(user_id)
         while len(self.entries) > self.max_users:
