@@ -363,7 +363,7 @@ def worker_metrics(port: int) -> dict[str, float]:
             "interest_batch_seconds_sum",
             "interest_batch_seconds_count",
             "interest_batch_size_sum",
-        ):
+        ) or name.startswith(("interest_stage_seconds_sum{", "interest_stage_seconds_count{")):
             out[name] = float(value)
         elif name.startswith("interest_recommendations_total{"):
             out["interest_recommendations_total"] = out.get(
@@ -496,6 +496,18 @@ def main() -> None:
             " (batches in flight overlap)",
             flush=True,
         )
+        stages = {}
+        for stage in ("apply", "recommend", "finish", "publish", "write"):
+            count = bm.get(f'interest_stage_seconds_count{{stage="{stage}"}}', 0.0)
+            if count:
+                stages[stage] = 1000 * bm[f'interest_stage_seconds_sum{{stage="{stage}"}}'] / count
+        if stages:
+            # Each kind of stage runs one batch at a time: the slowest bounds batches/s.
+            print(
+                "    mean ms per batch by stage: "
+                + ", ".join(f"{stage} {ms:,.1f}" for stage, ms in stages.items()),
+                flush=True,
+            )
         lat_rate = args.latency_rate or rate / 2
         lat = asyncio.run(latency(bootstrap, clicks, recs, later, lat_rate, args.latency_seconds))
         print(
@@ -517,6 +529,7 @@ def main() -> None:
             "latency_sent": lat["sent"],
             "worker_over_naive": round(rate / naive, 1),
             "worker_over_ceiling": round(rate / ceiling, 3),
+            "stage_ms": {stage: round(ms, 1) for stage, ms in stages.items()},
         }
         print(f"ratios: c/b = {rate / naive:,.1f}x, c/a = {rate / ceiling:.2f}")
         print("SUMMARY " + json.dumps(summary), flush=True)

@@ -17,6 +17,15 @@ BATCH_SECONDS = Histogram(
     " state write), without waits for the batch before it; batches in flight overlap",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+STAGE_SECONDS = Histogram(
+    "interest_stage_seconds",
+    "Time in one stage of a micro-batch, without waits for the batch before it: apply"
+    " (validate, read, windows), recommend (the encoder or baseline), finish (payloads),"
+    " publish (until the broker acks), write (Redis). Stages of one kind run one batch at a"
+    " time, so the stage with the largest mean bounds the batches per second",
+    ["stage"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 BATCH_SIZE = Histogram(
     "interest_batch_size",
     "Messages per micro-batch",

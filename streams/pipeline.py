@@ -297,7 +297,7 @@ class BatchProcessor:
             final_signatures={uid: encode_offsets(states[uid].offsets) for uid in states},
             popular=self.store.merge_popularity(read.popular, applied.new_items, epoch),
             popularity_epoch_ms=epoch,
-            seconds=time.perf_counter() - started,
+            seconds=_observe("apply", started),
         )
 
     async def recommend(self, applied: AppliedBatch) -> Result:
@@ -326,9 +326,11 @@ class BatchProcessor:
         recommender = self.recommender
         async with self._inference:
             # Inference is CPU work: run it in a thread so the event loop keeps serving Kafka.
+            computing = time.perf_counter()
             recommended = await asyncio.get_running_loop().run_in_executor(
                 self.executor, recommender.recommend, batch
             )
+            _observe("recommend", computing)
         applied.recommended = recommended
         applied.seconds += time.perf_counter() - started
         return recommended
@@ -389,7 +391,7 @@ class BatchProcessor:
             outcomes=applied.outcomes,
             sources=sources,
             requests=requests,
-            seconds=applied.seconds + time.perf_counter() - started,
+            seconds=applied.seconds + _observe("finish", started),
         )
 
     async def commit(self, prepared: PreparedBatch) -> None:
@@ -398,13 +400,23 @@ class BatchProcessor:
         one of its users since it was read (prepare it again then)."""
         started = time.perf_counter()
         await self.publisher.publish(prepared.out)
+        published = time.perf_counter()
+        _observe("publish", started, published)
         await self.store.write_batch(
             prepared.writes, prepared.new_items, prepared.popularity_epoch_ms, prepared.online
         )
+        _observe("write", published)
         # Only once the batch has succeeded (a retried batch is counted once).
         _report(prepared.outcomes, prepared.sources, prepared.online, prepared.requests)
         metrics.BATCH_SECONDS.observe(prepared.seconds + time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(prepared.requests) + prepared.result.rejected)
+
+
+def _observe(stage: str, started: float, ended: float | None = None) -> float:
+    """Record a stage's duration (``interest_stage_seconds``) and return it."""
+    seconds = (time.perf_counter() if ended is None else ended) - started
+    metrics.STAGE_SECONDS.labels(stage).observe(seconds)
+    return seconds
 
 
 def _report(

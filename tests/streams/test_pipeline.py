@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 pytest.importorskip("torch", reason="needs the training extra (pip install -e .[train])")
 
@@ -127,10 +128,19 @@ def test_batches_in_flight_leave_what_one_batch_at_a_time_leaves(
     _, bundle = make_bundle(tmp_path, seed=5)
     users = [f"u{u}" for u in range(6)]
 
+    stages = ("apply", "recommend", "finish", "publish", "write")
+
+    def stage_counts() -> list[float]:
+        sample = REGISTRY.get_sample_value
+        return [sample("interest_stage_seconds_count", {"stage": s}) or 0.0 for s in stages]
+
     async def main() -> None:
         reference = processor_for(settings, bundle, settings.redis_key_prefix + ":ref")
+        before = stage_counts()
         for batch in batches(settings):
             await reference.process(batch)
+        # Every stage of every batch is timed (dashboards show which stage bounds the rate).
+        assert [b - a for a, b in zip(before, stage_counts(), strict=True)] == [10.0] * 5
 
         piped = processor_for(settings, bundle, settings.redis_key_prefix + ":piped")
         acked: list[int] = []
