@@ -158,7 +158,7 @@ def main() -> int:
     ap.add_argument(
         "--default-gc",
         action="store_true",
-        help="keep CPython's GC thresholds instead of the worker's (streams.collector.tune_gc)",
+        help="keep CPython's GC thresholds instead of the worker's (streams.worker.tune_gc)",
     )
     args = ap.parse_args()
     if not DATA.is_file():
@@ -177,7 +177,7 @@ def main() -> int:
             settings = Settings(redis_url=f"redis://127.0.0.1:{port}/0", model=bundle)
             events = messages(args.events)
             if not args.default_gc:
-                from streams.collector import tune_gc
+                from streams.worker import tune_gc
 
                 tune_gc()  # as `interest worker` does
             asyncio.run(run(settings, events, args.batch))

@@ -22,10 +22,8 @@ If the child dies, the batch fails and the worker exits without acking (it repla
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import traceback
 from collections import OrderedDict
@@ -34,7 +32,6 @@ from pathlib import Path
 
 import msgspec
 
-from streams.collector import tune_gc
 from streams.events import Event, Source
 from streams.recommend import Batch, ModelUpdate, Recommendation, Request, Result, StoredModelState
 from streams.window import WindowEntry
@@ -137,16 +134,16 @@ class ProcessRecommender:
     source = "encoder"
 
     def __init__(self, bundle: Path, cache_users: int = 10_000, device: str = "auto") -> None:
-        # A plain child process over a socket pair, not multiprocessing: its spawn re-imports
-        # the parent's __main__ (any script without a main guard would start again), and a
-        # fork of a threaded worker is unsafe. Our end closing (the worker exiting, even by
-        # SIGKILL) is the child's EOF: it exits too.
-        ours, theirs = socket.socketpair()
-        command = [sys.executable, "-m", __name__, str(theirs.fileno()), str(bundle)]
-        command += [str(cache_users), device]
-        self._process = subprocess.Popen(command, pass_fds=[theirs.fileno()])
-        theirs.close()
-        self._conn = Connection(ours.detach())
+        context = multiprocessing.get_context("spawn")  # no fork of a threaded worker
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(
+            target=serve,
+            args=(child_conn, str(bundle), cache_users, device),
+            name="interest-inference",
+            daemon=True,
+        )
+        self._process.start()
+        child_conn.close()  # the child's end: EOF here once the child is gone
         self._capacity = cache_users
         self._held: OrderedDict[str, bytes] = OrderedDict()
         self._lock = threading.Lock()  # one batch at a time, and close() waits for it
@@ -195,13 +192,11 @@ class ProcessRecommender:
         """Stop the child once the batch it is computing, if any, is done."""
         with self._lock:
             self._broken = True
-            if not self._conn.closed:
-                self._conn.close()  # the child sees EOF and exits
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+            self._conn.close()  # the child sees EOF and exits
+        self._process.join(timeout=10)
+        if self._process.is_alive():
             self._process.kill()
-            self._process.wait()
+            self._process.join()
 
 
 # ---------------------------------------------------------------------------- child side
@@ -272,6 +267,7 @@ class ChildState:
 
 def serve(conn: Connection, bundle: str, cache_users: int, device: str) -> None:
     """The child: load the bundle, then answer batches until the parent closes the pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the worker, which closes us
     from export.runtime import EncoderRuntime
     from streams.encoder_recommender import EncoderRecommender
 
@@ -282,7 +278,6 @@ def serve(conn: Connection, bundle: str, cache_users: int, device: str) -> None:
         conn.send_bytes(encoder.encode(Failed(f"cannot load {bundle}: {exc}")))
         return
     state = ChildState(EncoderRecommender(runtime, cache_users=cache_users))
-    tune_gc()  # the held windows are many long-lived objects, as in the worker
     conn.send_bytes(
         encoder.encode(Ready(runtime.version, runtime.provider, runtime.receptive_field))
     )
@@ -297,15 +292,3 @@ def serve(conn: Connection, bundle: str, cache_users: int, device: str) -> None:
         except Exception:
             answer = Failed(traceback.format_exc(limit=8))
         conn.send_bytes(encoder.encode(answer))
-
-
-def main(argv: list[str]) -> None:
-    """python -m streams.inference_process FD BUNDLE CACHE_USERS DEVICE (started by the worker)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the worker, which closes us
-    logging.basicConfig(level=logging.WARNING, format="inference %(levelname)s %(message)s")
-    fd, bundle, cache_users, device = argv
-    serve(Connection(int(fd)), bundle, int(cache_users), device)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

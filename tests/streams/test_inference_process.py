@@ -147,7 +147,7 @@ def test_the_child_process_gives_what_the_encoder_gives(tmp_path: Path) -> None:
             stream.written(want)
     finally:
         recommender.close()
-    assert recommender._process.poll() is not None  # the child exited
+    assert not recommender._process.is_alive()
 
 
 def test_a_bad_bundle_is_a_clear_error(tmp_path: Path) -> None:
@@ -163,7 +163,7 @@ def test_a_dead_child_fails_the_batch_and_every_later_one(tmp_path: Path) -> Non
     batch = stream.batch(["u1", "u2"], size=5)
     recommender.recommend(batch)
     recommender._process.kill()
-    recommender._process.wait()
+    recommender._process.join()
     with pytest.raises(InferenceProcessError, match="gone"):
         recommender.recommend(stream.batch(["u1", "u2"], size=5))
     with pytest.raises(InferenceProcessError, match="earlier batch"):

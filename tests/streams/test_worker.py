@@ -185,3 +185,19 @@ def test_the_worker_does_not_turn_on_debug_logging(tmp_path: Path) -> None:
     worker.on_setup_root_logger(root, logging.WARNING)
     assert root.level != logging.DEBUG
     assert len(root.handlers) == 1
+
+
+def test_tune_gc_freezes_startup_objects_and_raises_the_thresholds() -> None:
+    import gc
+
+    from streams.worker import GC_THRESHOLDS, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0  # what was loaded so far is never rescanned
+        assert gc.isenabled()  # cycles are still collected
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
