@@ -179,9 +179,6 @@ class EncoderRecommender:
     def model_version(self) -> str:
         return self.runtime.version
 
-    def close(self) -> None:
-        pass  # the runtime's sessions are freed with it
-
     # ------------------------------------------------------------------ features
 
     def _features(self, window: Sequence[WindowEntry]) -> tuple[np.ndarray, ...]:

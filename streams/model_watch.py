@@ -33,45 +33,25 @@ def _manifest_stamp(bundle: Path) -> tuple[int, int, int] | None:
 
 
 def load_recommender(settings: Settings) -> Recommender:
-    """The encoder when INTEREST_MODEL names a bundle, else the popularity baseline.
-
-    With `inference_process` (the default) the encoder runs in a child process
-    (streams/inference_process.py); otherwise in the worker's inference thread."""
+    """The encoder when INTEREST_MODEL names a bundle, else the popularity baseline."""
     if settings.model is None:
         return PopularityRecommender()
     from export.runtime import BundleError, EncoderRuntime
     from streams.encoder_recommender import EncoderRecommender
-    from streams.inference_process import InferenceProcessError, ProcessRecommender
 
-    recommender: Recommender
-    if settings.inference_process:
-        try:
-            recommender = ProcessRecommender(settings.model, settings.state_cache_users)
-        except InferenceProcessError as exc:
-            raise UserError(f"cannot load INTEREST_MODEL={settings.model}: {exc}") from None
-        version, provider = recommender.model_version, recommender.ready.provider
-        receptive_field = recommender.ready.receptive_field
-    else:
-        try:
-            runtime = EncoderRuntime.load(settings.model)
-        except (BundleError, OSError) as exc:
-            raise UserError(f"cannot load INTEREST_MODEL={settings.model}: {exc}") from None
-        recommender = EncoderRecommender(runtime, cache_users=settings.state_cache_users)
-        version, provider, receptive_field = (
-            runtime.version,
-            runtime.provider,
-            runtime.receptive_field,
-        )
+    try:
+        runtime = EncoderRuntime.load(settings.model)
+    except (BundleError, OSError) as exc:
+        raise UserError(f"cannot load INTEREST_MODEL={settings.model}: {exc}") from None
     # Rebuilding needs the last receptive_field events plus the one before the oldest of them
     # (its time gap is a model input).
-    if receptive_field >= settings.window_length:
-        recommender.close()
+    if runtime.receptive_field >= settings.window_length:
         raise UserError(
-            f"the model needs the last {receptive_field + 1} events to rebuild a "
+            f"the model needs the last {runtime.receptive_field + 1} events to rebuild a "
             f"user's state but INTEREST_WINDOW_LENGTH is {settings.window_length}"
         )
-    log.info("serving model %s on %s", version, provider)
-    return recommender
+    log.info("serving model %s on %s", runtime.version, runtime.provider)
+    return EncoderRecommender(runtime, cache_users=settings.state_cache_users)
 
 
 class ModelWatcher:
@@ -99,11 +79,9 @@ class ModelWatcher:
             log.error("model rollout failed, still serving %s: %s", self.current.model_version, exc)
             return self.current
         self._stamp = stamp
-        if candidate.model_version == self.current.model_version:
-            candidate.close()
-            return self.current
-        log.warning("model rollout: %s -> %s", self.current.model_version, candidate.model_version)
-        previous, self.current = self.current, candidate
-        # In the inference executor: behind a batch the old model may still be computing.
-        loop.run_in_executor(executor, previous.close)
+        if candidate.model_version != self.current.model_version:
+            log.warning(
+                "model rollout: %s -> %s", self.current.model_version, candidate.model_version
+            )
+            self.current = candidate
         return self.current

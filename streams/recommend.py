@@ -89,9 +89,6 @@ class Recommender(Protocol):
 
     def recommend(self, batch: Batch) -> Result: ...
 
-    def close(self) -> None:
-        """Release what it holds (a child process, say); called once it is replaced."""
-
 
 def popular_unseen(
     popular: Sequence[tuple[str, float]], seen: set[str], k: int
@@ -110,9 +107,6 @@ class PopularityRecommender:
     """Most popular recent items the user has not interacted with in its window."""
 
     model_version = "popularity-v1"
-
-    def close(self) -> None:
-        pass
 
     def recommend(self, batch: Batch) -> Result:
         # Seen items grow per user event by event: the cost per event does not depend on the

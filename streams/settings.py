@@ -97,9 +97,6 @@ class Settings(BaseSettings):
     window_cache_users: int = Field(default=20_000, ge=0)
     # Threads for inference off the event loop.
     inference_threads: int = Field(default=1, ge=1)
-    # The encoder in a child process with a GIL of its own (streams/inference_process.py);
-    # false: in the worker's inference thread.
-    inference_process: bool = True
 
     # Hand whole fetches to the agent, several batches in flight (streams/transport.py,
     # streams/pipeline.py); false: faust's stock aiokafka driver, one batch at a time.
