@@ -9,7 +9,10 @@ One run on a private embedded stack (Tansu + Redis in a temporary home, stopped 
   (c) `interest worker` (subprocess, INTEREST_MODEL = the bundle, fresh group): sustained
       events/s over a backlog of N events (first to last recommendation, by the recommendation
       records' broker timestamps), then p50/p99 latency from produce to recommendation received
-      while producing at half that rate.
+      while producing at half that rate. For both parts it prints the mean time per batch in
+      each stage (the worker's ``interest_stage_seconds``: the stage with the largest mean
+      bounds the batches per second), and for the backlog the CPU time per event of the
+      worker, Redis and the broker (from /proc, from the first recommendation on).
 
     python bench/stream.py [--events 150000] [--naive-events 2000] [--latency-seconds 25]
                            [--latency-rate R] [--worker-without-model]
@@ -235,21 +238,46 @@ async def bench_naive(
     return done / (time.perf_counter() - t0)
 
 
-def wait_recommended(port: int, n: int, timeout: float, worker: subprocess.Popen) -> None:
-    """Wait until the worker has published n recommendations (its own committed count).
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by a process and its children still running
+    (the worker's inference process), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rpartition(")")[2].split()
+            # after the command: state, ppid, ... utime (12th), stime (13th)
+            if stat.parent.name == str(pid) or fields[1] == str(pid):
+                total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def wait_recommended(
+    port: int, n: int, timeout: float, worker: subprocess.Popen, pids: dict[str, int]
+) -> dict[str, float]:
+    """Wait until the worker has published n recommendations (its own committed count);
+    return the CPU seconds per event each of ``pids`` (and its children) used meanwhile,
+    counted from the first recommendation (startup and the group join left out).
 
     Why not the topic's end offsets: the embedded broker answers ListOffsets with the base
     offset of a partition's last record batch, one batch per partition short (streams/lag.py).
     """
     deadline = time.monotonic() + timeout
     last, last_t = -1.0, time.monotonic()
+    first: tuple[float, dict[str, float]] | None = None
     while True:
         if worker.poll() is not None:
             raise RuntimeError(f"worker exited with {worker.returncode}")
         with contextlib.suppress(OSError):  # the endpoint is up once the worker has started
             total = worker_metrics(port).get("interest_recommendations_total", 0.0)
+            if first is None and total > 0:
+                first = (total, {name: cpu_seconds(pid) for name, pid in pids.items()})
             if total >= n:
-                return
+                assert first is not None
+                done = total - first[0] or 1.0
+                return {
+                    name: (cpu_seconds(pid) - first[1][name]) / done for name, pid in pids.items()
+                }
             if total != last:
                 last, last_t = total, time.monotonic()
                 print(f"  worker: {total:,.0f}/{n:,} recommendations", flush=True)
@@ -372,6 +400,25 @@ def worker_metrics(port: int) -> dict[str, float]:
     return out
 
 
+STAGES = ("apply", "recommend", "finish", "publish", "write")
+
+
+def stage_means(now: dict[str, float], since: dict[str, float] | None = None) -> dict[str, float]:
+    """Mean ms per batch of each stage (``interest_stage_seconds``), over what happened after
+    ``since`` (another reading of the same worker's metrics)."""
+    out = {}
+    for stage in STAGES:
+        total, count = (f'interest_stage_seconds_{x}{{stage="{stage}"}}' for x in ("sum", "count"))
+        n = now.get(count, 0.0) - (since or {}).get(count, 0.0)
+        if n:
+            out[stage] = 1000 * (now[total] - (since or {}).get(total, 0.0)) / n
+    return out
+
+
+def format_stages(stages: dict[str, float]) -> str:
+    return ", ".join(f"{stage} {ms:,.1f}" for stage, ms in stages.items())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=150_000, help="backlog size for (a) and (c)")
@@ -478,7 +525,8 @@ def main() -> None:
             f"(c) worker pid {worker.pid} started (log {log_path}); draining the backlog",
             flush=True,
         )
-        wait_recommended(metrics_port, n, timeout=max(600, n / 500), worker=worker)
+        pids = {"worker": worker.pid, "redis": info.redis_pid, "broker": info.broker_pid}
+        cpu = wait_recommended(metrics_port, n, timeout=max(600, n / 500), worker=worker, pids=pids)
         rate, rate_mid, n_recs = asyncio.run(backlog_rate(bootstrap, recs, n))
         print(
             f"(c) worker sustained: {rate:,.0f} events/s first->last over {n_recs:,} "
@@ -496,18 +544,16 @@ def main() -> None:
             " (batches in flight overlap)",
             flush=True,
         )
-        stages = {}
-        for stage in ("apply", "recommend", "finish", "publish", "write"):
-            count = bm.get(f'interest_stage_seconds_count{{stage="{stage}"}}', 0.0)
-            if count:
-                stages[stage] = 1000 * bm[f'interest_stage_seconds_sum{{stage="{stage}"}}'] / count
+        print(
+            "    CPU us per event: "
+            + ", ".join(f"{name} {1e6 * sec:,.0f}" for name, sec in cpu.items())
+            + f" (the worker's inference process included); {os.cpu_count()} cores",
+            flush=True,
+        )
+        stages = stage_means(bm)
         if stages:
             # Each kind of stage runs one batch at a time: the slowest bounds batches/s.
-            print(
-                "    mean ms per batch by stage: "
-                + ", ".join(f"{stage} {ms:,.1f}" for stage, ms in stages.items()),
-                flush=True,
-            )
+            print(f"    mean ms per batch by stage: {format_stages(stages)}", flush=True)
         lat_rate = args.latency_rate or rate / 2
         lat = asyncio.run(latency(bootstrap, clicks, recs, later, lat_rate, args.latency_seconds))
         print(
@@ -516,6 +562,17 @@ def main() -> None:
             f"({lat['received']:,}/{lat['sent']:,} received)",
             flush=True,
         )
+        after = worker_metrics(metrics_port)
+        lat_stages = stage_means(after, since=bm)
+        batches = after.get("interest_batch_seconds_count", 0.0) - bm.get(
+            "interest_batch_seconds_count", 0.0
+        )
+        if lat_stages:
+            print(
+                f"    {batches:,.0f} batches of {lat['sent'] / max(batches, 1):,.0f} events on"
+                f" average; mean ms by stage: {format_stages(lat_stages)}",
+                flush=True,
+            )
         summary = {
             "events": n,
             "ceiling_eps": round(ceiling),
@@ -530,6 +587,8 @@ def main() -> None:
             "worker_over_naive": round(rate / naive, 1),
             "worker_over_ceiling": round(rate / ceiling, 3),
             "stage_ms": {stage: round(ms, 1) for stage, ms in stages.items()},
+            "latency_stage_ms": {stage: round(ms, 1) for stage, ms in lat_stages.items()},
+            "cpu_us_per_event": {name: round(1e6 * sec) for name, sec in cpu.items()},
         }
         print(f"ratios: c/b = {rate / naive:,.1f}x, c/a = {rate / ceiling:.2f}")
         print("SUMMARY " + json.dumps(summary), flush=True)
