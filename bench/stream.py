@@ -547,7 +547,7 @@ def main() -> None:
         print(
             "    CPU us per event: "
             + ", ".join(f"{name} {1e6 * sec:,.0f}" for name, sec in cpu.items())
-            + f" (the worker's inference process included); {os.cpu_count()} cores",
+            + f" (each with its child processes); {os.cpu_count()} cores",
             flush=True,
         )
         stages = stage_means(bm)
