@@ -326,11 +326,9 @@ class BatchProcessor:
         recommender = self.recommender
         async with self._inference:
             # Inference is CPU work: run it in a thread so the event loop keeps serving Kafka.
-            computing = time.perf_counter()
             recommended = await asyncio.get_running_loop().run_in_executor(
-                self.executor, recommender.recommend, batch
+                self.executor, _timed_recommend, recommender, batch
             )
-            _observe("recommend", computing)
         applied.recommended = recommended
         applied.seconds += time.perf_counter() - started
         return recommended
@@ -410,6 +408,16 @@ class BatchProcessor:
         _report(prepared.outcomes, prepared.sources, prepared.online, prepared.requests)
         metrics.BATCH_SECONDS.observe(prepared.seconds + time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(prepared.requests) + prepared.result.rejected)
+
+
+def _timed_recommend(recommender: Recommender, batch: Batch) -> Result:
+    """The recommender's call, timed in the thread that runs it (not its wait for the thread,
+    which may still be finishing the batch before)."""
+    started = time.perf_counter()
+    try:
+        return recommender.recommend(batch)
+    finally:
+        _observe("recommend", started)
 
 
 def _observe(stage: str, started: float, ended: float | None = None) -> float:
