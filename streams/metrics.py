@@ -22,7 +22,8 @@ STAGE_SECONDS = Histogram(
     "Time in one stage of a micro-batch, without waits for the batch before it: apply"
     " (validate, read, windows), recommend (the encoder or baseline), finish (payloads),"
     " publish (until the broker acks), write (Redis). Stages of one kind run one batch at a"
-    " time, so the stage with the largest mean bounds the batches per second",
+    " time, so the stage with the largest mean bounds the batches per second; recommend and"
+    " finish share the inference thread, so their sum does too",
     ["stage"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
