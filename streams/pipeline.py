@@ -324,13 +324,15 @@ class BatchProcessor:
             k=self.settings.top_k,
         )
         recommender = self.recommender
+        preparing = time.perf_counter() - started
         async with self._inference:
             # Inference is CPU work: run it in a thread so the event loop keeps serving Kafka.
-            recommended = await asyncio.get_running_loop().run_in_executor(
+            recommended, computing = await asyncio.get_running_loop().run_in_executor(
                 self.executor, _timed_recommend, recommender, batch
             )
         applied.recommended = recommended
-        applied.seconds += time.perf_counter() - started
+        # Not the waits for the lock or the thread (the batch before may hold them).
+        applied.seconds += preparing + computing
         return recommended
 
     def finish(self, applied: AppliedBatch, recommended: Result) -> PreparedBatch:
@@ -410,14 +412,12 @@ class BatchProcessor:
         metrics.BATCH_SIZE.observe(len(prepared.requests) + prepared.result.rejected)
 
 
-def _timed_recommend(recommender: Recommender, batch: Batch) -> Result:
-    """The recommender's call, timed in the thread that runs it (not its wait for the thread,
-    which may still be finishing the batch before)."""
+def _timed_recommend(recommender: Recommender, batch: Batch) -> tuple[Result, float]:
+    """The recommender's call and its seconds, timed in the thread that runs it (not its wait
+    for the thread, which may still be finishing the batch before)."""
     started = time.perf_counter()
-    try:
-        return recommender.recommend(batch)
-    finally:
-        _observe("recommend", started)
+    result = recommender.recommend(batch)
+    return result, _observe("recommend", started)
 
 
 def _observe(stage: str, started: float, ended: float | None = None) -> float:
