@@ -239,8 +239,8 @@ async def bench_naive(
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) used so far by a process and its children still running
-    (the worker's inference process), from /proc."""
+    """CPU time (user + system) used so far by a process and its running direct children,
+    from /proc (any worker child process counts as the worker's)."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -552,7 +552,8 @@ def main() -> None:
         )
         stages = stage_means(bm)
         if stages:
-            # Each kind of stage runs one batch at a time: the slowest bounds batches/s.
+            # Each kind of stage runs one batch at a time: the slowest bounds batches/s, and
+            # so does recommend + finish (they share the inference thread).
             print(f"    mean ms per batch by stage: {format_stages(stages)}", flush=True)
         lat_rate = args.latency_rate or rate / 2
         lat = asyncio.run(latency(bootstrap, clicks, recs, later, lat_rate, args.latency_seconds))
