@@ -400,12 +400,11 @@ def worker_metrics(port: int) -> dict[str, float]:
     return out
 
 
-STAGES = ("apply", "recommend", "finish", "publish", "write")
-
-
 def stage_means(now: dict[str, float], since: dict[str, float] | None = None) -> dict[str, float]:
     """Mean ms per batch of each stage (``interest_stage_seconds``), over what happened after
     ``since`` (another reading of the same worker's metrics)."""
+    from streams.metrics import STAGES
+
     out = {}
     for stage in STAGES:
         total, count = (f'interest_stage_seconds_{x}{{stage="{stage}"}}' for x in ("sum", "count"))

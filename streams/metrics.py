@@ -17,6 +17,8 @@ BATCH_SECONDS = Histogram(
     " state write), without waits for the batch before it; batches in flight overlap",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+# The stages of a batch, in order (streams/pipeline.py times each).
+STAGES = ("apply", "recommend", "finish", "publish", "write")
 STAGE_SECONDS = Histogram(
     "interest_stage_seconds",
     "Time in one stage of a micro-batch, without waits for the batch before it: apply"

@@ -400,12 +400,12 @@ class BatchProcessor:
         one of its users since it was read (prepare it again then)."""
         started = time.perf_counter()
         await self.publisher.publish(prepared.out)
-        published = time.perf_counter()
-        _observe("publish", started, published)
+        _observe("publish", started)
+        writing = time.perf_counter()
         await self.store.write_batch(
             prepared.writes, prepared.new_items, prepared.popularity_epoch_ms, prepared.online
         )
-        _observe("write", published)
+        _observe("write", writing)
         # Only once the batch has succeeded (a retried batch is counted once).
         _report(prepared.outcomes, prepared.sources, prepared.online, prepared.requests)
         metrics.BATCH_SECONDS.observe(prepared.seconds + time.perf_counter() - started)
@@ -420,9 +420,9 @@ def _timed_recommend(recommender: Recommender, batch: Batch) -> tuple[Result, fl
     return result, _observe("recommend", started)
 
 
-def _observe(stage: str, started: float, ended: float | None = None) -> float:
-    """Record a stage's duration (``interest_stage_seconds``) and return it."""
-    seconds = (time.perf_counter() if ended is None else ended) - started
+def _observe(stage: str, started: float) -> float:
+    """Record a stage's duration until now (``interest_stage_seconds``) and return it."""
+    seconds = time.perf_counter() - started
     metrics.STAGE_SECONDS.labels(stage).observe(seconds)
     return seconds
 

@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY
 pytest.importorskip("torch", reason="needs the training extra (pip install -e .[train])")
 
 from export.runtime import EncoderRuntime
+from streams import metrics
 from streams.encoder_recommender import EncoderRecommender
 from streams.events import Source
 from streams.pipeline import BatchPipeline, BatchProcessor, OutRecord, RawMessage
@@ -152,7 +153,7 @@ def test_batches_in_flight_leave_what_one_batch_at_a_time_leaves(
 def test_every_stage_of_every_batch_is_timed(settings: Settings, tmp_path: Path) -> None:
     """`interest_stage_seconds`: what tells an operator which stage bounds the rate."""
     _, bundle = make_bundle(tmp_path, seed=5)
-    stages = ("apply", "recommend", "finish", "publish", "write")
+    stages = metrics.STAGES
 
     def timed() -> list[tuple[float, float]]:
         sample = REGISTRY.get_sample_value
