@@ -5,6 +5,9 @@ A bundle is a directory:
     full.onnx            window (B,T) + persisted memory -> vector at the last event + step state
     step.onnx            one event per user (B,) + state -> vector + the event's cache slots,
                          memory and ring (the caches are ring buffers: export/graphs.py)
+    step_stage_<i>.onnx  step.onnx cut at its attention reads, n_layers + 1 graphs: the
+                         worker's path, with the attention read in place (export/slab_attention)
+    attention_bias.npy   (n_layers, span, H) float32: the attention's bias by event age
     items.json           item ids in model index order; entry 0 is null (padding)
     item_embeddings.npy  (n_items + 1, d) float32, row 0 = padding; scores are dot products
     manifest.json        config, metrics, state layout, receptive field, sha256 of every file,
@@ -37,12 +40,17 @@ from export.graphs import (
     SLOT_AXIS,
     FullGraph,
     StepGraph,
+    StepStage,
+    attention_biases,
     from_graph_state,
     next_state,
+    stage_inputs,
+    stage_outputs,
     state_names,
     to_graph_state,
 )
 from export.runtime import (
+    ATTENTION_BIAS_FILE,
     BUNDLE_FORMAT,
     MANIFEST,
     content_version,
@@ -207,6 +215,8 @@ def export_onnx(model: InterestEncoder, out_dir: Path) -> dict[str, Any]:
             dynamo=False,
         )
         fix_bool_eyelike(out_dir / "step.onnx")
+        stages = export_stages(StepGraph(model).eval(), out_dir, last)
+    np.save(out_dir / ATTENTION_BIAS_FILE, attention_biases(StepGraph(model)), allow_pickle=False)
     example = to_graph_state(model.init_state(1))
     return {
         "state": [
@@ -229,8 +239,39 @@ def export_onnx(model: InterestEncoder, out_dir: Path) -> dict[str, Any]:
                 "next_state": "caches are ring buffers: write each slot_ output into its cache"
                 " at index ring on the slot_axis, then take out_memory and out_ring",
             },
+            "stages": stages,
+            "attention_bias": ATTENTION_BIAS_FILE,
         },
     }
+
+
+def export_stages(
+    step: StepGraph, out_dir: Path, event: dict[str, torch.Tensor]
+) -> list[dict[str, Any]]:
+    """Write step.onnx cut at its attention reads (``StepStage``), one graph per stage; return
+    their manifest entries. Called inside export_onnx's no_grad and warning filters."""
+    cfg = step.model.cfg
+    batch = event["items"].shape[0]
+    x = torch.randn(batch, cfg.d_model)
+    y = torch.randn(batch, cfg.n_heads, cfg.d_model // cfg.n_heads + 1)
+    examples = {"x": x, "y": y, "memory": torch.randn(batch, cfg.d_model), **event}
+    entries = []
+    for index in range(cfg.n_layers + 1):
+        names_in = stage_inputs(index, cfg.n_layers)
+        names_out = stage_outputs(index, cfg.n_layers)
+        file = f"step_stage_{index}.onnx"
+        torch.onnx.export(
+            StepStage(step, index).eval(),
+            tuple(examples[n] for n in names_in),
+            str(out_dir / file),
+            input_names=names_in,
+            output_names=names_out,
+            dynamic_axes={n: {0: "batch"} for n in (*names_in, *names_out)},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+        entries.append({"file": file, "inputs": names_in, "outputs": names_out})
+    return entries
 
 
 def fix_bool_eyelike(path: Path) -> int:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,10 +53,9 @@ from encoder.model import (
     InterestEncoder,
     SlidingWindowAttention,
 )
-from export.runtime import RING_STATE
+from export.runtime import RING_STATE, SLOT_AXIS
 
 MEMORY_STATE = "memory"
-SLOT_AXIS = 2  # the cached-event axis of the attention caches
 
 
 def state_names(cfg: EncoderConfig) -> list[str]:
@@ -291,3 +291,71 @@ class StepGraph(nn.Module):
             memory = m.memory.step(memory, m.item_emb(items))
             x = torch.addmm(x, m.memory.ln(memory), self.mix_t)  # + W_m LN(m); bias folded above
         return (m.ln_f(x), *new_slots, memory, (ring + 1) % slots)
+
+
+class StepStage(nn.Module):
+    """One stage of ``StepGraph`` cut at its attention reads, so that the caches can be read
+    where they lie (export/slab_attention.py) instead of gathered into a batch for the graph.
+
+    Why: in the worker the caches of a batch's users are ~100 KB each, scattered over a slab
+    of cached users; gathering them for step.onnx moved every byte twice more than the
+    attention itself reads (bench/README.md). The stages hold everything but the attention's
+    reads of the caches:
+
+    * stage 0 of L: (items, types, gaps (B,)) -> x (B,d) and layer 0's query, key and value
+      (B,H,w), as AttentionStep makes them;
+    * stage i, 0 < i < L: (x, y) with y (B,H,w) layer i-1's attention output (over the cached
+      events and the event itself) -> layer i-1 finished, and layer i's x, query, key, value;
+    * stage L: (x, y, memory (B,d), items) -> the vector (B,d) and the new memory.
+
+    The reference is StepGraph: tests/export/test_parity.py compares the stages plus the
+    kernel against step.onnx.
+    """
+
+    def __init__(self, step: StepGraph, index: int) -> None:
+        super().__init__()
+        self.step, self.index = step, index
+        self.n_layers = len(step.attention)
+
+    def _finish_layer(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        i = self.index - 1
+        attention, block = self.step.attention[i], self.step.model.blocks[i]
+        x = torch.addmm(x, y.reshape(y.shape[0], -1), attention.proj_t)
+        return self.step.ffn[i](x, block.ln2(x))
+
+    def _query_key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        attention, block = self.step.attention[self.index], self.step.model.blocks[self.index]
+        H, w = attention.n_heads, attention.width
+        q, k, v = attention.qkv(block.ln1(x)).reshape(-1, 3 * H, w).split(H, dim=1)
+        return x, q, k, v  # (B,d), 3 x (B,H,w)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        m = self.step.model
+        if self.index == 0:
+            items, types, gaps = inputs
+            return self._query_key_value(m._embed(items, types, gaps))
+        if self.index < self.n_layers:
+            x, y = inputs
+            return self._query_key_value(self._finish_layer(x, y))
+        x, y, memory, items = inputs
+        x = self._finish_layer(x, y)
+        if m.memory is not None:
+            memory = m.memory.step(memory, m.item_emb(items))
+            x = torch.addmm(x, m.memory.ln(memory), self.step.mix_t)
+        return m.ln_f(x), memory
+
+
+def stage_inputs(index: int, n_layers: int) -> list[str]:
+    if index == 0:
+        return ["items", "types", "gaps"]
+    return ["x", "y"] if index < n_layers else ["x", "y", "memory", "items"]
+
+
+def stage_outputs(index: int, n_layers: int) -> list[str]:
+    return ["x_out", "query", "key", "value"] if index < n_layers else ["vector", "memory_out"]
+
+
+def attention_biases(step: StepGraph) -> np.ndarray:
+    """(L, span, H) float32: per layer, the bias of an event k steps back (k = 0: itself),
+    what the in-place attention adds to each score (export/slab_attention.py)."""
+    return np.stack([a.bias_by_age.numpy() for a in step.attention]).astype(np.float32)

@@ -35,12 +35,16 @@ import numpy as np
 import onnxruntime as ort
 
 from export.scoring import PADDING, TopKScorer
+from export.slab_attention import attend_in_place
 
 log = logging.getLogger(__name__)
 
 # The state of a cache's ring position, last in the step state (export/graphs.py).
 RING_STATE = "ring"
-BUNDLE_FORMAT = "interest-bundle/2"  # 2: ring-buffer step state (export/graphs.py)
+SLOT_AXIS = 2  # the cached-event axis of the attention caches
+# 2: ring-buffer step state (export/graphs.py); 3: the step's stages and attention biases
+BUNDLE_FORMAT = "interest-bundle/3"
+ATTENTION_BIAS_FILE = "attention_bias.npy"
 MANIFEST = "manifest.json"
 # Sentinel index_of() returns for an item id the model has never seen.
 UNKNOWN = -1
@@ -183,6 +187,8 @@ class EncoderRuntime:
         full: ort.InferenceSession,
         step: ort.InferenceSession,
         scorer: TopKScorer,
+        stages: list[ort.InferenceSession],
+        attention_bias: np.ndarray,
     ) -> None:
         self.path = path
         self.manifest = manifest
@@ -208,10 +214,16 @@ class EncoderRuntime:
         self._full = full
         self._step = step
         self._scorer = scorer
+        self._stages = stages  # step.onnx cut at its attention reads (export/graphs.py)
+        self._stage_inputs = [[i.name for i in stage.get_inputs()] for stage in stages]
+        self._attention_bias = attention_bias  # (n_layers, span, H)
+        self._caches = [n for n in self.state_names if n in self.ring_caches]  # keys_0, values_0..
         # The provider the sessions actually run on (ORT silently falls back to CPU).
         self.provider: str = step.get_providers()[0]
         no_event = np.zeros((1, 1), np.int64)
         self._empty_state = self._run_full(no_event, no_event, no_event, None)
+        # compiles the in-place attention (cached on disk by numba after the first time)
+        self.step_rows(self.initial_state(1), [0], np.ones(1, np.int64), no_event[0], no_event[0])
 
     # ------------------------------------------------------------------ loading
 
@@ -231,9 +243,17 @@ class EncoderRuntime:
         path = Path(path)
         manifest = verify_bundle(path)
         files = manifest["files"]
-        for needed in ("full.onnx", "step.onnx", "items.json", "item_embeddings.npy"):
-            if needed not in files:
-                raise BundleError(f"{path}: manifest lists no {needed}")
+        stage_files = [stage["file"] for stage in manifest["graphs"].get("stages", [])]
+        needed = ("full.onnx", "step.onnx", "items.json", "item_embeddings.npy")
+        for name in (*needed, ATTENTION_BIAS_FILE, *stage_files):
+            if name not in files:
+                raise BundleError(f"{path}: manifest lists no {name}")
+        n_layers = int(manifest["config"]["n_layers"])
+        if len(stage_files) != n_layers + 1:
+            raise BundleError(f"{path}: {len(stage_files)} step stages for {n_layers} layers")
+        bias = np.load(path / ATTENTION_BIAS_FILE, allow_pickle=False)
+        if bias.dtype != np.float32 or bias.ndim != 3 or bias.shape[0] != n_layers:
+            raise BundleError(f"{path}: {ATTENTION_BIAS_FILE} is {bias.dtype} {bias.shape}")
         item_ids = json.loads((path / "items.json").read_text())
         emb = np.load(path / "item_embeddings.npy", allow_pickle=False).astype(np.float32)
         if len(item_ids) != emb.shape[0] or emb.shape[1] != int(manifest["d_model"]):
@@ -247,10 +267,15 @@ class EncoderRuntime:
             full = ort.InferenceSession(str(path / "full.onnx"), so, providers=providers)
             step = ort.InferenceSession(str(path / "step.onnx"), so, providers=providers)
             scorer = TopKScorer(emb, so, providers)
+            stages = [
+                ort.InferenceSession(str(path / file), so, providers=providers)
+                for file in stage_files
+            ]
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError(f"{path}: cannot load ONNX graph: {exc}") from exc
         try:
-            rt = cls(path, manifest, item_ids, emb, full, step, scorer)  # runs full.onnx once
+            # runs full.onnx once
+            rt = cls(path, manifest, item_ids, emb, full, step, scorer, stages, bias)
         except Exception as exc:
             raise BundleError(f"{path}: full.onnx does not run: {exc}") from exc
         if providers[0] != rt.provider:
@@ -394,6 +419,52 @@ class EncoderRuntime:
         states.vectors[index] = vector
         return vector
 
+    def step_rows(
+        self,
+        states: EncoderStates,
+        rows: Sequence[int] | np.ndarray,
+        items: np.ndarray,
+        types: np.ndarray,
+        gaps: np.ndarray,
+    ) -> np.ndarray:
+        """``step_in_place`` on ``rows`` of a large state (the worker's slab of cached users)
+        without gathering them: the step's stages run on the events alone and the attention
+        reads and writes each row's caches where they lie (export/slab_attention.py).
+
+        ``rows`` must not repeat and every item must be known (index >= 1). Returns the
+        vectors after the events (``states.vectors`` is updated too). Reference:
+        ``step_in_place`` (step.onnx), compared in tests/export/test_parity.py.
+        """
+        index = np.asarray(rows, dtype=np.int64)
+        items = np.asarray(items, dtype=np.int64)
+        if (items <= 0).any():
+            raise ValueError("step_rows() needs known items (index >= 1)")
+        if len(np.unique(index)) != len(index):
+            raise ValueError("step_rows() needs each row at most once")
+        arrays = states.arrays
+        ring = arrays[RING_STATE]
+        feeds = {
+            "items": items,
+            "types": np.asarray(types, dtype=np.int64),
+            "gaps": np.asarray(gaps, dtype=np.int64),
+        }
+        x, query, key, value = self._run_stage(0, feeds)
+        attended = np.empty_like(query)
+        n_layers = len(self._stages) - 1
+        for layer in range(n_layers):
+            keys, values = arrays[self._caches[2 * layer]], arrays[self._caches[2 * layer + 1]]
+            bias = self._attention_bias[layer]
+            attend_in_place(query, key, value, keys, values, index, ring, bias, attended)
+            feeds.update(x=x, y=attended)
+            if layer + 1 < n_layers:
+                x, query, key, value = self._run_stage(layer + 1, feeds)
+        feeds["memory"] = arrays["memory"][index]
+        vector, memory = self._run_stage(n_layers, feeds)
+        arrays["memory"][index] = memory
+        ring[index] = (ring[index] + 1) % arrays[self._caches[0]].shape[SLOT_AXIS]
+        states.vectors[index] = vector
+        return vector
+
     def top_k(
         self,
         vectors: np.ndarray,
@@ -436,6 +507,11 @@ class EncoderRuntime:
         # Users with no known event and no memory have no interest vector yet.
         states.vectors[~(items > 0).any(axis=1) & ~has] = 0.0
         return states
+
+    def _run_stage(self, index: int, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run one step stage on the feeds it takes (the exporter drops unused inputs)."""
+        names = self._stage_inputs[index]
+        return self._stages[index].run(None, {name: feeds[name] for name in names})
 
     def _unpack(self, outs: list[np.ndarray]) -> tuple[np.ndarray, EncoderStates]:
         arrays = dict(zip(self.state_names, outs[1:], strict=True))

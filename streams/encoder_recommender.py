@@ -24,7 +24,7 @@ from collections.abc import Set as AbstractSet
 import numpy as np
 
 from encoder.features import DEFAULT_EVENT_TYPE, time_gap_bucket
-from export.runtime import RING_STATE, EncoderRuntime, EncoderStates, slot_index
+from export.runtime import EncoderRuntime, EncoderStates
 from streams.recommend import (
     Batch,
     ModelUpdate,
@@ -40,28 +40,25 @@ from streams.window import WindowEntry
 class StateSlab:
     """Per-user encoder states in preallocated arrays, one row per cached user, LRU-evicted.
 
-    Why a slab: a state is ~100 KB (attention caches); keeping one small array set per user
-    meant a copy to stack users into a batch and another to split them again, which cost more
-    than the model itself. Rows are gathered with one fancy-index per tensor, and a user whose
-    row still holds the state the batch started from gets back only the cache slots the
-    batch's steps wrote (the caches are ring buffers, export/graphs.py), not its whole state.
-    np.zeros pages are only committed when a row is first written.
+    Why a slab: a state is ~100 KB (attention caches). The batch's steps run on the users'
+    rows where they lie (``EncoderRuntime.step_rows``): no copy in or out per batch, which
+    cost more than the model itself. A batch checks its users' rows out of the LRU first, so
+    that a batch that fails half way leaves no entry claiming a half-stepped state; it checks
+    them back in with their new signatures when it is done. np.zeros pages are only
+    committed when a row is first written.
     """
 
-    def __init__(
-        self, template: EncoderStates, max_users: int, ring_caches: dict[str, int]
-    ) -> None:
+    def __init__(self, template: EncoderStates, max_users: int) -> None:
         self.max_users = max_users
-        self.ring_caches = ring_caches  # cache name -> slot axis
-        self.arrays = {
-            name: np.zeros((max_users, *a.shape[1:]), a.dtype)
-            for name, a in template.arrays.items()
-        }
-        self.vectors = np.zeros((max_users, template.vectors.shape[1]), np.float32)
+        capacity = max(1, max_users)
+        self.states = EncoderStates(
+            {name: _zeros(capacity, a) for name, a in template.arrays.items()},
+            _zeros(capacity, template.vectors),
+        )
         # user -> (row, version, offsets signature the state matches, the model indices of
         # the items in the user's window then)
         self.rows: OrderedDict[str, tuple[int, str, bytes, np.ndarray]] = OrderedDict()
-        self.free = list(range(max_users - 1, -1, -1))
+        self.free = list(range(capacity - 1, -1, -1))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -70,7 +67,6 @@ class StateSlab:
         entry = self.rows.get(user_id)
         if entry is None or entry[1] != version or entry[2] != signature:
             return None
-        self.rows.move_to_end(user_id)
         return entry[0]
 
     def window_items(self, user_id: str) -> np.ndarray:
@@ -78,84 +74,71 @@ class StateSlab:
         (after a successful ``lookup``): the seen items, without re-mapping the window."""
         return self.rows[user_id][3]
 
-    def gather(self, rows: Sequence[int], total: int) -> EncoderStates:
-        """States of ``total`` users, the first ``len(rows)`` copied from these slab rows, the
-        rest uninitialised (the caller fills them)."""
-        index = np.asarray(rows, np.int64)
-        out = EncoderStates(
-            {n: np.empty((total, *a.shape[1:]), a.dtype) for n, a in self.arrays.items()},
-            np.empty((total, self.vectors.shape[1]), np.float32),
-        )
-        # mode="clip": with the default "raise" numpy copies through a buffer when given
-        # `out`; slab rows are always in range.
-        for name, a in self.arrays.items():
-            np.take(a, index, axis=0, out=out.arrays[name][: len(index)], mode="clip")
-        np.take(self.vectors, index, axis=0, out=out.vectors[: len(index)], mode="clip")
-        return out
+    def check_out(self, users: Sequence[str]) -> np.ndarray:
+        """A row for each user, out of the LRU: the user's own row if it has one, else a free
+        or the least recently used other user's. Grows the slab when a batch has more users
+        than it has rows."""
+        rows = np.empty(len(users), np.int64)
+        new = []
+        for i, user_id in enumerate(users):
+            entry = self.rows.pop(user_id, None)
+            if entry is None:
+                new.append(i)
+            else:
+                rows[i] = entry[0]
+        short = len(new) - len(self.free) - len(self.rows)
+        if short > 0:
+            self._grow(len(self.states) + short)
+        for i in new:
+            if self.free:
+                rows[i] = self.free.pop()
+            else:
+                _, (rows[i], *_) = self.rows.popitem(last=False)
+        return rows
 
-    def store(
+    def check_in(
         self,
         users: Sequence[str],
-        states: EncoderStates,
+        rows: np.ndarray,
         version: str,
         signatures: Sequence[bytes],
         window_items: Sequence[np.ndarray],
-        unchanged_since_lookup: AbstractSet[int] = frozenset(),
-        slot_writes: Sequence[tuple[np.ndarray, np.ndarray]] = (),
     ) -> None:
-        """Cache users' states (row i of ``states`` is ``users[i]``'s) with the model indices
-        of the items in their windows.
+        """Cache checked-out users' rows as the state after the given windows, most recent
+        last; rows over ``max_users`` go back to the free list, least recently used first."""
+        for user_id, row, signature, items in zip(
+            users, rows.tolist(), signatures, window_items, strict=True
+        ):
+            self.rows[user_id] = (row, version, signature, items)
+        while len(self.rows) > self.max_users:
+            _, (row, *_) = self.rows.popitem(last=False)
+            self.free.append(row)
 
-        ``unchanged_since_lookup``: rows whose slab row, found by ``lookup`` for this batch,
-        held the state the batch started from, and which the batch changed only by steps;
-        ``slot_writes``: each step's (rows, ring slots written). Those rows get only the
-        written slots plus their memory, ring and vector; every other row is copied whole.
-        """
-        if self.max_users == 0:
-            return
-        n = len(users)
-        # A batch with more users than the cache keeps its last rows (in the recommender's work
-        # order: the users that were not cached before).
-        first = max(0, n - self.max_users)
-        slab_rows = np.full(n, -1, np.int64)
-        for i, user_id in enumerate(users):  # take the batch's rows out of the LRU first ...
-            entry = self.rows.pop(user_id, None)
-            if entry is None:
-                continue
-            if i >= first:
-                slab_rows[i] = entry[0]
-            else:
-                self.free.append(entry[0])
-        for i in range(first, n):  # ... so that evicting cannot take one of them
-            if slab_rows[i] < 0:
-                if self.free:
-                    slab_rows[i] = self.free.pop()
-                else:
-                    _, (slab_rows[i], *_) = self.rows.popitem(last=False)
-        for i in range(first, n):
-            self.rows[users[i]] = (int(slab_rows[i]), version, signatures[i], window_items[i])
+    def release(self, rows: np.ndarray) -> None:
+        """Return checked-out rows without caching them (the batch failed)."""
+        self.free.extend(rows.tolist())
 
-        partial = np.zeros(n, bool)
-        partial[[i for i in unchanged_since_lookup if i >= first]] = True
-        whole = np.flatnonzero(~partial[first:]) + first
-        if len(whole):
-            for name, a in self.arrays.items():
-                a[slab_rows[whole]] = states.arrays[name][whole]
-            self.vectors[slab_rows[whole]] = states.vectors[whole]
-        stepped = np.flatnonzero(partial)
-        if not len(stepped):
-            return
-        for rows, slots in slot_writes:
-            keep = partial[rows]
-            rows, slots = rows[keep], slots[keep]
-            for name, axis in self.ring_caches.items():
-                self.arrays[name][slot_index(slab_rows[rows], slots, axis)] = states.arrays[name][
-                    slot_index(rows, slots, axis)
-                ]
-        for name, a in self.arrays.items():
-            if name not in self.ring_caches:  # memory, ring
-                a[slab_rows[stepped]] = states.arrays[name][stepped]
-        self.vectors[slab_rows[stepped]] = states.vectors[stepped]
+    def reset(self, rows: np.ndarray, empty: EncoderStates) -> None:
+        """These rows: the state of a user with no history (``empty``: one row)."""
+        for name, a in self.states.arrays.items():
+            a[rows] = empty.arrays[name]
+        self.states.vectors[rows] = 0.0
+
+    def put(self, rows: np.ndarray, states: EncoderStates) -> None:
+        for name, a in self.states.arrays.items():
+            a[rows] = states.arrays[name]
+        self.states.vectors[rows] = states.vectors
+
+    def _grow(self, capacity: int) -> None:
+        old = len(self.states)
+        self.states = EncoderStates(
+            {
+                name: np.concatenate([a, _zeros(capacity - old, a)])
+                for name, a in self.states.arrays.items()
+            },
+            np.concatenate([self.states.vectors, _zeros(capacity - old, self.states.vectors)]),
+        )
+        self.free.extend(range(capacity - 1, old - 1, -1))
 
 
 class EncoderRecommender:
@@ -164,7 +147,7 @@ class EncoderRecommender:
     def __init__(self, runtime: EncoderRuntime, cache_users: int = 10_000) -> None:
         self.runtime = runtime
         self._empty = runtime.initial_state(1)
-        self.cache = StateSlab(self._empty, cache_users, runtime.ring_caches)
+        self.cache = StateSlab(self._empty, cache_users)
         self._item_names = np.array(runtime.item_ids, dtype=object)  # index -> id, 0 -> None
         config = runtime.manifest.get("config", {})
         # A model trained without types/timestamps saw only the defaults: feed it the same.
@@ -217,23 +200,6 @@ class EncoderRecommender:
         )
         return states
 
-    def _reset(self, work: EncoderStates, first: int) -> None:
-        """Rows from ``first`` on: the state of a user with no history.
-
-        Why not ``initial_state(len(users))``: that repeats the empty state for every user of
-        the batch (~50 MB at 500 users, with the GIL held) when only a few are not cached."""
-        empty = self._empty
-        for name, a in work.arrays.items():
-            a[first:] = empty.arrays[name]
-        work.vectors[first:] = 0.0
-
-    @staticmethod
-    def _put(work: EncoderStates, rows: Sequence[int], states: EncoderStates) -> None:
-        index = np.asarray(rows, np.int64)
-        for name, a in work.arrays.items():
-            a[index] = states.arrays[name]
-        work.vectors[index] = states.vectors
-
     # ------------------------------------------------------------------ the batch
 
     def recommend(self, batch: Batch) -> Result:
@@ -243,45 +209,60 @@ class EncoderRecommender:
         for index, request in enumerate(requests):
             per_user.setdefault(request.event.user_id, []).append(index)
 
-        # 1. Start states, one row per user in `work`: cache hits gathered from the slab,
-        # the empty state for users without history, one batched rebuild for the rest.
-        # Work rows: the cache hits first (gathered straight into the front of `work`), then
-        # the users without a cached state.
-        slab_rows: list[int] = []
-        hit_users: list[str] = []
-        other_users: list[str] = []
+        # 1. Start states, in the users' slab rows: a cache hit's row holds it already; users
+        # without history get the empty state; one batched rebuild for the rest (after a
+        # restart, a rebalance or a model change).
+        users = list(per_user)
+        cached: set[str] = set()
         prior_seen: dict[str, np.ndarray] = {}  # model indices of the prior window's items
-        for user_id in per_user:
-            slab_row = self.cache.lookup(user_id, rt.version, batch.prior_signatures[user_id])
-            if slab_row is None:
-                other_users.append(user_id)
-            else:
-                hit_users.append(user_id)
-                slab_rows.append(slab_row)
+        for user_id in users:
+            if self.cache.lookup(user_id, rt.version, batch.prior_signatures[user_id]) is not None:
+                cached.add(user_id)
                 prior_seen[user_id] = self.cache.window_items(user_id)
-        users = hit_users + other_users
-        row_of = {user_id: i for i, user_id in enumerate(users)}
+        rows = self.cache.check_out(users)
+        try:
+            result, final_items = self._recommend(batch, per_user, users, rows, cached, prior_seen)
+        except BaseException:
+            self.cache.release(rows)  # no entry may claim a half-stepped state
+            raise
+        self.cache.check_in(
+            users, rows, rt.version, [batch.final_signatures[u] for u in users], final_items
+        )
+        return result
+
+    def _recommend(
+        self,
+        batch: Batch,
+        per_user: dict[str, list[int]],
+        users: list[str],
+        rows: np.ndarray,
+        cached: AbstractSet[str],
+        prior_seen: dict[str, np.ndarray],
+    ) -> tuple[Result, list[np.ndarray]]:
+        """The batch on the users' checked-out slab rows (``rows[i]`` is ``users[i]``'s):
+        the result and each user's window items to cache."""
+        rt = self.runtime
+        requests = batch.requests
+        slab = self.cache.states
+        row_of = {user_id: int(row) for user_id, row in zip(users, rows, strict=True)}
+        other_users = [u for u in users if u not in cached]
         event_items = rt.index_of([r.event.item_id for r in requests])  # once per batch
-        work = self.cache.gather(slab_rows, len(users))
         if other_users:  # no history: the empty state; a history: one batched rebuild
-            self._reset(work, len(hit_users))
+            self.cache.reset(np.array([row_of[u] for u in other_users], np.int64), self._empty)
             missing = [u for u in other_users if batch.prior_windows.get(u)]
             if missing:
                 rebuilt = self._rebuild(
                     [batch.prior_windows[u] for u in missing],
                     [self._memory(batch.stored.get(u)) for u in missing],
                 )
-                self._put(work, [row_of[u] for u in missing], rebuilt)
+                self.cache.put(np.array([row_of[u] for u in missing], np.int64), rebuilt)
 
-        # 2. One step per event, batched across users round by round, in place in `work`.
-        # Rows changed only by steps go back to the slab as the slots written (`store`).
-        unchanged = set(range(len(hit_users)))
-        slot_writes: list[tuple[np.ndarray, np.ndarray]] = []
-        ring = work.arrays[RING_STATE]
+        # 2. One step per event, batched across users round by round (round r: each user's
+        # r-th event of the batch), in place in the slab rows.
         vectors = np.zeros((len(requests), rt.d_model), np.float32)
         rounds = max((len(indices) for indices in per_user.values()), default=0)
         for r in range(rounds):
-            stepping: list[tuple[int, int]] = []  # (work row, request index)
+            stepping: list[tuple[int, int]] = []  # (slab row, request index)
             inserted: list[tuple[int, int]] = []
             unknown: list[tuple[int, int]] = []  # an item the model does not know: no step
             for user_id, indices in per_user.items():
@@ -295,35 +276,24 @@ class EncoderRecommender:
                         target = unknown
                     target.append((row_of[user_id], index))
             if unknown:  # the state stays as it is; the vector is the one before the event
-                vectors[[i for _, i in unknown]] = work.vectors[[w for w, _ in unknown]]
+                vectors[[i for _, i in unknown]] = slab.vectors[[w for w, _ in unknown]]
             if stepping:
-                stepping.sort()  # work order: when everyone steps, `work` is the graph input
                 features = np.array(
                     [self._event_features(requests[i], int(event_items[i])) for _, i in stepping],
                     np.int64,
                 )
-                rows = np.array([w for w, _ in stepping], np.int64)
-                slot_writes.append((rows, ring[rows]))
-                # everyone steps, in work order: no gather
-                everyone = len(rows) == len(users)
-                out = rt.step_in_place(
-                    work,
-                    features[:, 0],
-                    features[:, 1],
-                    features[:, 2],
-                    rows=None if everyone else rows,
-                )
+                step_rows = np.array([w for w, _ in stepping], np.int64)
+                out = rt.step_rows(slab, step_rows, features[:, 0], features[:, 1], features[:, 2])
                 vectors[[i for _, i in stepping]] = out
             if inserted:
                 # Out of time order: recompute from the window; the persisted memory is that of
                 # the events before, so the long-term part is approximate for this event.
-                rows = [w for w, _ in inserted]
+                inserted_rows = np.array([w for w, _ in inserted], np.int64)
                 rebuilt = self._rebuild(
                     [requests[i].window for _, i in inserted],
-                    list(work.take(rows).memory[:, None]),
+                    list(slab.memory[inserted_rows][:, None]),
                 )
-                self._put(work, rows, rebuilt)
-                unchanged.difference_update(rows)
+                self.cache.put(inserted_rows, rebuilt)
                 vectors[[i for _, i in inserted]] = rebuilt.vectors
 
         # 3. Top-K with seen items excluded; cold users fall back to popularity. The seen items
@@ -344,13 +314,13 @@ class EncoderRecommender:
         known_so_far = np.concatenate([[0], np.cumsum(flat > 0)])
         # The model knows at least one of the user's prior items.
         knows_prior = known_so_far[ends] > known_so_far[ends - lengths]
-        # Per request: its user's work row and how many of the user's events in this batch
-        # come before it; a row excludes the prior items, then the user's batch items so far.
+        # Per request: its user's position in `users` and how many of the user's events in this
+        # batch come before it; a row excludes the prior items, then the user's batch items so far.
         request_user = np.empty(len(requests), np.int64)
         rank = np.empty(len(requests), np.int64)
         repeats: list[list[int]] = []  # users with several events: their request indices
-        for user_id, indices in per_user.items():
-            request_user[indices] = row_of[user_id]
+        for position, indices in enumerate(per_user.values()):
+            request_user[indices] = position
             rank[indices] = range(len(indices))
             if len(indices) > 1:
                 repeats.append(indices)
@@ -409,17 +379,9 @@ class EncoderRecommender:
                 final_items.append(np.concatenate([prior[len(prior) - keep_prior :], new_items]))
             else:
                 final_items.append(rt.index_of([entry.item_id for entry in window]))
-        self.cache.store(
-            users,
-            work,
-            rt.version,
-            [batch.final_signatures[u] for u in users],
-            final_items,
-            unchanged,
-            slot_writes,
-        )
         # Serialised once for the batch and sliced per user: two tobytes() per user cost more.
-        vector_rows, memory_rows = _rows_as_bytes(work.vectors), _rows_as_bytes(work.memory)
+        vector_rows = _rows_as_bytes(slab.vectors[rows])
+        memory_rows = _rows_as_bytes(slab.memory[rows])
         updates = {
             user_id: ModelUpdate(
                 vector=vector_rows[i],
@@ -428,7 +390,12 @@ class EncoderRecommender:
             )
             for i, user_id in enumerate(users)
         }
-        return Result(recommendations, updates)
+        return Result(recommendations, updates), final_items
+
+
+def _zeros(rows: int, like: np.ndarray) -> np.ndarray:
+    """``rows`` rows shaped like those of ``like``, zeros (pages committed when written)."""
+    return np.zeros((rows, *like.shape[1:]), like.dtype)
 
 
 def _rows_as_bytes(array: np.ndarray) -> list[bytes]:

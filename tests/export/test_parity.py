@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from encoder.model import InterestEncoder
@@ -124,6 +125,46 @@ def test_step_in_place_matches_reference(model: InterestEncoder, runtime: Encode
     for name, want in zip(runtime.state_names, ref, strict=True):
         assert np.array_equal(states.arrays[name][rows], want.numpy()), name
         assert np.array_equal(states.arrays[name][1], untouched[name]), name  # row 1: no event
+
+
+def test_step_rows_in_place_matches_step_onnx(runtime: EncoderRuntime) -> None:
+    """The worker's path (the step's stages with the attention read in place in the slab) ==
+    step.onnx (``step_in_place``, the reference), step after step across the ring's end, for
+    users with full and part-filled caches; rows without an event stay as they were."""
+    n_items, slots = runtime.n_items, runtime.receptive_field  # more than enough history
+    lengths = [slots, 0, 1, 3, slots, 2]  # 0 and 1: empty cache slots left
+    items, types, gaps = _history(len(lengths), slots, n_items, seed=21)
+    _, slab = runtime.rebuild(
+        [i[len(i) - n :] for i, n in zip(items, lengths, strict=True)],
+        [t[len(t) - n :] for t, n in zip(types, lengths, strict=True)],
+        [g[len(g) - n :] for g, n in zip(gaps, lengths, strict=True)],
+    )
+    slab.arrays["ring"][:] = [0, 1, 2, 3, 1, 0]
+    reference = slab.take(np.arange(len(slab)))
+    rows = np.array([4, 0, 2, 1])
+    untouched = {n: a[[3, 5]].copy() for n, a in slab.arrays.items()}
+    rng = np.random.default_rng(3)
+    for _ in range(6):  # more steps than cache slots: every ring wraps
+        event = (rng.integers(1, n_items + 1, 4), rng.integers(0, 4, 4), rng.integers(0, 8, 4))
+        want = runtime.step_in_place(reference, *event, rows=rows)
+        got = runtime.step_rows(slab, rows, *event)
+        assert _maxdiff(want, got) <= TOL
+    assert _maxdiff(reference.vectors, slab.vectors) <= TOL
+    for name, a in slab.arrays.items():
+        assert _maxdiff(reference.arrays[name], a) <= TOL, name
+        assert np.array_equal(a[[3, 5]], untouched[name]), name
+
+
+def test_step_rows_refuses_repeated_rows_and_unknown_items(runtime: EncoderRuntime) -> None:
+    slab = runtime.initial_state(3)
+    before = {n: a.copy() for n, a in slab.arrays.items()}
+    one = np.ones(2, np.int64)
+    with pytest.raises(ValueError, match="at most once"):
+        runtime.step_rows(slab, [1, 1], one, one, one)
+    with pytest.raises(ValueError, match="known items"):
+        runtime.step_rows(slab, [0, 1], np.array([1, -1]), one, one)
+    for name, a in slab.arrays.items():
+        assert np.array_equal(a, before[name]), name
 
 
 def test_incremental_steps_equal_full_recompute(

@@ -79,7 +79,16 @@ def test_a_bundle_of_the_previous_format_asks_for_a_new_export(bundle_copy: Path
 
 def test_manifest_describes_the_bundle(runtime: EncoderRuntime, bundle: Path) -> None:
     m = runtime.manifest
-    assert set(m["files"]) == {"full.onnx", "step.onnx", "items.json", "item_embeddings.npy"}
+    stages = {f"step_stage_{i}.onnx" for i in range(m["config"]["n_layers"] + 1)}
+    assert set(m["files"]) == {
+        "full.onnx",
+        "step.onnx",
+        "items.json",
+        "item_embeddings.npy",
+        "attention_bias.npy",
+        *stages,
+    }
+    assert {stage["file"] for stage in m["graphs"]["stages"]} == stages
     assert m["receptive_field"] == m["config"]["receptive_field"] == 9
     assert m["metrics"] == {"ndcg@10": 0.123}
     assert max(m["parity"].values()) <= 1e-4

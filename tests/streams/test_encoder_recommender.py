@@ -189,3 +189,58 @@ def test_the_cached_window_items_follow_the_trimmed_window(tmp_path: Path) -> No
     run([(ITEMS[i], 1_000 + i) for i in range(5)], keep=3)  # 5 events into a 3-event window
     run([(ITEMS[7], 2_000), ("not-a-known-item", 2_001)], keep=3)  # a hit: prior + new, trimmed
     run([(ITEMS[9], 1_500)], keep=3)  # older than the newest: inserted
+
+
+def test_a_batch_that_fails_half_way_leaves_no_stale_cached_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The steps write the cached states in place: when a batch fails after some of them, its
+    users must come back rebuilt from their windows, not from half-stepped states."""
+    _, bundle = make_bundle(tmp_path, seed=9)
+    rt = EncoderRuntime.load(bundle, device="cpu")
+    cached = EncoderRecommender(rt, cache_users=10)
+    reference = EncoderRecommender(rt, cache_users=0)
+    windows: dict[str, list[WindowEntry]] = {"u1": [], "u2": []}
+
+    def batch_of(offset: int) -> Batch:
+        prior = {user: tuple(window) for user, window in windows.items()}
+        requests = []
+        for n, user in enumerate(windows):
+            ts = 1_000 + 10 * offset + n
+            item = ITEMS[(3 * offset + n) % len(ITEMS)]
+            event = Event(f"e{ts}", user, item, "click", ts, Source("t", 0, ts))
+            windows[user].append(WindowEntry.from_event(event))
+            requests.append(Request(event, tuple(windows[user])))
+        return Batch(
+            requests=requests,
+            prior_windows=prior,
+            stored={},
+            prior_signatures={user: str(len(w)).encode() for user, w in prior.items()},
+            final_signatures={user: str(len(w)).encode() for user, w in windows.items()},
+            popular=[],
+            k=3,
+        )
+
+    for offset in range(3):
+        first = batch_of(offset)
+        cached.recommend(first)
+        reference.recommend(first)
+    failing = batch_of(3)
+    step_rows = rt.step_rows
+
+    def step_then_fail(*args: object) -> None:
+        step_rows(*args)  # the slab rows are written ...
+        raise RuntimeError("inference failed")  # ... and the batch fails
+
+    monkeypatch.setattr(rt, "step_rows", step_then_fail)
+    with pytest.raises(RuntimeError, match="inference failed"):
+        cached.recommend(failing)
+    monkeypatch.setattr(rt, "step_rows", step_rows)
+    got, want = cached.recommend(failing), reference.recommend(failing)  # the batch retried
+    for user in windows:
+        np.testing.assert_allclose(
+            np.frombuffer(got.updates[user].vector, np.float32),
+            np.frombuffer(want.updates[user].vector, np.float32),
+            atol=1e-5,
+        )
+    assert len(cached.cache) == 2
