@@ -53,6 +53,8 @@ from export.runtime import (
     ATTENTION_BIAS_FILE,
     BUNDLE_FORMAT,
     MANIFEST,
+    EncoderStates,
+    StagedStep,
     content_version,
     manifest_digest,
     sha256_file,
@@ -245,6 +247,10 @@ def export_onnx(model: InterestEncoder, out_dir: Path) -> dict[str, Any]:
     }
 
 
+def stage_files(cfg: EncoderConfig) -> list[str]:
+    return [f"step_stage_{index}.onnx" for index in range(cfg.n_layers + 1)]
+
+
 def export_stages(
     step: StepGraph, out_dir: Path, event: dict[str, torch.Tensor]
 ) -> list[dict[str, Any]]:
@@ -259,7 +265,7 @@ def export_stages(
     for index in range(cfg.n_layers + 1):
         names_in = stage_inputs(index, cfg.n_layers)
         names_out = stage_outputs(index, cfg.n_layers)
-        file = f"step_stage_{index}.onnx"
+        file = stage_files(cfg)[index]
         torch.onnx.export(
             StepStage(step, index).eval(),
             tuple(examples[n] for n in names_in),
@@ -365,7 +371,24 @@ def check_parity(model: InterestEncoder, out_dir: Path) -> dict[str, float]:
             )
         )
         step_diff = max(step_diff, _maxdiff(ref_vec, step.run(None, feeds)[0]))
-    return {"full_max_abs_diff": full_diff, "step_max_abs_diff": step_diff}
+        # the worker's path: the stages with the attention in place, rows out of order
+        staged = StagedStep.load(out_dir, stage_files(cfg), so, cpu)
+        slab = EncoderStates(
+            dict(
+                zip(state_names(cfg), [*turned, memory.copy(), shift % (cfg.span - 1)], strict=True)
+            ),
+            np.zeros_like(memory),
+        )
+        rows = np.roll(np.arange(len(memory)), 1)
+        staged.run(slab, rows, *(t.numpy()[rows] for t in nxt))
+        after = [torch.from_numpy(slab.arrays[n]) for n in state_names(cfg)]
+        got_staged = [slab.vectors, *(t.numpy() for t in to_graph_state(from_graph_state(after)))]
+        staged_diff = max(_maxdiff(r, g) for r, g in zip(ref_step, got_staged, strict=True))
+    return {
+        "full_max_abs_diff": full_diff,
+        "step_max_abs_diff": step_diff,
+        "staged_step_max_abs_diff": staged_diff,
+    }
 
 
 def _maxdiff(ref: torch.Tensor, got: np.ndarray) -> float:

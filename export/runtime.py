@@ -175,6 +175,76 @@ class EncoderStates:
         return [self.take([i]) for i in range(len(self))]
 
 
+class StagedStep:
+    """step.onnx cut at its attention reads (export/graphs.py's StepStage, one graph per
+    stage), with the attention run in place on the caches (export/slab_attention.py): the
+    worker's step, on rows of its slab of cached users, with no gather of their states."""
+
+    def __init__(self, stages: list[ort.InferenceSession], attention_bias: np.ndarray) -> None:
+        if attention_bias.shape[0] != len(stages) - 1:
+            raise ValueError(f"{len(stages)} stages for {attention_bias.shape[0]} layers")
+        self.stages = stages
+        self.stage_inputs = [[i.name for i in stage.get_inputs()] for stage in stages]
+        self.attention_bias = attention_bias  # (n_layers, span, H)
+
+    @classmethod
+    def load(
+        cls,
+        path: Path,
+        stage_files: Sequence[str],
+        so: ort.SessionOptions,
+        providers: Sequence[str],
+    ) -> StagedStep:
+        bias = np.load(path / ATTENTION_BIAS_FILE, allow_pickle=False)
+        if bias.dtype != np.float32 or bias.ndim != 3 or bias.shape[0] != len(stage_files) - 1:
+            raise BundleError(
+                f"{path}: {ATTENTION_BIAS_FILE} is {bias.dtype} {bias.shape}"
+                f" for {len(stage_files)} step stages"
+            )
+        stages = [ort.InferenceSession(str(path / f), so, providers=providers) for f in stage_files]
+        return cls(stages, bias)
+
+    def run(
+        self,
+        states: EncoderStates,
+        rows: np.ndarray,
+        items: np.ndarray,
+        types: np.ndarray,
+        gaps: np.ndarray,
+    ) -> np.ndarray:
+        """One event for each of ``rows`` (int64, no repeats; items known), in place in
+        ``states`` (caches ``keys_<i>``/``values_<i>``, ``memory``, ``ring``, vectors).
+        Returns the vectors (len(rows), d)."""
+        arrays = states.arrays
+        ring = arrays[RING_STATE]
+        n_layers = len(self.stages) - 1
+        feeds = {
+            "items": items,
+            "types": np.asarray(types, dtype=np.int64),
+            "gaps": np.asarray(gaps, dtype=np.int64),
+        }
+        x, query, key, value = self._run(0, feeds)
+        attended = np.empty_like(query)
+        for layer in range(n_layers):
+            keys, values = arrays[f"keys_{layer}"], arrays[f"values_{layer}"]
+            bias = self.attention_bias[layer]
+            attend_in_place(query, key, value, keys, values, rows, ring, bias, attended)
+            feeds.update(x=x, y=attended)
+            if layer + 1 < n_layers:
+                x, query, key, value = self._run(layer + 1, feeds)
+        feeds["memory"] = arrays["memory"][rows]
+        vector, memory = self._run(n_layers, feeds)
+        arrays["memory"][rows] = memory
+        ring[rows] = (ring[rows] + 1) % arrays["keys_0"].shape[SLOT_AXIS]
+        states.vectors[rows] = vector
+        return vector
+
+    def _run(self, index: int, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run one stage on the feeds it takes (the exporter drops unused inputs)."""
+        names = self.stage_inputs[index]
+        return self.stages[index].run(None, {name: feeds[name] for name in names})
+
+
 class EncoderRuntime:
     """One loaded bundle: the full and step ONNX sessions, item vocabulary and embeddings."""
 
@@ -187,8 +257,7 @@ class EncoderRuntime:
         full: ort.InferenceSession,
         step: ort.InferenceSession,
         scorer: TopKScorer,
-        stages: list[ort.InferenceSession],
-        attention_bias: np.ndarray,
+        staged: StagedStep,
     ) -> None:
         self.path = path
         self.manifest = manifest
@@ -214,10 +283,7 @@ class EncoderRuntime:
         self._full = full
         self._step = step
         self._scorer = scorer
-        self._stages = stages  # step.onnx cut at its attention reads (export/graphs.py)
-        self._stage_inputs = [[i.name for i in stage.get_inputs()] for stage in stages]
-        self._attention_bias = attention_bias  # (n_layers, span, H)
-        self._caches = [n for n in self.state_names if n in self.ring_caches]  # keys_0, values_0..
+        self._staged = staged
         # The provider the sessions actually run on (ORT silently falls back to CPU).
         self.provider: str = step.get_providers()[0]
         no_event = np.zeros((1, 1), np.int64)
@@ -248,12 +314,6 @@ class EncoderRuntime:
         for name in (*needed, ATTENTION_BIAS_FILE, *stage_files):
             if name not in files:
                 raise BundleError(f"{path}: manifest lists no {name}")
-        n_layers = int(manifest["config"]["n_layers"])
-        if len(stage_files) != n_layers + 1:
-            raise BundleError(f"{path}: {len(stage_files)} step stages for {n_layers} layers")
-        bias = np.load(path / ATTENTION_BIAS_FILE, allow_pickle=False)
-        if bias.dtype != np.float32 or bias.ndim != 3 or bias.shape[0] != n_layers:
-            raise BundleError(f"{path}: {ATTENTION_BIAS_FILE} is {bias.dtype} {bias.shape}")
         item_ids = json.loads((path / "items.json").read_text())
         emb = np.load(path / "item_embeddings.npy", allow_pickle=False).astype(np.float32)
         if len(item_ids) != emb.shape[0] or emb.shape[1] != int(manifest["d_model"]):
@@ -267,15 +327,14 @@ class EncoderRuntime:
             full = ort.InferenceSession(str(path / "full.onnx"), so, providers=providers)
             step = ort.InferenceSession(str(path / "step.onnx"), so, providers=providers)
             scorer = TopKScorer(emb, so, providers)
-            stages = [
-                ort.InferenceSession(str(path / file), so, providers=providers)
-                for file in stage_files
-            ]
+            staged = StagedStep.load(path, stage_files, so, providers)
+        except BundleError:
+            raise
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError(f"{path}: cannot load ONNX graph: {exc}") from exc
         try:
             # runs full.onnx once
-            rt = cls(path, manifest, item_ids, emb, full, step, scorer, stages, bias)
+            rt = cls(path, manifest, item_ids, emb, full, step, scorer, staged)
         except Exception as exc:
             raise BundleError(f"{path}: full.onnx does not run: {exc}") from exc
         if providers[0] != rt.provider:
@@ -441,29 +500,7 @@ class EncoderRuntime:
             raise ValueError("step_rows() needs known items (index >= 1)")
         if len(np.unique(index)) != len(index):
             raise ValueError("step_rows() needs each row at most once")
-        arrays = states.arrays
-        ring = arrays[RING_STATE]
-        feeds = {
-            "items": items,
-            "types": np.asarray(types, dtype=np.int64),
-            "gaps": np.asarray(gaps, dtype=np.int64),
-        }
-        x, query, key, value = self._run_stage(0, feeds)
-        attended = np.empty_like(query)
-        n_layers = len(self._stages) - 1
-        for layer in range(n_layers):
-            keys, values = arrays[self._caches[2 * layer]], arrays[self._caches[2 * layer + 1]]
-            bias = self._attention_bias[layer]
-            attend_in_place(query, key, value, keys, values, index, ring, bias, attended)
-            feeds.update(x=x, y=attended)
-            if layer + 1 < n_layers:
-                x, query, key, value = self._run_stage(layer + 1, feeds)
-        feeds["memory"] = arrays["memory"][index]
-        vector, memory = self._run_stage(n_layers, feeds)
-        arrays["memory"][index] = memory
-        ring[index] = (ring[index] + 1) % arrays[self._caches[0]].shape[SLOT_AXIS]
-        states.vectors[index] = vector
-        return vector
+        return self._staged.run(states, index, items, types, gaps)
 
     def top_k(
         self,
@@ -507,11 +544,6 @@ class EncoderRuntime:
         # Users with no known event and no memory have no interest vector yet.
         states.vectors[~(items > 0).any(axis=1) & ~has] = 0.0
         return states
-
-    def _run_stage(self, index: int, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run one step stage on the feeds it takes (the exporter drops unused inputs)."""
-        names = self._stage_inputs[index]
-        return self._stages[index].run(None, {name: feeds[name] for name in names})
 
     def _unpack(self, outs: list[np.ndarray]) -> tuple[np.ndarray, EncoderStates]:
         arrays = dict(zip(self.state_names, outs[1:], strict=True))

@@ -91,6 +91,11 @@ def test_manifest_describes_the_bundle(runtime: EncoderRuntime, bundle: Path) ->
     assert {stage["file"] for stage in m["graphs"]["stages"]} == stages
     assert m["receptive_field"] == m["config"]["receptive_field"] == 9
     assert m["metrics"] == {"ndcg@10": 0.123}
+    assert set(m["parity"]) == {
+        "full_max_abs_diff",
+        "step_max_abs_diff",
+        "staged_step_max_abs_diff",
+    }
     assert max(m["parity"].values()) <= 1e-4
     assert runtime.version == m["version"] and len(runtime.version) == 16
     assert runtime.item_ids == [None, *ITEM_IDS]
