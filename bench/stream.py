@@ -331,21 +331,29 @@ async def latency(
         await consumer.position(tp)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=1)
     await producer.start()
-    sent: dict[str, float] = {}
+    sent: dict[str, tuple[float, float]] = {}  # trigger id -> (perf_counter, wall clock)
     got: list[float] = []
+    # the same split at the payload's generated_at (wall clock, ms): produce -> the worker
+    # made the payload (fetch, batching, apply, recommend), then -> received (publish,
+    # the reader's fetch); both clocks are this machine's
+    before_payload: list[float] = []
+    after_payload: list[float] = []
     n_total = min(len(events), int(rate * seconds))
     stop = asyncio.Event()
 
     async def receive() -> None:
         while not (stop.is_set() and len(got) >= len(sent)):
             batches = await consumer.getmany(timeout_ms=200)
-            now = time.perf_counter()
+            now, wall = time.perf_counter(), time.time()
             for records in batches.values():
                 for record in records:
-                    trig = json.loads(record.value).get("trigger_event_id")
-                    t = sent.get(trig)
-                    if t is not None:
-                        got.append(now - t)
+                    payload = json.loads(record.value)
+                    stamps = sent.get(payload.get("trigger_event_id"))
+                    if stamps is not None:
+                        got.append(now - stamps[0])
+                        made = payload["generated_at"] / 1000
+                        before_payload.append(made - stamps[1])
+                        after_payload.append(wall - made)
 
     receiver = asyncio.create_task(receive())
     t0 = time.perf_counter()
@@ -356,7 +364,7 @@ async def latency(
         while i < min(due, n_total):
             user, item, rank = events[i]
             value = event_bytes(user, item, rank, "lat")
-            sent[f"lat-{user}-{rank}"] = time.perf_counter()
+            sent[f"lat-{user}-{rank}"] = (time.perf_counter(), time.time())
             await producer.send(topic, value, key=user.encode())
             i += 1
         await asyncio.sleep(tick)
@@ -368,7 +376,7 @@ async def latency(
     await producer.stop()
     await consumer.stop()
     ms = sorted(x * 1000 for x in got)
-    q = statistics.quantiles(ms, n=100) if len(ms) > 1 else [float("nan")] * 99
+    q = _percentiles(ms)
     return {
         "sent": n_total,
         "received": len(ms),
@@ -376,7 +384,14 @@ async def latency(
         "p50_ms": q[49],
         "p99_ms": q[98],
         "max_ms": ms[-1] if ms else float("nan"),
+        "to_payload_p50_p99_ms": _percentiles([x * 1000 for x in before_payload])[49::49],
+        "from_payload_p50_p99_ms": _percentiles([x * 1000 for x in after_payload])[49::49],
     }
+
+
+def _percentiles(values: list[float]) -> list[float]:
+    """The 99 cut points (index 49: p50, 98: p99); NaN where there are too few values."""
+    return statistics.quantiles(values, n=100) if len(values) > 1 else [float("nan")] * 99
 
 
 def worker_metrics(port: int) -> dict[str, float]:
@@ -562,6 +577,13 @@ def main() -> None:
             f"({lat['received']:,}/{lat['sent']:,} received)",
             flush=True,
         )
+        to_payload, from_payload = lat["to_payload_p50_p99_ms"], lat["from_payload_p50_p99_ms"]
+        print(
+            f"    produced -> payload made (fetch, batching, apply, recommend): p50"
+            f" {to_payload[0]:.1f} ms, p99 {to_payload[1]:.1f} ms; -> received (publish, the"
+            f" reader's fetch): p50 {from_payload[0]:.1f} ms, p99 {from_payload[1]:.1f} ms",
+            flush=True,
+        )
         after = worker_metrics(metrics_port)
         lat_stages = stage_means(after, since=bm)
         batches = after.get("interest_batch_seconds_count", 0.0) - bm.get(
@@ -582,6 +604,10 @@ def main() -> None:
             "latency_rate_eps": round(lat["rate"]),
             "latency_p50_ms": round(lat["p50_ms"], 1),
             "latency_p99_ms": round(lat["p99_ms"], 1),
+            "latency_to_payload_p50_p99_ms": [round(x, 1) for x in lat["to_payload_p50_p99_ms"]],
+            "latency_from_payload_p50_p99_ms": [
+                round(x, 1) for x in lat["from_payload_p50_p99_ms"]
+            ],
             "latency_received": lat["received"],
             "latency_sent": lat["sent"],
             "worker_over_naive": round(rate / naive, 1),
