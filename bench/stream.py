@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import itertools
 import json
 import os
 import shutil
@@ -39,6 +40,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -315,8 +317,14 @@ async def latency(
     events: list[tuple[str, str, int]],
     rate: float,
     seconds: float,
-) -> dict[str, float]:
-    """Produce at ``rate`` for ``seconds``; latency produce -> recommendation received."""
+    pids: dict[str, int],
+) -> dict[str, Any]:
+    """Produce at ``rate`` for ``seconds``; latency produce -> recommendation received.
+
+    Also per half of the run (by send time): p50/p99 and the CPU microseconds per event of
+    each of ``pids``. Why: the embedded broker's CPU per request grows with its topics'
+    length (bench/broker_growth.py), so at a constant rate the second half can be slower
+    than the first for reasons that are the broker's, not the worker's."""
     from aiokafka import AIOKafkaProducer, TopicPartition
 
     # A short fetch wait: the embedded broker holds a fetch for its whole wait even when data
@@ -333,6 +341,7 @@ async def latency(
     await producer.start()
     sent: dict[str, tuple[float, float]] = {}  # trigger id -> (perf_counter, wall clock)
     got: list[float] = []
+    got_sent: list[float] = []  # send time of each of got
     # the same split at the payload's generated_at (wall clock, ms): produce -> the worker
     # made the payload (fetch, batching, apply, recommend), then -> received (publish,
     # the reader's fetch); both clocks are this machine's
@@ -351,6 +360,7 @@ async def latency(
                     stamps = sent.get(payload.get("trigger_event_id"))
                     if stamps is not None:
                         got.append(now - stamps[0])
+                        got_sent.append(stamps[0])
                         made = payload["generated_at"] / 1000
                         before_payload.append(made - stamps[1])
                         after_payload.append(wall - made)
@@ -359,7 +369,10 @@ async def latency(
     t0 = time.perf_counter()
     tick = 0.01
     i = 0
+    cpu_marks = [(t0, 0, {name: cpu_seconds(pid) for name, pid in pids.items()})]
     while i < n_total:
+        if len(cpu_marks) == 1 and i >= n_total // 2:
+            cpu_marks.append((time.perf_counter(), i, {n: cpu_seconds(p) for n, p in pids.items()}))
         due = int((time.perf_counter() - t0) * rate) + 1
         while i < min(due, n_total):
             user, item, rank = events[i]
@@ -369,6 +382,7 @@ async def latency(
             i += 1
         await asyncio.sleep(tick)
     elapsed = time.perf_counter() - t0
+    cpu_marks.append((time.perf_counter(), i, {n: cpu_seconds(p) for n, p in pids.items()}))
     await producer.flush()
     stop.set()
     with contextlib.suppress(TimeoutError):
@@ -377,7 +391,16 @@ async def latency(
     await consumer.stop()
     ms = sorted(x * 1000 for x in got)
     q = _percentiles(ms)
+    halves = []
+    for (start, first, cpu_start), (end, last, cpu_end) in itertools.pairwise(cpu_marks):
+        pairs = zip(got, got_sent, strict=True)
+        part = sorted(1000 * x for x, sent_at in pairs if start <= sent_at < end)
+        cuts = _percentiles(part)
+        events = max(1, last - first)
+        cpu = {n: round(1e6 * (cpu_end[n] - cpu_start[n]) / events) for n in pids}
+        halves.append({"p50_ms": round(cuts[49], 1), "p99_ms": round(cuts[98], 1), "cpu_us": cpu})
     return {
+        "halves": halves,
         "sent": n_total,
         "received": len(ms),
         "rate": n_total / elapsed,
@@ -570,7 +593,10 @@ def main() -> None:
             # so does recommend + finish (they share the inference thread).
             print(f"    mean ms per batch by stage: {format_stages(stages)}", flush=True)
         lat_rate = args.latency_rate or rate / 2
-        lat = asyncio.run(latency(bootstrap, clicks, recs, later, lat_rate, args.latency_seconds))
+        lat_pids = {**pids, "bench": os.getpid()}
+        lat = asyncio.run(
+            latency(bootstrap, clicks, recs, later, lat_rate, args.latency_seconds, lat_pids)
+        )
         print(
             f"(c) latency at {lat['rate']:,.0f} events/s for {args.latency_seconds:.0f}s: "
             f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms, max {lat['max_ms']:.1f} ms "
@@ -584,6 +610,13 @@ def main() -> None:
             f" reader's fetch): p50 {from_payload[0]:.1f} ms, p99 {from_payload[1]:.1f} ms",
             flush=True,
         )
+        for name, half in zip(("first", "second"), lat["halves"], strict=False):
+            cpu_line = ", ".join(f"{n} {us:,}" for n, us in half["cpu_us"].items())
+            print(
+                f"    {name} half: p50 {half['p50_ms']:.1f} ms, p99 {half['p99_ms']:.1f} ms;"
+                f" CPU us per event: {cpu_line}",
+                flush=True,
+            )
         after = worker_metrics(metrics_port)
         lat_stages = stage_means(after, since=bm)
         batches = after.get("interest_batch_seconds_count", 0.0) - bm.get(
@@ -608,6 +641,7 @@ def main() -> None:
             "latency_from_payload_p50_p99_ms": [
                 round(x, 1) for x in lat["from_payload_p50_p99_ms"]
             ],
+            "latency_halves": lat["halves"],
             "latency_received": lat["received"],
             "latency_sent": lat["sent"],
             "worker_over_naive": round(rate / naive, 1),
