@@ -240,18 +240,24 @@ async def bench_naive(
     return done / (time.perf_counter() - t0)
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) used so far by a process and its running direct children,
-    from /proc (any worker child process counts as the worker's)."""
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """CPU time (user + system) used so far by a process and, with ``children``, its running
+    direct children, from /proc (any worker child process counts as the worker's)."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):
             fields = stat.read_text().rpartition(")")[2].split()
             # after the command: state, ppid, ... utime (12th), stime (13th)
-            if stat.parent.name == str(pid) or fields[1] == str(pid):
+            if stat.parent.name == str(pid) or (children and fields[1] == str(pid)):
                 total += (int(fields[11]) + int(fields[12])) / tick
     return total
+
+
+def _cpu_of(pids: dict[str, int]) -> dict[str, float]:
+    """``cpu_seconds`` of each; this process without its children (the stack and the worker
+    are its children, counted under their own names)."""
+    return {name: cpu_seconds(pid, children=pid != os.getpid()) for name, pid in pids.items()}
 
 
 def wait_recommended(
@@ -369,10 +375,10 @@ async def latency(
     t0 = time.perf_counter()
     tick = 0.01
     i = 0
-    cpu_marks = [(t0, 0, {name: cpu_seconds(pid) for name, pid in pids.items()})]
+    cpu_marks = [(t0, 0, _cpu_of(pids))]
     while i < n_total:
         if len(cpu_marks) == 1 and i >= n_total // 2:
-            cpu_marks.append((time.perf_counter(), i, {n: cpu_seconds(p) for n, p in pids.items()}))
+            cpu_marks.append((time.perf_counter(), i, _cpu_of(pids)))
         due = int((time.perf_counter() - t0) * rate) + 1
         while i < min(due, n_total):
             user, item, rank = events[i]
@@ -382,7 +388,7 @@ async def latency(
             i += 1
         await asyncio.sleep(tick)
     elapsed = time.perf_counter() - t0
-    cpu_marks.append((time.perf_counter(), i, {n: cpu_seconds(p) for n, p in pids.items()}))
+    cpu_marks.append((time.perf_counter(), i, _cpu_of(pids)))
     await producer.flush()
     stop.set()
     with contextlib.suppress(TimeoutError):

@@ -8,7 +8,7 @@ The worker's loop per micro-batch (all calls are batched over users; one row per
     # cache miss: rebuild from the user's window (oldest first) + persisted memory (or None)
     vectors, states = rt.rebuild(win_items, win_types, win_gaps, memory=[m_or_None, ...])
     # one event per user, constant cost (users with an UNKNOWN item are skipped); the worker
-    # uses step_in_place on the rows of the users with a known item instead (no copy)
+    # uses step_rows on its slab's rows of the users with a known item instead (in place)
     vectors, states = rt.step(states, items, types, gaps)
     top, scores = rt.top_k(vectors, k, exclude=[seen item indices per user])
     persist(states.memory)                      # (B, d): what rebuild() needs besides the window
@@ -421,7 +421,7 @@ class EncoderRuntime:
         gaps: Sequence[int] | np.ndarray,
     ) -> tuple[np.ndarray, EncoderStates]:
         """Add one event per user; cost does not depend on history length. ``states`` is left
-        as it was (the new state is a copy; ``step_in_place`` is the copy-free path).
+        as it was (the new state is a copy; ``step_in_place`` and ``step_rows`` work in place).
 
         Users whose item is UNKNOWN (or padding) are skipped: their state comes back unchanged
         and their vector is their previous one.

@@ -150,8 +150,9 @@ def wait_for(
 def read_records(
     settings: Settings, topic: str, expected: int = 0, timeout: float = 10.0
 ) -> list[ConsumerRecord]:
-    """Every record on `topic`, polling until `expected` arrived (or timeout), then once more
-    so that extra records (a bug) are seen too."""
+    """Every record on `topic`: at least `expected` and everything the topic held when called
+    (a replay's duplicates count towards `expected`, so that alone could stop short), polling
+    until then (or timeout), then once more so that extra records (a bug) are seen too."""
     consumer = KafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
         enable_auto_commit=False,
@@ -161,9 +162,15 @@ def read_records(
         partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
         consumer.assign(partitions)
         consumer.seek_to_beginning(*partitions)
+        ends = consumer.end_offsets(partitions)
         records: list[ConsumerRecord] = []
         deadline = time.monotonic() + timeout
-        while len(records) < expected and time.monotonic() < deadline:
+
+        def short() -> bool:
+            behind = any(consumer.position(tp) < end for tp, end in ends.items())
+            return len(records) < expected or behind
+
+        while short() and time.monotonic() < deadline:
             for batch in consumer.poll(timeout_ms=200).values():
                 records.extend(batch)
         for batch in consumer.poll(timeout_ms=300).values():
