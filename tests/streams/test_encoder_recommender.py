@@ -6,6 +6,7 @@ test_encoder_stream.py cover it in the worker).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,18 @@ pytest.importorskip("torch", reason="needs the training extra (pip install -e .[
 from export.runtime import EncoderRuntime, top_k_reference
 from streams.encoder_recommender import EncoderRecommender
 from streams.events import Event, Source
-from streams.recommend import Batch, Request
+from streams.recommend import Batch, Request, Result
 from streams.window import WindowEntry
 from tests.streams.test_encoder_stream import ITEMS, make_bundle
+
+
+def assert_same_vectors(got: Result, want: Result, users: Iterable[str], atol: float) -> None:
+    for user in users:
+        np.testing.assert_allclose(
+            np.frombuffer(got.updates[user].vector, np.float32),
+            np.frombuffer(want.updates[user].vector, np.float32),
+            atol=atol,
+        )
 
 
 def test_each_event_excludes_the_window_and_the_batch_so_far(tmp_path: Path) -> None:
@@ -118,12 +128,7 @@ def test_cached_states_continue_like_states_rebuilt_from_the_window(tmp_path: Pa
         assert [r.item_ids for r in got.recommendations] == [
             r.item_ids for r in want.recommendations
         ]
-        for user in picked:
-            np.testing.assert_allclose(
-                np.frombuffer(got.updates[user].vector, np.float32),
-                np.frombuffer(want.updates[user].vector, np.float32),
-                atol=1e-4,
-            )
+        assert_same_vectors(got, want, picked, atol=1e-4)
     assert len(cached.cache) == 5
 
 
@@ -237,10 +242,5 @@ def test_a_batch_that_fails_half_way_leaves_no_stale_cached_state(
         cached.recommend(failing)
     monkeypatch.setattr(rt, "step_rows", step_rows)
     got, want = cached.recommend(failing), reference.recommend(failing)  # the batch retried
-    for user in windows:
-        np.testing.assert_allclose(
-            np.frombuffer(got.updates[user].vector, np.float32),
-            np.frombuffer(want.updates[user].vector, np.float32),
-            atol=1e-5,
-        )
+    assert_same_vectors(got, want, windows, atol=1e-5)
     assert len(cached.cache) == 2
