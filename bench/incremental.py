@@ -9,7 +9,8 @@ the ratio (target: >= 20x).
 
 The model is the encoder's default config, randomly initialised (weights do not change the
 cost). "graph" rows time the bare ONNX sessions; "api" rows time EncoderRuntime.rebuild and
-step_in_place, i.e. including the padding and bookkeeping the worker pays. Times are medians;
+step_in_place, i.e. with the runtime's padding and bookkeeping (the worker now steps its slab
+in place with step_rows instead: bench/staged_step.py compares the two). Times are medians;
 the ratio is the median of per-pair ratios (see paired_medians), so it is not exactly
 full ms / step ms.
 """
