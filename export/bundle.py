@@ -206,8 +206,9 @@ def export_onnx(model: InterestEncoder, out_dir: Path) -> dict[str, Any]:
         fix_bool_eyelike(out_dir / "full.onnx")
         step_in = step_inputs(cfg)
         last = {k: full_ex[k][:, -1] for k in ("items", "types", "gaps")}
+        step_graph = StepGraph(model).eval()
         torch.onnx.export(
-            StepGraph(model).eval(),
+            step_graph,
             (last["items"], last["types"], last["gaps"], *to_graph_state(model.init_state(2))),
             str(out_dir / "step.onnx"),
             input_names=step_in,
@@ -217,8 +218,8 @@ def export_onnx(model: InterestEncoder, out_dir: Path) -> dict[str, Any]:
             dynamo=False,
         )
         fix_bool_eyelike(out_dir / "step.onnx")
-        stages = export_stages(StepGraph(model).eval(), out_dir, last)
-    np.save(out_dir / ATTENTION_BIAS_FILE, attention_biases(StepGraph(model)), allow_pickle=False)
+        stages = export_stages(step_graph, out_dir, last)
+    np.save(out_dir / ATTENTION_BIAS_FILE, attention_biases(step_graph), allow_pickle=False)
     example = to_graph_state(model.init_state(1))
     return {
         "state": [
@@ -262,10 +263,9 @@ def export_stages(
     y = torch.randn(batch, cfg.n_heads, cfg.d_model // cfg.n_heads + 1)
     examples = {"x": x, "y": y, "memory": torch.randn(batch, cfg.d_model), **event}
     entries = []
-    for index in range(cfg.n_layers + 1):
+    for index, file in enumerate(stage_files(cfg)):
         names_in = stage_inputs(index, cfg.n_layers)
         names_out = stage_outputs(index, cfg.n_layers)
-        file = stage_files(cfg)[index]
         torch.onnx.export(
             StepStage(step, index).eval(),
             tuple(examples[n] for n in names_in),

@@ -122,13 +122,8 @@ class StateSlab:
         """Return checked-out rows without caching them (the batch failed)."""
         self.free.extend(rows.tolist())
 
-    def reset(self, rows: np.ndarray, empty: EncoderStates) -> None:
-        """These rows: the state of a user with no history (``empty``: one row)."""
-        for name, a in self.states.arrays.items():
-            a[rows] = empty.arrays[name]
-        self.states.vectors[rows] = 0.0
-
     def put(self, rows: np.ndarray, states: EncoderStates) -> None:
+        """Write ``states`` into ``rows``: one row per row, or one row for all of them."""
         for name, a in self.states.arrays.items():
             a[rows] = states.arrays[name]
         self.states.vectors[rows] = states.vectors
@@ -251,15 +246,17 @@ class EncoderRecommender:
         row_of = {user_id: int(row) for user_id, row in zip(users, rows, strict=True)}
         other_users = [u for u in users if u not in cached]
         event_items = rt.index_of([r.event.item_id for r in requests])  # once per batch
-        if other_users:  # no history: the empty state; a history: one batched rebuild
-            self.cache.reset(np.array([row_of[u] for u in other_users], np.int64), self._empty)
-            missing = [u for u in other_users if batch.prior_windows.get(u)]
-            if missing:
-                rebuilt = self._rebuild(
-                    [batch.prior_windows[u] for u in missing],
-                    [self._memory(batch.stored.get(u)) for u in missing],
-                )
-                self.cache.put(np.array([row_of[u] for u in missing], np.int64), rebuilt)
+        # No history: the empty state; a history: one batched rebuild.
+        fresh = [u for u in other_users if not batch.prior_windows.get(u)]
+        missing = [u for u in other_users if batch.prior_windows.get(u)]
+        if fresh:
+            self.cache.put(np.array([row_of[u] for u in fresh], np.int64), self._empty)
+        if missing:
+            rebuilt = self._rebuild(
+                [batch.prior_windows[u] for u in missing],
+                [self._memory(batch.stored.get(u)) for u in missing],
+            )
+            self.cache.put(np.array([row_of[u] for u in missing], np.int64), rebuilt)
 
         # 2. One step per event, batched across users round by round (round r: each user's
         # r-th event of the batch), in place in the slab rows.
