@@ -32,7 +32,7 @@ STAGE_SECONDS = Histogram(
 BATCH_SIZE = Histogram(
     "interest_batch_size",
     "Messages per micro-batch",
-    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000),
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000),
 )
 EVENT_LAG_SECONDS = Histogram(
     "interest_event_to_recommendation_seconds",
