@@ -6,6 +6,7 @@ file only wires them to Faust: topics, consumer settings, the producer and crede
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -106,6 +107,7 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
             on_committed=sink.ack if sink is not None else lambda _: None,
             on_fatal=exit_unacked,
         )
+        watching = asyncio.create_task(watcher.watch())  # loads rolled-out bundles
         try:
             if sink is not None:
                 # Up to three batches in flight, a stage apart (BatchPipeline); the consumer
@@ -120,10 +122,11 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
                         settings.batch_within_seconds,
                         flush=pipeline.computing_idle,
                     )
-                    # Between batches: pick up a rolled-out model, if any. Batches already in
-                    # flight may then be recommended by it too; recommendation events carry the
-                    # version that made them, and a state of another version is rebuilt.
-                    processor.recommender = await watcher.refresh(executor)
+                    # Between batches: pick up a rolled-out model once it has loaded. Batches
+                    # already in flight may then be recommended by it too; recommendation events
+                    # carry the version that made them, and a state of another version is
+                    # rebuilt.
+                    processor.recommender = watcher.refresh()
                     try:
                         await pipeline.submit(raw(messages), messages)
                     except Exception:
@@ -142,6 +145,7 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
                         await stream.ack(event)
         finally:
             # Shutting down mid-batch: unacked events replay on restart.
+            watching.cancel()
             pipeline.cancel()
             await producer.stop()
             await client.aclose()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,7 @@ from streams.client import InterestClient  # noqa: E402
 from streams.sample import sample_events  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.store import KeyLayout  # noqa: E402
-from tests.conftest import WorkerProcess, interest, read_json  # noqa: E402
+from tests.conftest import WorkerProcess, interest, read_json, wait_for  # noqa: E402
 from tests.export.conftest import tiny_model  # noqa: E402
 
 N_ITEMS = 30
@@ -129,7 +128,7 @@ def test_rollout_switches_version_between_batches_and_cold_users_get_popularity(
     assert version_a != version_b
     current = tmp_path / "current"
     current.symlink_to(bundle_a)
-    start_worker(INTEREST_MODEL=str(current), INTEREST_MODEL_POLL_SECONDS="0.2")
+    worker = start_worker(INTEREST_MODEL=str(current), INTEREST_MODEL_POLL_SECONDS="0.2")
 
     events = single_topic_events(users=4, per_user=10)
     cold = {
@@ -145,7 +144,8 @@ def test_rollout_switches_version_between_batches_and_cold_users_get_popularity(
         tmp_link = tmp_path / "current.new"
         tmp_link.symlink_to(bundle_b)
         os.replace(tmp_link, current)  # atomic switch, as an operator would do it
-        time.sleep(1.0)  # > poll interval: the next batch runs on B
+        # Loaded beside the serving model, without traffic; the next batch runs on B.
+        wait_for(lambda: f"{version_b} loaded" in worker.log(), 60, "the worker to load B")
         client.push(events[20:])
     recs = read_json(settings, settings.topic_recommendations, len(events) + 1, timeout=60)
     by_trigger = {r["trigger_event_id"]: r for r in recs}

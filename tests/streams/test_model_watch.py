@@ -1,0 +1,107 @@
+"""ModelWatcher: a rolled-out bundle loads beside the serving model and swaps in between
+batches. The loader is replaced by a fake (pure logic); the end-to-end rollout on the real
+broker and Redis is tests/streams/test_encoder_stream.py."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
+
+import pytest
+
+import streams.model_watch as model_watch
+from interest.errors import UserError
+from streams.model_watch import ModelWatcher
+from streams.recommend import Recommender
+from streams.settings import Settings
+
+
+def recommender(version: str) -> Recommender:
+    return cast(Recommender, SimpleNamespace(model_version=version))
+
+
+def bundle_dir(tmp_path: Path) -> Path:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text('{"version": "a"}')
+    return bundle
+
+
+def roll_out(bundle: Path, version: str) -> None:
+    """A new manifest in place (another inode, as a copy-and-rename leaves it)."""
+    new = bundle / "manifest.json.new"
+    new.write_text(f'{{"version": "{version}", "padding": "{version * 10}"}}')
+    new.replace(bundle / "manifest.json")
+
+
+def test_serves_the_old_model_while_the_new_one_loads_then_swaps_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = bundle_dir(tmp_path)
+    release = threading.Event()
+    calls: list[Path] = []
+
+    def slow_load(settings: Settings) -> Recommender:
+        calls.append(settings.model)
+        assert release.wait(10)
+        return recommender("b")
+
+    monkeypatch.setattr(model_watch, "load_recommender", slow_load)
+    watcher = ModelWatcher(Settings(model=bundle), recommender("a"))
+
+    async def scenario() -> None:
+        await watcher.check()  # manifest unchanged: nothing to load
+        assert calls == []
+        roll_out(bundle, "b")
+        loading = asyncio.create_task(watcher.check())
+        for _ in range(5):  # batches go on, on the old model, while B loads
+            await asyncio.sleep(0.01)
+            assert watcher.refresh().model_version == "a"
+        release.set()
+        await loading
+        assert watcher.refresh().model_version == "b"
+        assert watcher.refresh().model_version == "b"
+        await watcher.check()  # the same manifest again: not loaded twice
+        assert len(calls) == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_bundle_that_fails_to_load_keeps_the_old_model_and_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = bundle_dir(tmp_path)
+    outcomes: list[Exception | Recommender] = [
+        UserError("incomplete bundle, step.onnx is missing"),  # caught mid-copy
+        RuntimeError("an unexpected failure"),
+        recommender("b"),
+    ]
+
+    def load(settings: Settings) -> Recommender:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(model_watch, "load_recommender", load)
+    watcher = ModelWatcher(Settings(model=bundle), recommender("a"))
+    roll_out(bundle, "b")
+
+    async def scenario() -> None:
+        for _ in range(2):
+            await watcher.check()
+            assert watcher.refresh().model_version == "a"
+        await watcher.check()  # the same manifest, loaded on a later poll
+        assert watcher.refresh().model_version == "b"
+
+    asyncio.run(scenario())
+    assert outcomes == []
+
+
+def test_without_a_model_there_is_nothing_to_watch() -> None:
+    watcher = ModelWatcher(Settings(model=None), recommender("popularity"))
+    asyncio.run(asyncio.wait_for(watcher.watch(), 1))  # returns at once
+    assert watcher.refresh().model_version == "popularity"
