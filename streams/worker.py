@@ -137,6 +137,7 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
                     settings.batch_size, within=settings.batch_within_seconds
                 ):
                     batch = raw([event.message for event in events])
+                    processor.recommender = watcher.refresh()  # as above
                     try:
                         await with_retry(partial(processor.process, batch))
                     except Exception:
