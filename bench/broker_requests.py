@@ -4,16 +4,16 @@
                                     [--prefill 0]
 
 For each fetch wait in --waits, on a new 4-partition topic of the embedded stack (`interest
-up`'s launcher): produces --rate small keyed records/s in 10 ms ticks (as bench/stream.py's
-latency run does) and reads them back as they arrive with aiokafka at that
-``fetch_max_wait_ms``, and prints the fetches per second that returned records, records per
-fetch, the produce -> read delay (p50, p99) and the broker's CPU in cores. --prefill writes
-that many records to the topic first (does a longer log cost more per fetch?).
+up`'s launcher): produces --rate small keyed records/s, a `send()` each, in 10 ms ticks, and
+reads them back as they arrive with aiokafka at that ``fetch_max_wait_ms``; prints the fetches
+per second that returned records (empty ones are not counted), records per such fetch, the
+produce -> read delay (p50, p99) and the broker's CPU in cores over the producing span.
+--prefill writes that many records to the topic first (does a longer log cost more per fetch?).
 
 Why it matters: on two shared cores, every request the broker serves takes CPU from the
-worker; bench/stream.py's latency run makes ~100 produce and ~100 fetch requests a second of
-its own besides the worker's. Apache Kafka answers a fetch as soon as data arrives; what this
-measures is the embedded broker's behaviour.
+worker; bench/stream.py's latency run reads with a 10 ms fetch wait besides the worker's own
+fetches and sends. Apache Kafka answers a fetch as soon as data arrives; what this measures is
+the embedded broker's behaviour.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo: streams/
 
-from broker_growth import cpu_seconds  # bench/broker_growth.py
+from broker_growth import cpu_seconds  # bench/broker_growth.py, beside this script
 
 TICK_SECONDS = 0.01
 PARTITIONS = 4
@@ -96,13 +96,15 @@ async def measure(
             sent += 1
         await asyncio.sleep(TICK_SECONDS)
     elapsed = time.perf_counter() - started
+    cpu = (cpu_seconds(broker_pid) - cpu_start) / elapsed
     await producer.flush()
     await asyncio.sleep(0.5)
     stop.set()
     await reading
-    cpu = (cpu_seconds(broker_pid) - cpu_start) / elapsed
     await producer.stop()
     await consumer.stop()
+    if len(delays_ms) < 2:
+        return f"fetch wait {wait_ms:4d} ms: {len(delays_ms)} records read back; nothing to report"
     cuts = statistics.quantiles(delays_ms, n=100)
     return (
         f"fetch wait {wait_ms:4d} ms, prefill {prefill:,}: {fetches / elapsed:5.0f} fetches/s,"

@@ -7,8 +7,9 @@ Starts a private embedded stack and `interest worker` with INTEREST_MODEL = a sy
 bundle A (polled every 0.5 s), produces ml-1m click events at --rate for --seconds, switches
 the symlink to bundle B half way (as an operator would: a new link renamed over the old), and
 prints the produce -> recommendation latency of the events sent from the switch until 2 s
-after B served its first event, against those sent before (after a 4 s warm-up) and after;
-when B served its first event; and whether every event got its recommendation. The two
+after the send time of the first event B answered, against those sent before (after a 4 s
+warm-up) and after; when B's first answer came; and whether every event got its
+recommendation. The two
 bundles must differ (their versions are content hashes). --worker-tree runs the worker from
 another checkout (side-by-side comparisons).
 """
@@ -117,12 +118,17 @@ async def run(
     during: list[float] = []  # from the switch until SETTLE_SECONDS after B's first event
     after: list[float] = []
     versions = set()
-    first_b: float | None = None  # B's first event, seconds after the switch (send time)
-    for trigger, (_, version) in answers.items():
+    first_b: float | None = None  # the first event B answered: its send time after the switch
+    first_b_answer: float | None = None  # B's first answer received, seconds after the switch
+    for trigger, (latency_s, version) in answers.items():
         versions.add(version)
         since_switch = sent[trigger] - switched_at
-        if version == version_b and (first_b is None or since_switch < first_b):
-            first_b = since_switch
+        if version == version_b:
+            if first_b is None or since_switch < first_b:
+                first_b = since_switch
+            answered = since_switch + latency_s
+            if first_b_answer is None or answered < first_b_answer:
+                first_b_answer = answered
     settled = (first_b if first_b is not None else float("inf")) + SETTLE_SECONDS
     for trigger, (latency_s, _) in answers.items():
         since_switch = sent[trigger] - switched_at
@@ -137,6 +143,7 @@ async def run(
         "during": during,
         "after": after,
         "first_b_s": first_b,
+        "first_b_answer_s": first_b_answer,
         "versions": sorted(versions),
     }
 
@@ -200,7 +207,7 @@ def main() -> None:
             )
         # The group join takes seconds on the embedded broker: a first event, and its answer.
         print(f"worker {args.worker_tree} pid {worker.pid}; waiting for it to serve", flush=True)
-        asyncio.run(
+        warm_up = asyncio.run(
             run(
                 info.bootstrap_servers,
                 settings.topic_clicks,
@@ -212,6 +219,8 @@ def main() -> None:
                 None,
             )
         )
+        if warm_up["received"] != 1 or worker.poll() is not None:
+            sys.exit(f"error: the worker did not answer its first event within 60 s ({log_path})")
         result = asyncio.run(
             run(
                 info.bootstrap_servers,
@@ -224,19 +233,23 @@ def main() -> None:
                 args.model_b.resolve(),
             )
         )
+        if worker.poll() is not None:
+            sys.exit(f"error: the worker exited during the run ({log_path})")
         print(f"at {args.rate:,.0f} events/s, switched to B at {args.seconds / 2:.0f} s:")
         print(f"  sent before the switch (after {WARM_UP_SECONDS:.0f} s): {_cut(result['before'])}")
         print(
-            f"  sent from the switch until {SETTLE_SECONDS:.0f} s after B's first event:"
+            f"  sent from the switch until {SETTLE_SECONDS:.0f} s after the first event B answered:"
             f" {_cut(result['during'])}"
         )
         print(f"  sent later: {_cut(result['after'])}")
-        first_b = result["first_b_s"]
-        print(
-            f"  B served its first event {first_b:.2f} s after the switch"
-            if first_b is not None
-            else "  B served no event"
-        )
+        first_b, first_answer = result["first_b_s"], result["first_b_answer_s"]
+        if first_b is None or first_answer is None:
+            print("  B answered no event")
+        else:
+            print(
+                f"  B's first answer came {first_answer:.2f} s after the switch (for an event"
+                f" sent {first_b:.2f} s after it)"
+            )
         print(
             f"  received {result['received']:,}/{result['sent']:,}; versions"
             f" {', '.join(result['versions'])}",

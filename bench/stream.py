@@ -42,6 +42,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 DATA = REPO_ROOT.parent / "shared" / "data" / "ml-1m.txt"
@@ -64,8 +66,6 @@ def load_events(path: Path, n: int) -> list[tuple[str, str, int]]:
 
 
 def event_bytes(user: str, item: str, rank: int, tag: str) -> bytes:
-    import orjson
-
     return orjson.dumps(
         {
             "event_id": f"{tag}-{user}-{rank}",
@@ -332,7 +332,6 @@ async def latency(
     each of ``pids``. Why: the embedded broker's CPU per request grows with its topics'
     length (bench/broker_growth.py), so at a constant rate the second half can be slower
     than the first for reasons that are the broker's, not the worker's."""
-    import orjson
     from aiokafka import AIOKafkaProducer, TopicPartition
     from aiokafka.partitioner import DefaultPartitioner
 
@@ -385,25 +384,26 @@ async def latency(
         if len(cpu_marks) == 1 and i >= n_total // 2:
             cpu_marks.append((time.perf_counter(), i, _cpu_of(pids)))
         due = int((time.perf_counter() - t0) * rate) + 1
-        # What is due, as one record batch per partition: the bench's own CPU (a send() per
-        # event costs ~20 us of Python) shares the two cores with what it measures.
+        # What is due, as one record batch per partition: the bench's own CPU shares the two
+        # cores with what it measures (with orjson: 30 against 44-46 us per event with a
+        # send() per event, bench/README.md).
         stamp = (time.perf_counter(), time.time())
-        batches: dict[int, Any] = {}
+        outgoing: dict[int, Any] = {}  # partition -> its record batch
         while i < min(due, n_total):
             user, item, rank = events[i]
             key = user.encode()
             partition = partitioner(key, partitions, partitions)
-            batch = batches.get(partition)
+            batch = outgoing.get(partition)
             if batch is None:
-                batch = batches[partition] = producer.create_batch()
+                batch = outgoing[partition] = producer.create_batch()
             value = event_bytes(user, item, rank, "lat")
             if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it
                 await producer.send_batch(batch, topic, partition=partition)
-                batch = batches[partition] = producer.create_batch()
+                batch = outgoing[partition] = producer.create_batch()
                 batch.append(key=key, value=value, timestamp=None)
             sent[f"lat-{user}-{rank}"] = stamp
             i += 1
-        for partition, batch in batches.items():
+        for partition, batch in outgoing.items():
             await producer.send_batch(batch, topic, partition=partition)
         await asyncio.sleep(tick)
     elapsed = time.perf_counter() - t0

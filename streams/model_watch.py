@@ -5,12 +5,13 @@ manifest it points at changes (a new bundle copied in place, or a `current` syml
 another bundle), it loads and verifies the new bundle in a thread of its own while the current
 model keeps serving; the agent swaps it in between batches, before the first batch it takes
 after the load. No batch runs half on one model and half on the other; recommendation events
-carry the version that made them; a bundle that fails to load is logged and the old model keeps
-serving.
+carry the version that made them; a bundle that fails to load is logged, the old model keeps
+serving, and the bundle is tried again when it changes or after `RETRY_FAILED_SECONDS`.
 
-Why a task and a thread of their own: loading takes ~1.2 s at the default settings (the ONNX
-sessions, and the state slab's ~1 GB committed up front). Loaded in the inference thread and
-awaited between batches, as before, it held every event that arrived meanwhile for that long.
+Why a task and a thread of their own: a load takes seconds (the ONNX sessions, and the state
+slab's ~1 GB committed up front: ~1.2 s on an idle machine, ~4 s beside a busy worker). Loaded
+in the inference thread and awaited between batches, as before, it held every event that
+arrived meanwhile: p99 3.5 s around a rollout at 2,000 events/s (bench/rollout.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +28,10 @@ from streams.recommend import PopularityRecommender, Recommender
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# A bundle that failed to load is tried again after this long even if it does not change (a
+# copy may have been caught half way), not at every poll: a load costs seconds of CPU.
+RETRY_FAILED_SECONDS = 60.0
 
 
 def _manifest_stamp(bundle: Path) -> tuple[int, int, int] | None:
@@ -65,6 +71,7 @@ class ModelWatcher:
         self.current = current
         self._stamp = _manifest_stamp(settings.model) if settings.model else None
         self._loaded: Recommender | None = None  # ready to serve from the next batch
+        self._failed: tuple[tuple[int, int, int], float] | None = None  # (stamp, when)
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-load")
 
     def refresh(self) -> Recommender:
@@ -77,37 +84,56 @@ class ModelWatcher:
         return self.current
 
     async def watch(self) -> None:
-        """Poll the bundle path and load what it points at when it changes; runs until
-        cancelled (the agent runs it beside its batches)."""
+        """Poll the bundle path and load what it points at when it changes, until cancelled
+        (the agent runs it beside its batches)."""
         if self.settings.model is None:
             return
         while True:
             await asyncio.sleep(self.settings.model_poll_seconds)
-            await self.check()
+            try:
+                await self.check()
+            except Exception:  # a dead watch would stop every later rollout, silently
+                log.exception("model rollout: the check failed; trying again at the next poll")
 
     async def check(self) -> None:
         """One poll: load the bundle if its manifest changed since the last good load."""
         if self.settings.model is None:
             return
-        stamp = _manifest_stamp(self.settings.model)
+        # Resolved once: the stamp and every file of the load come from the same bundle even
+        # if the symlink is switched again meanwhile (the next poll sees that switch).
+        bundle = self.settings.model.resolve()
+        stamp = _manifest_stamp(bundle)
         if stamp is None or stamp == self._stamp:
             return
-        log.info("model rollout: loading %s", self.settings.model)
+        self._loaded = None  # a loaded bundle not yet swapped in is superseded
+        failed = self._failed
+        if failed and failed[0] == stamp and time.monotonic() - failed[1] < RETRY_FAILED_SECONDS:
+            return
+        log.info("model rollout: loading %s (%s)", self.settings.model, bundle)
         try:
             candidate = await asyncio.get_running_loop().run_in_executor(
-                self._loader, load_recommender, self.settings
+                self._loader,
+                load_recommender,
+                self.settings.model_copy(update={"model": bundle}),
             )
         except Exception as exc:  # whatever is wrong with the bundle, the old model serves on
-            # Not recorded as seen: a bundle caught mid-copy loads on a later poll.
+            self._failed = (stamp, time.monotonic())
             log.error(
-                "model rollout failed, still serving %s: %s",
+                "model rollout failed, still serving %s (tried again when the bundle changes"
+                " or in %.0f s): %s",
                 self.current.model_version,
+                RETRY_FAILED_SECONDS,
                 exc,
                 exc_info=not isinstance(exc, UserError),  # an unexpected one: its traceback
             )
             return
+        self._failed = None
         self._stamp = stamp
         self._loaded = candidate
         log.warning(
             "model rollout: %s loaded; it serves from the next batch", candidate.model_version
         )
+
+    def close(self) -> None:
+        """Stop loading (shutdown): a load under way finishes in its thread, unused."""
+        self._loader.shutdown(wait=False, cancel_futures=True)

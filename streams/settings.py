@@ -114,7 +114,8 @@ class Settings(BaseSettings):
     # 2000 rather than 1000: 25% more events/s from a backlog (14,607 / 14,480 against 11,664,
     # alternated) with the same latency at a fixed 5,300 events/s (p99 109 / 126 against
     # 119 ms), and 1000 rather than 500 gained 5-14% (bench/README.md, "Streaming"): what each
-    # batch costs once is spread over more events. Under light load batches stay small.
+    # batch costs once is spread over more events. Under light load batches stay small. It also
+    # sets the consumer's read-ahead (broker_max_poll_records, the fetch sink: 2x batch_size).
     batch_size: int = Field(default=2000, ge=1)
     batch_within_seconds: float = Field(default=0.05, gt=0)
 

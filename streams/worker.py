@@ -147,6 +147,7 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
         finally:
             # Shutting down mid-batch: unacked events replay on restart.
             watching.cancel()
+            watcher.close()
             pipeline.cancel()
             await producer.stop()
             await client.aclose()

@@ -70,7 +70,7 @@ def test_serves_the_old_model_while_the_new_one_loads_then_swaps_once(
     asyncio.run(scenario())
 
 
-def test_a_bundle_that_fails_to_load_keeps_the_old_model_and_is_retried(
+def test_a_bundle_that_fails_to_load_keeps_the_old_model_and_is_retried_later(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bundle = bundle_dir(tmp_path)
@@ -91,14 +91,109 @@ def test_a_bundle_that_fails_to_load_keeps_the_old_model_and_is_retried(
     roll_out(bundle, "b")
 
     async def scenario() -> None:
-        for _ in range(2):
-            await watcher.check()
-            assert watcher.refresh().model_version == "a"
-        await watcher.check()  # the same manifest, loaded on a later poll
+        await watcher.check()  # fails
+        await watcher.check()  # the same bundle, too soon: not loaded again
+        assert len(outcomes) == 2
+        assert watcher.refresh().model_version == "a"
+        monkeypatch.setattr(model_watch, "RETRY_FAILED_SECONDS", 0.0)
+        await watcher.check()  # the retry after the back-off fails unexpectedly
+        assert watcher.refresh().model_version == "a"
+        roll_out(bundle, "b")  # changed again: tried at once
+        monkeypatch.setattr(model_watch, "RETRY_FAILED_SECONDS", 3600.0)
+        await watcher.check()
         assert watcher.refresh().model_version == "b"
 
     asyncio.run(scenario())
     assert outcomes == []
+
+
+def test_a_loaded_bundle_superseded_before_it_served_is_never_swapped_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = bundle_dir(tmp_path)
+    outcomes: list[Exception | Recommender] = [recommender("b"), UserError("bad bundle c")]
+
+    def load(settings: Settings) -> Recommender:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(model_watch, "load_recommender", load)
+    watcher = ModelWatcher(Settings(model=bundle), recommender("a"))
+
+    async def scenario() -> None:
+        roll_out(bundle, "b")
+        await watcher.check()  # B loaded, but no batch came to swap it in
+        roll_out(bundle, "c")  # the operator moves on (or back) before that
+        await watcher.check()  # C fails to load
+        assert watcher.refresh().model_version == "a"  # not B: the path no longer names it
+
+    asyncio.run(scenario())
+
+
+def test_a_symlink_switched_during_a_load_is_loaded_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each load reads one bundle: the one the path resolved to when the check began."""
+    bundles = {}
+    for name in ("a", "b", "c"):
+        bundles[name] = tmp_path / name
+        bundles[name].mkdir()
+        (bundles[name] / "manifest.json").write_text(f'{{"version": "{name}"}}')
+    current = tmp_path / "current"
+    current.symlink_to(bundles["a"])
+    loaded_from: list[Path] = []
+
+    def load(settings: Settings) -> Recommender:
+        assert settings.model is not None
+        loaded_from.append(settings.model)
+        if len(loaded_from) == 1:  # the operator switches again while B loads
+            switch = tmp_path / "current.new"
+            switch.symlink_to(bundles["c"])
+            switch.replace(current)
+        return recommender(settings.model.name)
+
+    monkeypatch.setattr(model_watch, "load_recommender", load)
+    watcher = ModelWatcher(Settings(model=current), recommender("a"))
+
+    async def scenario() -> None:
+        switch = tmp_path / "current.new"
+        switch.symlink_to(bundles["b"])
+        switch.replace(current)
+        await watcher.check()
+        assert watcher.refresh().model_version == "b"
+        await watcher.check()  # the switch made during the load
+        assert watcher.refresh().model_version == "c"
+
+    asyncio.run(scenario())
+    assert loaded_from == [bundles["b"].resolve(), bundles["c"].resolve()]
+
+
+def test_the_watch_survives_a_failing_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watcher = ModelWatcher(
+        Settings(model=bundle_dir(tmp_path), model_poll_seconds=0.01), recommender("a")
+    )
+    checks = 0
+
+    async def flaky_check() -> None:
+        nonlocal checks
+        checks += 1
+        raise OSError("the filesystem went away for a moment")
+
+    monkeypatch.setattr(watcher, "check", flaky_check)
+
+    async def scenario() -> None:
+        watching = asyncio.create_task(watcher.watch())
+        await asyncio.sleep(0.2)
+        assert not watching.done()
+        watching.cancel()
+
+    asyncio.run(scenario())
+    assert checks > 1
+    watcher.close()
 
 
 def test_without_a_model_there_is_nothing_to_watch() -> None:
