@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,15 +57,9 @@ async def run(
 ) -> dict[str, object]:
     """Produce at ``rate``, switch ``link`` to ``bundle_b`` half way (if given), collect the
     answers."""
-    from aiokafka import AIOKafkaProducer, TopicPartition
+    from aiokafka import AIOKafkaProducer
 
-    consumer = stream_bench._consumer(bootstrap, fetch_max_wait_ms=10)
-    await consumer.start()
-    tps = [TopicPartition(out_topic, p) for p in sorted(consumer.partitions_for_topic(out_topic))]
-    consumer.assign(tps)
-    await consumer.seek_to_end(*tps)
-    for tp in tps:
-        await consumer.position(tp)
+    consumer = await stream_bench.tail_reader(bootstrap, out_topic)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=1)
     await producer.start()
     sent: dict[str, float] = {}  # trigger event id -> send time (perf_counter)
@@ -181,30 +174,16 @@ def main() -> None:
         link = home / "current"
         link.symlink_to(args.model_a.resolve())
         tag = f"r{uuid.uuid4().hex[:6]}"
+        port = free_port()
         env = {
-            "INTEREST_HOME": str(home),
-            "INTEREST_TOPIC_CLICKS": f"{tag}.clicks",
-            "INTEREST_TOPIC_PURCHASES": f"{tag}.purchases",
-            "INTEREST_TOPIC_RECOMMENDATIONS": f"{tag}.recommendations",
-            "INTEREST_TOPIC_DLQ": f"{tag}.dlq",
-            "INTEREST_GROUP_ID": f"{tag}-worker",
-            "INTEREST_REDIS_KEY_PREFIX": tag,
-            "INTEREST_METRICS_PORT": str(free_port()),
-            "INTEREST_MODEL": str(link),
+            **stream_bench.stack_env(home, tag, port, link),
             "INTEREST_MODEL_POLL_SECONDS": "0.5",
         }
         os.environ.update(env)
         settings = Settings()
         ensure_topics(settings)
         log_path = home / "worker.log"
-        with log_path.open("wb") as log:
-            worker = subprocess.Popen(
-                [sys.executable, "-c", "from interest.cli import main; main()", "worker"],
-                env={**os.environ, **env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=args.worker_tree,
-            )
+        worker = stream_bench.start_worker({**os.environ, **env}, log_path, args.worker_tree)
         # The group join takes seconds on the embedded broker: a first event, and its answer.
         print(f"worker {args.worker_tree} pid {worker.pid}; waiting for it to serve", flush=True)
         warm_up = asyncio.run(

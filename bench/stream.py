@@ -143,6 +143,51 @@ def _consumer(bootstrap: str, **kw: object):
     )
 
 
+async def tail_reader(bootstrap: str, topic: str):
+    """A started consumer of every partition of ``topic``, from its end on."""
+    from aiokafka import TopicPartition
+
+    # A short fetch wait: the embedded broker holds a fetch for its whole wait even when data
+    # arrives (aiokafka's 500 ms default would add up to 500 ms to what is measured).
+    consumer = _consumer(bootstrap, max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_wait_ms=10)
+    await consumer.start()
+    parts = consumer.partitions_for_topic(topic)
+    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    consumer.assign(tps)
+    await consumer.seek_to_end(*tps)
+    for tp in tps:
+        await consumer.position(tp)
+    return consumer
+
+
+def stack_env(home: Path, tag: str, metrics_port: int, model: Path) -> dict[str, str]:
+    """The worker's settings on a private stack: topics, group and keys of their own."""
+    return {
+        "INTEREST_HOME": str(home),
+        "INTEREST_TOPIC_CLICKS": f"{tag}.clicks",
+        "INTEREST_TOPIC_PURCHASES": f"{tag}.purchases",
+        "INTEREST_TOPIC_RECOMMENDATIONS": f"{tag}.recommendations",
+        "INTEREST_TOPIC_DLQ": f"{tag}.dlq",
+        "INTEREST_GROUP_ID": f"{tag}-worker",
+        "INTEREST_REDIS_KEY_PREFIX": tag,
+        "INTEREST_METRICS_PORT": str(metrics_port),
+        "INTEREST_MODEL": str(model),
+    }
+
+
+def start_worker(env: dict[str, str], log_path: Path, tree: Path = REPO_ROOT) -> subprocess.Popen:
+    """`interest worker` of the checkout ``tree`` as a child process, its output to
+    ``log_path``."""
+    with log_path.open("wb") as log:  # the child holds its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-c", "from interest.cli import main; main()", "worker"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tree,
+        )
+
+
 async def assign_all(consumer, topic: str) -> None:
     from aiokafka import TopicPartition
 
@@ -332,19 +377,10 @@ async def latency(
     each of ``pids``. Why: the embedded broker's CPU per request grows with its topics'
     length (bench/broker_growth.py), so at a constant rate the second half can be slower
     than the first for reasons that are the broker's, not the worker's."""
-    from aiokafka import AIOKafkaProducer, TopicPartition
+    from aiokafka import AIOKafkaProducer
     from aiokafka.partitioner import DefaultPartitioner
 
-    # A short fetch wait: the embedded broker holds a fetch for its whole wait even when data
-    # arrives (aiokafka's 500 ms default would add up to 500 ms to what is measured).
-    consumer = _consumer(bootstrap, max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_wait_ms=10)
-    await consumer.start()
-    parts = consumer.partitions_for_topic(out_topic)
-    tps = [TopicPartition(out_topic, p) for p in sorted(parts)]
-    consumer.assign(tps)
-    await consumer.seek_to_end(*tps)
-    for tp in tps:
-        await consumer.position(tp)
+    consumer = await tail_reader(bootstrap, out_topic)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=1)
     await producer.start()
     partitions = sorted(await producer.partitions_for(topic))
@@ -529,17 +565,7 @@ def main() -> None:
         info = start_stack(home)
         tag = f"b{uuid.uuid4().hex[:6]}"
         metrics_port = free_port()
-        env = {
-            "INTEREST_HOME": str(home),
-            "INTEREST_TOPIC_CLICKS": f"{tag}.clicks",
-            "INTEREST_TOPIC_PURCHASES": f"{tag}.purchases",
-            "INTEREST_TOPIC_RECOMMENDATIONS": f"{tag}.recommendations",
-            "INTEREST_TOPIC_DLQ": f"{tag}.dlq",
-            "INTEREST_GROUP_ID": f"{tag}-worker",
-            "INTEREST_REDIS_KEY_PREFIX": tag,
-            "INTEREST_METRICS_PORT": str(metrics_port),
-            "INTEREST_MODEL": str(bundle),
-        }
+        env = stack_env(home, tag, metrics_port, bundle)
         os.environ.update(env)
         settings = Settings()
         ensure_topics(settings)
@@ -571,18 +597,11 @@ def main() -> None:
             flush=True,
         )
 
-        log = log_path.open("wb")
         worker_env = {**os.environ, **env}
         if args.worker_without_model:
             del worker_env["INTEREST_MODEL"]
             print("(c) runs without INTEREST_MODEL: the popularity baseline", flush=True)
-        worker = subprocess.Popen(
-            [sys.executable, "-c", "from interest.cli import main; main()", "worker"],
-            env=worker_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-        )
+        worker = start_worker(worker_env, log_path)
         print(
             f"(c) worker pid {worker.pid} started (log {log_path}); draining the backlog",
             flush=True,

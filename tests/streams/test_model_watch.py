@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
@@ -35,6 +36,18 @@ def roll_out(bundle: Path, version: str) -> None:
     new = bundle / "manifest.json.new"
     new.write_text(f'{{"version": "{version}", "padding": "{version * 10}"}}')
     new.replace(bundle / "manifest.json")
+
+
+def loader(outcomes: list[Exception | Recommender]) -> Callable[[Settings], Recommender]:
+    """A load_recommender that gives (or raises) the outcomes in turn."""
+
+    def load(settings: Settings) -> Recommender:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    return load
 
 
 def test_serves_the_old_model_while_the_new_one_loads_then_swaps_once(
@@ -80,13 +93,7 @@ def test_a_bundle_that_fails_to_load_keeps_the_old_model_and_is_retried_later(
         recommender("b"),
     ]
 
-    def load(settings: Settings) -> Recommender:
-        outcome = outcomes.pop(0)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
-
-    monkeypatch.setattr(model_watch, "load_recommender", load)
+    monkeypatch.setattr(model_watch, "load_recommender", loader(outcomes))
     watcher = ModelWatcher(Settings(model=bundle), recommender("a"))
     roll_out(bundle, "b")
 
@@ -113,13 +120,7 @@ def test_a_loaded_bundle_superseded_before_it_served_is_never_swapped_in(
     bundle = bundle_dir(tmp_path)
     outcomes: list[Exception | Recommender] = [recommender("b"), UserError("bad bundle c")]
 
-    def load(settings: Settings) -> Recommender:
-        outcome = outcomes.pop(0)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
-
-    monkeypatch.setattr(model_watch, "load_recommender", load)
+    monkeypatch.setattr(model_watch, "load_recommender", loader(outcomes))
     watcher = ModelWatcher(Settings(model=bundle), recommender("a"))
 
     async def scenario() -> None:
