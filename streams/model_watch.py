@@ -129,6 +129,9 @@ class ModelWatcher:
             return
         self._failed = None
         self._stamp = stamp
+        if candidate.model_version == self.current.model_version:  # e.g. a rollback in time
+            log.info("model rollout: %s is the version serving already", candidate.model_version)
+            return
         self._loaded = candidate
         log.warning(
             "model rollout: %s loaded; it serves from the next batch", candidate.model_version
