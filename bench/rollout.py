@@ -9,9 +9,8 @@ the symlink to bundle B half way (as an operator would: a new link renamed over 
 prints the produce -> recommendation latency of the events sent from the switch until 2 s
 after the send time of the first event B answered, against those sent before (after a 4 s
 warm-up) and after; when B's first answer came; and whether every event got its
-recommendation. The two
-bundles must differ (their versions are content hashes). --worker-tree runs the worker from
-another checkout (side-by-side comparisons).
+recommendation. The two bundles must differ (their versions are content hashes).
+--worker-tree runs the worker from another checkout (side-by-side comparisons).
 """
 
 from __future__ import annotations

@@ -147,8 +147,9 @@ async def tail_reader(bootstrap: str, topic: str):
     """A started consumer of every partition of ``topic``, from its end on."""
     from aiokafka import TopicPartition
 
-    # A short fetch wait: the embedded broker holds a fetch for its whole wait even when data
-    # arrives (aiokafka's 500 ms default would add up to 500 ms to what is measured).
+    # A short fetch wait: the embedded broker answers a fetch late even when data arrives
+    # (p50 5 / p99 10 ms added at 10 ms, 16 / 31 ms at 50; bench/broker_requests.py), and
+    # aiokafka's 500 ms default would add far more to what is measured.
     consumer = _consumer(bootstrap, max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_wait_ms=10)
     await consumer.start()
     parts = consumer.partitions_for_topic(topic)
@@ -374,9 +375,9 @@ async def latency(
     """Produce at ``rate`` for ``seconds``; latency produce -> recommendation received.
 
     Also per half of the run (by send time): p50/p99 and the CPU microseconds per event of
-    each of ``pids``. Why: the embedded broker's CPU per request grows with its topics'
-    length (bench/broker_growth.py), so at a constant rate the second half can be slower
-    than the first for reasons that are the broker's, not the worker's."""
+    each of ``pids``. Why: the embedded broker's CPU per event rises through a run at a
+    constant rate (bench/broker_growth.py; bench/broker_requests.py puts most of its cost on
+    each request), so the second half can be slower for reasons that are the broker's."""
     from aiokafka import AIOKafkaProducer
     from aiokafka.partitioner import DefaultPartitioner
 
