@@ -1,14 +1,18 @@
 """What a fetch costs the embedded broker, and what its fetch wait adds to latency.
 
     python bench/broker_requests.py [--rate 5000] [--seconds 8] [--waits 50,10,200]
-                                    [--prefill 0]
+                                    [--prefill 0] [--prefill-batches 0]
 
 For each fetch wait in --waits, on a new 4-partition topic of the embedded stack (`interest
 up`'s launcher): produces --rate small keyed records/s, a `send()` each, in 10 ms ticks, and
 reads them back as they arrive with aiokafka at that ``fetch_max_wait_ms``; prints the fetches
 per second that returned records (empty ones are not counted), records per such fetch, the
 produce -> read delay (p50, p99) and the broker's CPU in cores over the producing span.
---prefill writes that many records to the topic first (does a longer log cost more per fetch?).
+--prefill writes that many records to the topic first, in large batches (does a longer log cost
+more per fetch?); --prefill-batches writes that many one-record batches first, spread over the
+partitions (does the number of stored batches?). The second is what a latency run piles up: its
+producer sends one batch per partition every 10 ms, and the worker one per partition per
+micro-batch.
 
 Why it matters: on two shared cores, every request the broker serves takes CPU from the
 worker; bench/stream.py's latency run reads with a 10 ms fetch wait besides the worker's own
@@ -42,6 +46,7 @@ async def measure(
     rate: float,
     seconds: float,
     prefill: int,
+    prefill_batches: int = 0,
 ) -> str:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -58,6 +63,15 @@ async def measure(
     for i in range(prefill):
         pending.append(await producer.send(topic, b"prefill", key=str(i % 6040).encode()))
         if len(pending) >= 5000:
+            await asyncio.gather(*pending)
+            pending = []
+    await asyncio.gather(*pending)
+    pending = []
+    for i in range(prefill_batches):  # each its own record batch, as stored by the broker
+        batch = producer.create_batch()
+        batch.append(key=b"prefill", value=b"prefill", timestamp=None)
+        pending.append(await producer.send_batch(batch, topic, partition=i % PARTITIONS))
+        if len(pending) >= 200:
             await asyncio.gather(*pending)
             pending = []
     await asyncio.gather(*pending)
@@ -107,7 +121,8 @@ async def measure(
         return f"fetch wait {wait_ms:4d} ms: {len(delays_ms)} records read back; nothing to report"
     cuts = statistics.quantiles(delays_ms, n=100)
     return (
-        f"fetch wait {wait_ms:4d} ms, prefill {prefill:,}: {fetches / elapsed:5.0f} fetches/s,"
+        f"fetch wait {wait_ms:4d} ms, prefill {prefill:,} records / {prefill_batches:,} batches:"
+        f" {fetches / elapsed:5.0f} fetches/s,"
         f" {len(delays_ms) / max(fetches, 1):5.0f} records per fetch, delay p50 {cuts[49]:.1f}"
         f" / p99 {cuts[98]:.1f} ms, broker {cpu:.2f} cores"
     )
@@ -119,6 +134,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8)
     ap.add_argument("--waits", default="50,10,200", help="fetch_max_wait_ms values, in order")
     ap.add_argument("--prefill", type=int, default=0, help="records in each topic beforehand")
+    ap.add_argument(
+        "--prefill-batches",
+        type=int,
+        default=0,
+        help="one-record batches in each topic beforehand",
+    )
     args = ap.parse_args()
     try:
         waits = [int(w) for w in args.waits.split(",")]
@@ -139,6 +160,7 @@ def main() -> None:
                     args.rate,
                     args.seconds,
                     args.prefill,
+                    args.prefill_batches,
                 )
             )
             print(line, flush=True)
