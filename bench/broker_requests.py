@@ -67,7 +67,7 @@ async def measure(
             pending = []
     await asyncio.gather(*pending)
     pending = []
-    for i in range(prefill_batches):  # each its own record batch, as stored by the broker
+    for i in range(prefill_batches):  # one record per batch: the broker stores each apart
         batch = producer.create_batch()
         batch.append(key=b"prefill", value=b"prefill", timestamp=None)
         pending.append(await producer.send_batch(batch, topic, partition=i % PARTITIONS))
