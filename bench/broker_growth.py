@@ -10,7 +10,9 @@ Why it matters: bench/stream.py measures latency after a 150,000-event backlog a
 recommendations are in the broker, at half the worker's rate, beside the worker on two cores;
 a broker whose cost per request grows with the log takes more of those cores as the run goes
 on (bench/README.md has the numbers). Apache Kafka serves fetches from an offset index, so
-this is a property of the embedded broker's memory storage, not of Kafka.
+this is a property of the embedded broker's memory storage, not of Kafka. The records go in
+as many small batches, and it is their count that costs, not the records or bytes:
+`bench/broker_requests.py --prefill-batches` against `--prefill`.
 """
 
 from __future__ import annotations

@@ -375,9 +375,10 @@ async def latency(
     """Produce at ``rate`` for ``seconds``; latency produce -> recommendation received.
 
     Also per half of the run (by send time): p50/p99 and the CPU microseconds per event of
-    each of ``pids``. Why: the embedded broker's CPU per event rises through a run at a
-    constant rate (bench/broker_growth.py; bench/broker_requests.py puts most of its cost on
-    each request), so the second half can be slower for reasons that are the broker's."""
+    each of ``pids``. Why: the embedded broker's CPU per request grows with the record
+    batches stored in the partition it reads (`bench/broker_requests.py --prefill-batches`),
+    and this run stores one per partition per tick, so the second half can be slower for
+    reasons that are the broker's."""
     from aiokafka import AIOKafkaProducer
     from aiokafka.partitioner import DefaultPartitioner
 
