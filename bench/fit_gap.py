@@ -34,7 +34,7 @@ def main() -> None:
         memory_horizon,
     )
     from encoder.evaluate import load_model, rank_split
-    from interest.errors import UserError
+    from common.errors import UserError
 
     try:
         model, item_ids = load_model(args.model)

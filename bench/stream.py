@@ -543,7 +543,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     if not DATA.is_file():
-        print(f"skipped: {DATA} is missing (licensed data is never committed; see DESIGN.md)")
+        print(f"skipped: {DATA} is missing (licensed data is never committed to this repository)")
         return
 
     from streams.settings import Settings

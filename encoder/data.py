@@ -37,7 +37,7 @@ from encoder.features import (
     event_type_index,
     time_gap_bucket,
 )
-from interest.errors import UserError
+from common.errors import UserError
 
 
 @dataclass

@@ -20,7 +20,7 @@ from encoder.data import (
     seen_items,
 )
 from encoder.model import EncoderConfig, InterestEncoder
-from interest.errors import UserError
+from common.errors import UserError
 
 N_SAMPLED_NEGATIVES = 100
 

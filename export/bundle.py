@@ -59,7 +59,7 @@ from export.runtime import (
     manifest_digest,
     sha256_file,
 )
-from interest.errors import UserError
+from common.errors import UserError
 
 OPSET = 17
 PARITY_TOL = 1e-4

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from interest.errors import UserError
+from common.errors import UserError
 
 if TYPE_CHECKING:
     from streams.settings import Settings

@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from interest.errors import UserError
+from common.errors import UserError
 from streams.recommend import PopularityRecommender, Recommender
 from streams.settings import Settings
 

@@ -147,7 +147,7 @@ def recommendation_id_reference(trigger_event_id: str, model_version: str) -> st
 
 
 def recommendation_event(event: Event, recommendation: Recommendation) -> dict[str, Any]:
-    """The published payload (contract in DESIGN.md; `source` is an extension)."""
+    """The published payload (the contract in README.md, "Events")."""
     return {
         "recommendation_id": recommendation_id(event.event_id, recommendation.model_version),
         "user_id": event.user_id,

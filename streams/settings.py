@@ -20,7 +20,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from interest.errors import UserError
+from common.errors import UserError
 
 STACK_FILE_NAME = "stack.json"
 
@@ -134,7 +134,7 @@ class Settings(BaseSettings):
 
     # Consumer group timing: Kafka's defaults. A worker that does not poll within the interval
     # is dropped from the group. The embedded broker completes a group join only after about
-    # half this interval (DESIGN.md), so `interest up` records shorter values for dev use.
+    # half this interval, so `interest up` records shorter values for dev use.
     kafka_session_timeout_seconds: float = Field(default=45.0, gt=0)
     kafka_max_poll_interval_seconds: float = Field(default=300.0, gt=0)
     # How long a batch waits for the broker to acknowledge its output before it is retried.

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from interest.errors import UserError
+from common.errors import UserError
 
 READY_TIMEOUT_SECONDS = 20.0
 

@@ -8,7 +8,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from interest.errors import UserError
+from common.errors import UserError
 from streams.settings import Settings
 
 

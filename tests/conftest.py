@@ -189,5 +189,5 @@ def read_json(
 def shared_data(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.exists():
-        pytest.skip(f"{path} is missing (licensed data is never committed; see DESIGN.md)")
+        pytest.skip(f"{path} is missing (licensed data is never committed to this repository)")
     return path

@@ -9,7 +9,7 @@ import pytest
 
 from encoder.data import eval_batch, load_interactions, parse_timestamp, seen_items, train_batch
 from encoder.features import time_gap_bucket
-from interest.errors import UserError
+from common.errors import UserError
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:

@@ -20,7 +20,7 @@ from encoder.train import (
     train,
     training_split,
 )
-from interest.errors import UserError
+from common.errors import UserError
 
 TINY = {"d_model": 16, "n_heads": 2, "span": 4, "max_len": 12, "dropout": 0.0}
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from export.bundle import export_bundle
 from interest.cli import app
-from interest.errors import UserError
+from common.errors import UserError
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -14,7 +14,7 @@ from typing import cast
 import pytest
 
 import streams.model_watch as model_watch
-from interest.errors import UserError
+from common.errors import UserError
 from streams.model_watch import ModelWatcher
 from streams.recommend import Recommender
 from streams.settings import Settings

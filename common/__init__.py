@@ -1,0 +1,1 @@
+"""Pieces every other package may import: nothing here imports from the rest of the project."""
