@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True, help="the log it was trained on")
     args = ap.parse_args()
 
+    from common.errors import UserError
     from encoder.data import (
         Interactions,
         UserSequence,
@@ -34,7 +35,6 @@ def main() -> None:
         memory_horizon,
     )
     from encoder.evaluate import load_model, rank_split
-    from common.errors import UserError
 
     try:
         model, item_ids = load_model(args.model)

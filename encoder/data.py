@@ -31,13 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.errors import UserError
 from encoder.features import (
     DEFAULT_EVENT_TYPE,
     DEFAULT_TIME_BUCKETS,
     event_type_index,
     time_gap_bucket,
 )
-from common.errors import UserError
 
 
 @dataclass

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.errors import UserError
 from encoder import metrics
 from encoder.data import (
     Interactions,
@@ -20,7 +21,6 @@ from encoder.data import (
     seen_items,
 )
 from encoder.model import EncoderConfig, InterestEncoder
-from common.errors import UserError
 
 N_SAMPLED_NEGATIVES = 100
 

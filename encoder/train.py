@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.errors import UserError
 from encoder.data import (
     Interactions,
     SequenceBatch,
@@ -32,7 +33,6 @@ from encoder.data import (
 from encoder.evaluate import rank_split
 from encoder.features import DEFAULT_EVENT_TYPE, EVENT_TYPES
 from encoder.model import EncoderConfig, InterestEncoder
-from common.errors import UserError
 
 SCHEDULES = ("constant", "cosine", "wsd")
 DENSE_EVENTS_PER_USER = 20  # ml-1m has 165 events per user, Amazon Beauty 9

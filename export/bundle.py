@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.errors import UserError
 from encoder.features import EVENT_TYPES
 from encoder.model import EncoderConfig, InterestEncoder
 from export.graphs import (
@@ -59,7 +60,6 @@ from export.runtime import (
     manifest_digest,
     sha256_file,
 )
-from common.errors import UserError
 
 OPSET = 17
 PARITY_TOL = 1e-4

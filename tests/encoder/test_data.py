@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import UserError
 from encoder.data import eval_batch, load_interactions, parse_timestamp, seen_items, train_batch
 from encoder.features import time_gap_bucket
-from common.errors import UserError
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.errors import UserError
 from encoder.data import load_interactions, memory_horizon, train_batch
 from encoder.evaluate import evaluate
 from encoder.model import EncoderConfig, InterestEncoder
@@ -20,7 +21,6 @@ from encoder.train import (
     train,
     training_split,
 )
-from common.errors import UserError
 
 TINY = {"d_model": 16, "n_heads": 2, "span": 4, "max_len": 12, "dropout": 0.0}
 

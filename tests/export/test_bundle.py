@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from common.errors import UserError
 from export.bundle import export_bundle
 from interest.cli import app
-from common.errors import UserError
 
 
 def _copy(src: Path, dst: Path) -> Path:
