@@ -148,7 +148,8 @@ def inspect(user: Annotated[str, typer.Option(help="user id")]) -> None:
     """Print one user's state (window oldest first, model version, update time) as JSON."""
     import asyncio
 
-    from streams.store import StateStore, connect
+    from streams.redis_client import connect
+    from streams.store import StateStore
 
     settings = _settings()
 
@@ -180,7 +181,8 @@ def stats() -> None:
     """Live quality per model version: how often an event was in the recommendation before it."""
     import asyncio
 
-    from streams.store import StateStore, connect
+    from streams.redis_client import connect
+    from streams.store import StateStore
 
     settings = _settings()
 

@@ -1,0 +1,67 @@
+-- A batch's write: every user's new state, popularity increments and online counters, atomic.
+-- KEYS[1] popularity zset, KEYS[2] popularity epoch, KEYS[3] online counters hash, then per
+-- user (hash, window list).
+-- ARGV[1] ttl_ms, ARGV[2] now_ms, ARGV[3] the epoch the weights are relative to ("" = none),
+-- ARGV[4] n_items, ARGV[5] n_online, then n_items (item, weight) pairs, n_online (counter,
+-- increment) pairs, then the users: one MessagePack array with, per user in KEYS order, an
+-- array of 9 values: the offsets JSON read before the batch ("" = none), mode ("append" or
+-- "replace"), the new window entries (an array of JSON strings), the window length after the
+-- batch, offsets, vector ("" = unchanged), memory, model_version, recs ("" = unchanged).
+-- Why one argument for the users: packing nine arguments per user into the command was a
+-- visible share of the worker's GIL time; MessagePack of the same values is one C call, and
+-- Lua's cmsgpack unpacks it (it has no bin type: bytes arrive as strings).
+-- Returns 1, or 0 without writing anything where the popularity epoch or any user's offsets
+-- changed since the read (another worker wrote: compare-and-set); the caller retries the batch.
+local ttl, now = tonumber(ARGV[1]), ARGV[2]
+local n_items, n_online = tonumber(ARGV[4]), tonumber(ARGV[5])
+local users = cmsgpack.unpack(ARGV[6 + 2 * n_items + 2 * n_online])
+local epoch = redis.call('GET', KEYS[2])
+if n_items > 0 and epoch and epoch ~= ARGV[3] then return 0 end
+for u = 1, #users do
+  local stored = redis.call('HGET', KEYS[2 * u + 2], 'offsets')
+  if (stored or '') ~= users[u][1] then return 0 end
+end
+local a = 6
+if n_items > 0 then
+  if not epoch then redis.call('SET', KEYS[2], ARGV[3]) end
+  for i = 1, n_items do
+    redis.call('ZINCRBY', KEYS[1], ARGV[a + 1], ARGV[a])
+    a = a + 2
+  end
+end
+for i = 1, n_online do
+  redis.call('HINCRBY', KEYS[3], ARGV[a], ARGV[a + 1])
+  a = a + 2
+end
+for u = 1, #users do
+  local hash, list, user = KEYS[2 * u + 2], KEYS[2 * u + 3], users[u]
+  if user[2] == 'replace' then redis.call('DEL', list) end
+  local entries = user[3]
+  local length = -1  -- unknown
+  for i = 1, #entries, 1000 do  -- unpack() fails past ~8000 values
+    length = redis.call('RPUSH', list, unpack(entries, i, math.min(i + 999, #entries)))
+  end
+  local keep = user[4]
+  if keep <= 0 then
+    redis.call('DEL', list)
+  elseif length < 0 or length > keep then
+    redis.call('LTRIM', list, -keep, -1)
+  end
+  -- One HSET per user: each redis.call costs the script more than the command itself.
+  local fields = {'offsets', user[5], 'updated_ms', now}
+  if user[6] ~= '' then
+    fields[5], fields[6] = 'vector', user[6]
+    fields[7], fields[8] = 'memory', user[7]
+    fields[9], fields[10] = 'model_version', user[8]
+  end
+  if user[9] ~= '' then
+    fields[#fields + 1] = 'recs'
+    fields[#fields + 1] = user[9]
+  end
+  redis.call('HSET', hash, unpack(fields))
+  if ttl > 0 then
+    redis.call('PEXPIRE', hash, ttl)
+    if keep > 0 then redis.call('PEXPIRE', list, ttl) end
+  end
+end
+return 1
