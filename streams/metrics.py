@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from collections import Counter as Tally
+from collections.abc import Sequence
+
 from prometheus_client import Counter, Histogram
+
+from streams.recommend import Request
 
 EVENTS = Counter(
     "interest_events_total", "Input messages by outcome", ["topic", "outcome"]
@@ -17,7 +23,7 @@ BATCH_SECONDS = Histogram(
     " state write), without waits for the batch before it; batches in flight overlap",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
-# The stages of a batch, in order (streams/pipeline.py times each).
+# The stages of a batch, in order (streams/processor.py times each).
 STAGES = ("apply", "recommend", "finish", "publish", "write")
 STAGE_SECONDS = Histogram(
     "interest_stage_seconds",
@@ -50,3 +56,33 @@ ONLINE_HITS = Counter(
     "Events whose item was in the recommendation made just before them (hit rate@K)",
     ["model_version"],
 )
+
+
+def observe_stage(stage: str, started: float) -> float:
+    """Record a stage's duration until now (``interest_stage_seconds``) and return it."""
+    seconds = time.perf_counter() - started
+    STAGE_SECONDS.labels(stage).observe(seconds)
+    return seconds
+
+
+def report_batch(
+    outcomes: Tally[tuple[str, str]],
+    sources: Tally[str],
+    online: Tally[str],
+    requests: Sequence[Request],
+) -> None:
+    """Metrics of a committed batch, counted once per batch (a labelled inc() per event costs;
+    a retried batch is reported once)."""
+    for (topic, outcome), count in outcomes.items():
+        EVENTS.labels(topic, outcome).inc(count)
+        if outcome == "rejected":
+            DLQ.labels(topic).inc(count)
+    for source, count in sources.items():
+        RECOMMENDATIONS.labels(source).inc(count)
+    for name, count in online.items():
+        kind, version = name.split(":", 1)
+        counter = ONLINE_HITS if kind == "hits" else ONLINE_EVENTS
+        counter.labels(version).inc(count)
+    now = time.time()
+    for request in requests:
+        EVENT_LAG_SECONDS.observe(max(0.0, now - request.event.timestamp_ms / 1000))

@@ -1,13 +1,13 @@
 """Publishing a micro-batch's output: whole Kafka record batches instead of one send per record.
 
-Why: `producer.send()` per record costs tens of microseconds of Python in aiokafka and faust
-(a future, a partition lookup, a sensor call and a debug log each), which made publishing a
-batch's ~500 recommendations ~14% of the worker's event-loop time in a profile under load.
-Here the records of one (topic, partition) are appended to aiokafka's record-batch builder
-(C code) and submitted with `send_batch`: one future per batch of records. The builders hold up
-to `Settings.kafka_max_batch_bytes`, so a micro-batch's output is one record batch per
-partition, sent in one request: aiokafka keeps one pending batch per partition and one request
-per broker in flight, so its 16 KiB default took ~16 round trips per micro-batch under load.
+Why: `producer.send()` per record runs a future, a partition lookup, a sensor call and a
+debug log in Python, which made publishing a batch's recommendations a large share of the
+worker's event-loop time. Here the records of one (topic, partition) are appended to aiokafka's
+record-batch builder (C code) and submitted with `send_batch`: one future per batch of records.
+The builders hold up to `Settings.kafka_max_batch_bytes`, so a micro-batch's output is one
+record batch per partition, sent in one request: aiokafka keeps one pending batch per partition
+and one request per broker in flight, so its 16 KiB default took many round trips per
+micro-batch under load.
 
 Partitions are chosen as `send()` would choose them (aiokafka's DefaultPartitioner: murmur2 of
 the key over all partitions, the Java client's rule), so a user's recommendations keep landing
@@ -18,13 +18,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 
-from streams.pipeline import OutRecord
+from streams.messages import OutRecord
 from streams.settings import Settings
+
+
+class Publisher(Protocol):
+    """Where a batch's output goes; the pipeline sees only this."""
+
+    async def publish(self, records: Sequence[OutRecord]) -> None:
+        """Send all records and return once the broker acknowledged every one."""
 
 
 def create_producer(settings: Settings, client_id: str) -> AIOKafkaProducer:
@@ -38,7 +46,7 @@ def create_producer(settings: Settings, client_id: str) -> AIOKafkaProducer:
     )
 
 
-# Keys whose murmur2 hash is remembered (aiokafka's murmur2 is pure Python, ~4 us a key, and
+# Keys whose murmur2 hash is remembered (aiokafka's murmur2 is pure Python, and
 # the same users recur batch after batch); the memo is dropped whole when full.
 HASH_MEMO_KEYS = 100_000
 

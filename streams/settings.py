@@ -98,25 +98,18 @@ class Settings(BaseSettings):
     # Threads for inference off the event loop.
     inference_threads: int = Field(default=1, ge=1)
 
-    # Hand whole fetches to the agent, several batches in flight (streams/transport.py,
-    # streams/pipeline.py); false: faust's stock aiokafka driver, one batch at a time.
-    fast_consumer: bool = True
-
-    # Longest a fetch waits on the broker when there is no new data (fast_consumer only; faust's
-    # stock driver hard-codes 1500 ms). Kafka answers as soon as data arrives, so this only
-    # paces empty polls there; the embedded broker answers late, adding to latency (p50 16 /
-    # p99 31 ms at 50 ms against 5 / 10 ms at 10 ms; bench/broker_requests.py).
+    # Longest a fetch waits on the broker when there is no new data (faust hard-codes 1500 ms).
+    # Kafka answers as soon as data arrives, so this only paces empty polls there; the embedded
+    # broker holds a fetch for the whole wait, adding it to latency.
     kafka_fetch_max_wait_ms: int = Field(default=50, ge=1, le=30_000)
 
     # Micro-batching in the worker: at most batch_size events; while another batch is being
     # computed, a batch waits to fill until its oldest event has waited batch_within_seconds
-    # (with none computing it is taken at once; streams/transport.py FetchSink.take). With
-    # fast_consumer=false: stream.noack_take(batch_size, within=batch_within_seconds).
-    # 2000 rather than 1000: 25% more events/s from a backlog (14,607 / 14,480 against 11,664,
-    # alternated) with the same latency at a fixed 5,300 events/s (p99 109 / 126 against
-    # 119 ms), and 1000 rather than 500 gained 5-14% (bench/README.md, "Streaming"): what each
-    # batch costs once is spread over more events. Under light load batches stay small. It also
-    # sets the consumer's read-ahead (broker_max_poll_records, the fetch sink: 2x batch_size).
+    # (with none computing it is taken at once; streams/transport.py FetchSink.take). Large
+    # batches spread what each batch costs once over more events, which raises the rate from a
+    # backlog without adding latency at a fixed rate (bench/stream.py); under light load
+    # batches stay small. It also sets the consumer's read-ahead (broker_max_poll_records, the
+    # fetch sink: 2x batch_size).
     batch_size: int = Field(default=2000, ge=1)
     batch_within_seconds: float = Field(default=0.05, gt=0)
 
@@ -142,7 +135,7 @@ class Settings(BaseSettings):
     # Largest record batch the worker's producer builds per partition. aiokafka's default
     # (16 KiB, a few dozen recommendations) split one micro-batch's output into many record
     # batches, and aiokafka sends one batch per partition per request, one request per broker
-    # at a time: ~16 round trips per micro-batch under load (bench/README.md, "Streaming").
+    # at a time: many round trips per micro-batch under load.
     # Keep it at or below the topics' max.message.bytes (Kafka's default: 1 MiB).
     kafka_max_batch_bytes: int = Field(default=512 * 1024, ge=16 * 1024, le=64 * 1024 * 1024)
 

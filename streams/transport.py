@@ -1,17 +1,21 @@
-"""A faust Kafka transport whose consumer hands the worker whole fetches instead of messages.
+"""The worker's consumer: faust's Kafka consumer handing the agent whole fetches.
 
-Why: faust 0.15.3 moves every fetched message on its own: ``getmany`` yields it, the consumer
+This is the one module that relies on faust's private internals (its consumer's fetch loop);
+`FAUST_INTERNALS` lists what it relies on, and tests/streams/test_transport.py fails loudly when
+the pinned faust changes any of it.
+
+Why: faust moves every fetched message on its own: ``getmany`` yields it, the consumer
 delivers it with ``await self.wait_first(callback(message), self.suspend_flow.wait())`` (four
 new tasks and an ``asyncio.wait``), the conductor decodes it into an event and puts it in the
 agent's queue, the stream and ``take`` hand it on one at a time, and each ack runs the stream's
-bookkeeping. On this 2-core machine that machinery alone caps a no-op agent at 4-7k events/s
-(DESIGN.md, "Facts measured here") and cost the worker ~85 us per event (bench/README.md).
+bookkeeping. On a small machine that machinery alone caps a no-op agent well below the rate
+the worker's own work allows.
 
-What changes: for the topics of a `FetchSink` (the worker's input topics), one fetch becomes one
-list of messages, put in the sink in one step; the worker's agent takes batches from it
-(``FetchSink.take``) and acks them with the consumer's own ``ack`` once their batch is
-written. Everything else stays faust's: the consumer group, offsets, gap tracking, commits
-(``commit_every`` and the periodic commit), flow control and rebalances:
+What changes: for the topics of the `FetchSink` (the worker's input topics), one fetch becomes
+one list of messages, put in the sink in one step. The worker sees only the sink's two calls:
+``take`` a batch, and ``ack`` it once it is written. Everything else stays faust's: the
+consumer group, offsets, gap tracking, commits (``commit_every`` and the periodic commit), flow
+control and rebalances:
 
 - each delivered message is tracked in the consumer's unacked set, as the conductor does, so a
   rebalance waits for the batch in flight (``wait_empty``) before offsets are committed;
@@ -22,8 +26,7 @@ written. Everything else stays faust's: the consumer group, offsets, gap trackin
   as faust races each delivery.
 
 Messages of other topics (none in the worker) go through faust's per-message delivery,
-unchanged. Selected with the broker URL scheme ``interest-kafka://host:port`` (registered below
-in faust's transport registry); everything else is faust's aiokafka driver.
+unchanged. `attach_fetch_sink` installs all this as the app's consumer transport.
 """
 
 from __future__ import annotations
@@ -32,17 +35,21 @@ import asyncio
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
-from faust.transport import drivers
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP, AppT, Message
 from mode import Service
 
-SCHEME = "interest-kafka"
-# Where a FetchSink attaches itself to the app, for the consumer to find.
-FETCH_SINK_ATTR = "interest_fetch_sink"
+# What this module takes from faust beyond its public API: the methods whose code it mirrors
+# or extends. tests/streams/test_transport.py pins a digest of each one's source.
+FAUST_INTERNALS = (
+    "faust.transport.consumer:Consumer._drain_messages",
+    "faust.transport.consumer:Consumer.getmany",
+    "faust.transport.drivers.aiokafka:Consumer._new_consumer_thread",
+    "faust.transport.drivers.aiokafka:AIOKafkaConsumerThread._create_worker_consumer",
+)
 
 
 class FetchSink:
@@ -68,7 +75,6 @@ class FetchSink:
         self._room = asyncio.Event()  # set while below max_messages
         self._room.set()
         app.flow_control.manage_queue(self)  # type: ignore[arg-type]  # needs only clear()
-        setattr(app, FETCH_SINK_ATTR, self)
 
     @property
     def buffered(self) -> int:
@@ -157,27 +163,21 @@ async def _first_of(event: asyncio.Event, other: asyncio.Event | None, timeout: 
             wait.cancel()
 
 
-# Where create_app leaves Settings.kafka_fetch_max_wait_ms for the consumer thread to read.
-FETCH_MAX_WAIT_ATTR = "interest_fetch_max_wait_ms"
-
-
 class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
     """faust's consumer thread with a configurable fetch wait (faust hard-codes 1500 ms).
 
     Why: a fetch that finds no new data waits up to ``fetch_max_wait_ms`` on the broker. Kafka
     ends that wait as soon as data arrives, so there the setting only paces empty polls; the
-    embedded broker (Tansu) does not, so there the wait adds to every event's latency (produce
-    -> consume on Tansu, no worker: p50 216 ms at aiokafka's default 500 ms, 6 ms at 10 ms;
-    bench/README.md, "Streaming").
+    embedded broker (Tansu) holds the fetch for the whole wait, so there the wait adds to every
+    event's latency.
     """
 
     def _create_worker_consumer(
         self, transport: aiokafka_driver.Transport
     ) -> aiokafka_driver.aiokafka.AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)
-        wait_ms = getattr(self.app, FETCH_MAX_WAIT_ATTR, None)
-        if wait_ms is not None:
-            consumer._fetch_max_wait_ms = int(wait_ms)  # read when AIOKafkaConsumer.start()s
+        # Read when AIOKafkaConsumer.start()s.
+        consumer._fetch_max_wait_ms = cast(Transport, transport).fetch_max_wait_ms
         return consumer
 
 
@@ -245,8 +245,8 @@ class Consumer(aiokafka_driver.Consumer):
 
     async def _drain_messages(self, fetcher: Service) -> None:  # pragma: no cover - via tests
         # faust's loop (transport/consumer.py), per fetch instead of per message.
-        sink = cast(FetchSink | None, getattr(self.app, FETCH_SINK_ATTR, None))
-        sink_topics = sink.topics if sink is not None else frozenset()
+        sink = cast(Transport, self.transport).sink
+        sink_topics = sink.topics
         consumer_should_stop = cast(Service, self)._stopped.is_set
         fetcher_should_stop = fetcher._stopped.is_set
         try:
@@ -265,7 +265,7 @@ class Consumer(aiokafka_driver.Consumer):
                 if self._commit_every is not None and self._n_acked >= self._commit_every:
                     self._n_acked = 0
                     await self.commit()
-                if delivery.batch and sink is not None:
+                if delivery.batch:
                     put = await self.wait_first(sink.put(delivery.batch), self.suspend_flow.wait())
                     if put.stopped or self.suspend_flow.is_set():
                         # Stopping, or a rebalance began: the fetch is dropped unprocessed and
@@ -295,9 +295,28 @@ class Consumer(aiokafka_driver.Consumer):
 
 
 class Transport(aiokafka_driver.Transport):
-    """faust's aiokafka transport with the consumer above."""
+    """faust's aiokafka transport with the consumer above, feeding one sink."""
 
     Consumer = Consumer
 
+    def __init__(
+        self, url: list[Any], app: AppT, *, sink: FetchSink, fetch_max_wait_ms: int
+    ) -> None:
+        super().__init__(url, app)
+        self.sink = sink
+        self.fetch_max_wait_ms = fetch_max_wait_ms
 
-drivers.TRANSPORTS.aliases.setdefault(SCHEME, f"{__name__}:Transport")
+
+def attach_fetch_sink(
+    app: AppT, topics: Iterable[str], max_messages: int, fetch_max_wait_ms: int
+) -> FetchSink:
+    """Make the app consume ``topics`` into a new `FetchSink` and return the sink.
+
+    Call it before anything asks the app for its transport (``app.topic`` does): the app's
+    conductor and consumer are made by the transport that is set then.
+    """
+    sink = FetchSink(app, topics, max_messages)
+    app.transport = Transport(
+        app.conf.broker_consumer, app, sink=sink, fetch_max_wait_ms=fetch_max_wait_ms
+    )
+    return sink

@@ -1,7 +1,9 @@
-"""The Faust worker: a thin agent that hands micro-batches to `BatchProcessor`.
+"""The Faust worker: a thin agent that takes batches from the fetch sink and submits them to
+the `BatchPipeline`.
 
-Everything with logic lives in plain modules (events, window, store, recommend, pipeline); this
-file only wires them to Faust: topics, consumer settings, the producer and credentials.
+Everything with logic lives in plain modules (stages, processor, scheduler, store, the
+recommenders); this file only wires them to Faust: topics, consumer settings, the producer and
+credentials.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -22,15 +23,17 @@ import faust
 from faust.types import AppT, Message
 
 from streams.events import Source
+from streams.messages import RawMessage
 from streams.model_watch import ModelWatcher, load_recommender
-from streams.pipeline import BatchPipeline, BatchProcessor, RawMessage, with_retry
+from streams.processor import BatchProcessor
 from streams.publish import BatchPublisher, create_producer
 from streams.recommend import Recommender
+from streams.redis_client import connect
+from streams.scheduler import BatchPipeline
 from streams.settings import Settings
-from streams.store import StateStore, connect
+from streams.store import StateStore
 from streams.topics import ensure_topics
-from streams.transport import FETCH_MAX_WAIT_ATTR, FetchSink
-from streams.transport import SCHEME as TRANSPORT_SCHEME
+from streams.transport import attach_fetch_sink
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +55,8 @@ def _credentials(settings: Settings) -> object | None:
 def create_app(settings: Settings, datadir: Path, recommender: Recommender | None = None) -> AppT:
     app = faust.App(
         settings.group_id,
-        # faust's aiokafka driver, handing the agent whole fetches (streams/transport.py).
-        broker=f"{TRANSPORT_SCHEME if settings.fast_consumer else 'kafka'}://"
-        f"{settings.bootstrap_servers}",
+        # Consumed through the fetch sink attached below (streams/transport.py).
+        broker=f"kafka://{settings.bootstrap_servers}",
         broker_credentials=_credentials(settings),
         datadir=str(datadir),
         consumer_auto_offset_reset="earliest",
@@ -62,30 +64,25 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
         broker_max_poll_interval=settings.kafka_max_poll_interval_seconds,
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication,
-        # A fetch is one unit of delivery (the fetch sink's, or faust's stream's), and the
-        # group drops a member that has not polled within the poll interval. Bounding a fetch
-        # to two batches keeps polls frequent even when processing is slow.
+        # A fetch is the fetch sink's unit of delivery, and the group drops a member that has
+        # not polled within the poll interval. Bounding a fetch to two batches keeps polls
+        # frequent even when processing is slow.
         broker_max_poll_records=settings.batch_size * 2,
-        stream_buffer_maxsize=settings.batch_size * 4,  # faust's stream (fast_consumer=false)
         web_enabled=False,
         key_serializer="raw",
         value_serializer="raw",
     )
-    setattr(app, FETCH_MAX_WAIT_ATTR, settings.kafka_fetch_max_wait_ms)  # streams/transport.py
+    sink = attach_fetch_sink(
+        app,
+        settings.input_topics,
+        # The consumer reads ahead at most one fetch's worth (two batches): more held
+        # messages only mean more consumer work competing with the batches for the GIL.
+        max_messages=app.conf.broker_max_poll_records,
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+    )
     source_topic = app.topic(*settings.input_topics, key_type=bytes, value_type=bytes)
     watcher = ModelWatcher(settings, recommender or load_recommender(settings))
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="inference")
-
-    # The fast consumer hands the agent whole fetches (streams/transport.py); faust's stock
-    # driver feeds its stream one message at a time.
-    sink = (
-        # The consumer reads ahead at most one fetch's worth (two batches). With four
-        # fetches' worth the worker sustained 9-16% fewer events/s (bench/README.md,
-        # "Taking batches"): more messages held, more consumer work competing for the GIL.
-        FetchSink(app, settings.input_topics, max_messages=app.conf.broker_max_poll_records)
-        if settings.fast_consumer
-        else None
-    )
 
     @app.agent(source_topic, name="interest-events")
     async def interest_events(stream: faust.StreamT) -> None:
@@ -102,48 +99,31 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
                 RawMessage(m.key, m.value, Source(m.topic, m.partition, m.offset)) for m in messages
             ]
 
-        pipeline = BatchPipeline(
-            processor,
-            on_committed=sink.ack if sink is not None else lambda _: None,
-            on_fatal=exit_unacked,
-        )
+        pipeline = BatchPipeline(processor, on_committed=sink.ack, on_fatal=exit_unacked)
         watching = asyncio.create_task(watcher.watch())  # loads rolled-out bundles
         try:
-            if sink is not None:
-                # Up to three batches in flight, a stage apart (BatchPipeline); the consumer
-                # meanwhile fetches into the sink's bounded queue.
-                while True:
-                    # Room first, then take: what arrives while the pipeline is full joins
-                    # the next batch. While no batch is being computed, take what is there
-                    # at once rather than wait for a batch to fill (BatchPipeline).
-                    await pipeline.wait_for_room()
-                    messages = await sink.take(
-                        settings.batch_size,
-                        settings.batch_within_seconds,
-                        flush=pipeline.computing_idle,
-                    )
-                    # Between batches: pick up a rolled-out model once it has loaded. Batches
-                    # already in flight may then be recommended by it too; recommendation events
-                    # carry the version that made them, and a state of another version is
-                    # rebuilt.
-                    processor.recommender = watcher.refresh()
-                    try:
-                        await pipeline.submit(raw(messages), messages)
-                    except Exception:
-                        exit_unacked()
-                    del messages  # unacked messages are weakly tracked
-            else:
-                async for events in stream.noack_take(
-                    settings.batch_size, within=settings.batch_within_seconds
-                ):
-                    batch = raw([event.message for event in events])
-                    processor.recommender = watcher.refresh()  # as above
-                    try:
-                        await with_retry(partial(processor.process, batch))
-                    except Exception:
-                        exit_unacked()
-                    for event in events:
-                        await stream.ack(event)
+            # Up to three batches in flight, a stage apart (BatchPipeline); the consumer
+            # meanwhile fetches into the sink's bounded queue. The agent's stream is never
+            # iterated: the sink is its source.
+            while True:
+                # Room first, then take: what arrives while the pipeline is full joins the next
+                # batch. While no batch is being computed, take what is there at once rather
+                # than wait for a batch to fill.
+                await pipeline.wait_for_room()
+                messages = await sink.take(
+                    settings.batch_size,
+                    settings.batch_within_seconds,
+                    flush=pipeline.computing_idle,
+                )
+                # Between batches: pick up a rolled-out model once it has loaded. Batches
+                # already in flight may then be recommended by it too; recommendation events
+                # carry the version that made them, and a state of another version is rebuilt.
+                processor.recommender = watcher.refresh()
+                try:
+                    await pipeline.submit(raw(messages), messages)
+                except Exception:
+                    exit_unacked()
+                del messages  # unacked messages are weakly tracked
         finally:
             # Shutting down mid-batch: unacked events replay on restart.
             watching.cancel()
@@ -174,13 +154,11 @@ def tune_gc() -> None:
     """Fewer, larger cyclic-GC passes, and none over what was loaded at startup.
 
     Why: the worker keeps many long-lived objects (per-user caches) and allocates many
-    short-lived ones per event, and CPython's default thresholds (700, 10, 10) rescanned the
-    long-lived ones over and over: 12 full collections of ~0.23 s each in one 30,000-event
-    `bench/batch.py` run (counted with a `gc.callbacks` hook). Against `--default-gc` that
-    bench gives 3,541-3,565 instead of 2,755-3,025 events/s (window entries, once most of
-    those objects, are no longer tracked at all: streams/window.py). Reference counting still
-    frees everything at once; the cycle collector only has to find cycles, which the hot path
-    rarely makes. Startup objects (modules, the model) are frozen out of every pass.
+    short-lived ones per event, and CPython's default thresholds (700, 10, 10) rescan the
+    long-lived ones over and over, each full pass a pause on the hot path (`bench/batch.py
+    --default-gc` compares). Reference counting still frees everything at once; the cycle
+    collector only has to find cycles, which the hot path rarely makes. Startup objects
+    (modules, the model) are frozen out of every pass.
     """
     gc.collect()
     gc.freeze()
@@ -191,7 +169,7 @@ def create_worker(app: AppT, settings: Settings) -> faust.Worker:
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
     # faust's terminal spinner sets the root logger to DEBUG so that every record turns it:
     # every log.debug in aiokafka (one per message sent) then builds a LogRecord that the
-    # handlers drop, ~5% of the worker's time in a profile under load.
+    # handlers drop, a visible share of the worker's time under load.
     worker.spinner = None
     return worker
 

@@ -118,13 +118,10 @@ def test_replayed_log_gives_the_offline_models_vectors_across_a_restart(
         assert len(rec["items"]) == settings.top_k
 
 
-# Both consumer paths: the worker's own (whole fetches) and faust's stock stream.
-@pytest.mark.parametrize("fast_consumer", ["true", "false"])
 def test_rollout_switches_version_between_batches_and_cold_users_get_popularity(
     settings: Settings,
     start_worker: Callable[..., WorkerProcess],
     tmp_path: Path,
-    fast_consumer: str,
 ) -> None:
     _, bundle_a = make_bundle(tmp_path, seed=1)
     _, bundle_b = make_bundle(tmp_path, seed=2)
@@ -136,7 +133,6 @@ def test_rollout_switches_version_between_batches_and_cold_users_get_popularity(
     worker = start_worker(
         INTEREST_MODEL=str(current),
         INTEREST_MODEL_POLL_SECONDS="0.2",
-        INTEREST_FAST_CONSUMER=fast_consumer,
     )
 
     events = single_topic_events(users=4, per_user=10)

@@ -22,9 +22,12 @@ from export.runtime import EncoderRuntime
 from streams import metrics
 from streams.encoder_recommender import EncoderRecommender
 from streams.events import Source
-from streams.pipeline import BatchPipeline, BatchProcessor, OutRecord, RawMessage
+from streams.messages import OutRecord, RawMessage
+from streams.processor import BatchProcessor
+from streams.redis_client import connect
+from streams.scheduler import BatchPipeline
 from streams.settings import Settings
-from streams.store import StateStore, UserWrite, connect
+from streams.store import StateStore, UserWrite
 from streams.window import UserState, WindowEntry
 from tests.streams.test_encoder_stream import ITEMS, make_bundle
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from kafka.partitioner import murmur2
 
-from streams.pipeline import OutRecord
+from streams.messages import OutRecord
 from streams.publish import BatchPublisher, create_producer
 from streams.settings import Settings
 from tests.conftest import read_records

@@ -3,17 +3,58 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import importlib
+import inspect
 import time
 from pathlib import Path
 
 import faust
-from faust.transport import drivers
 
-from streams.transport import FETCH_SINK_ATTR, SCHEME, FetchSink, Transport
+from streams.transport import (
+    FAUST_INTERNALS,
+    Consumer,
+    FetchSink,
+    Transport,
+    attach_fetch_sink,
+)
+
+# sha256 of the source of each entry of FAUST_INTERNALS in the pinned faust-streaming.
+# A mismatch means faust changed code that streams/transport.py mirrors or extends: read the
+# new code, bring streams/transport.py in line with it, then update the digest here.
+PINNED_FAUST = "0.15.3"
+FAUST_SOURCE_DIGESTS = {
+    "faust.transport.consumer:Consumer._drain_messages": (
+        "44a2500309e83c630493f6828af50166ec8d96a0b3e4fb2bab735f704ae93417"
+    ),
+    "faust.transport.consumer:Consumer.getmany": (
+        "4b168d84882a70d6e3e2f9804430a63b92f8fd117d3187cbb4aeb54305bda34e"
+    ),
+    "faust.transport.drivers.aiokafka:Consumer._new_consumer_thread": (
+        "0870ec53dea75083995e3565c0f0a25a1c63ecceaeb238e92e2585e3623af5a9"
+    ),
+    "faust.transport.drivers.aiokafka:AIOKafkaConsumerThread._create_worker_consumer": (
+        "c2701bfc3e6f6cad95c2be36d6a255a86e2c57d18d36cc1082b5fb5c482d99d7"
+    ),
+}
 
 
-def test_scheme_selects_the_transport() -> None:
-    assert drivers.by_url(f"{SCHEME}://127.0.0.1:9092") is Transport
+def _source_digest(name: str) -> str:
+    module_name, qualname = name.split(":")
+    target: object = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return hashlib.sha256(inspect.getsource(target).encode()).hexdigest()  # type: ignore[arg-type]
+
+
+def test_faust_still_has_the_internals_the_consumer_relies_on() -> None:
+    assert faust.__version__ == PINNED_FAUST, (
+        f"faust-streaming {faust.__version__} is installed, streams/transport.py was written "
+        f"against {PINNED_FAUST}: check FAUST_INTERNALS there, then update this pin"
+    )
+    assert set(FAUST_SOURCE_DIGESTS) == set(FAUST_INTERNALS)
+    changed = [n for n, d in FAUST_SOURCE_DIGESTS.items() if _source_digest(n) != d]
+    assert not changed, f"faust changed code streams/transport.py relies on: {changed}"
 
 
 def _sink(max_messages: int = 4000) -> FetchSink:
@@ -22,9 +63,13 @@ def _sink(max_messages: int = 4000) -> FetchSink:
     return FetchSink(app, ["clicks"], max_messages=max_messages)
 
 
-def test_the_app_knows_its_sink() -> None:
-    sink = _sink()
-    assert getattr(sink.app, FETCH_SINK_ATTR) is sink
+def test_the_app_consumes_through_its_sink() -> None:
+    app = faust.App("sink-app-test", broker="kafka://127.0.0.1:9")
+    sink = attach_fetch_sink(app, ["clicks"], max_messages=10, fetch_max_wait_ms=5)
+    app.topic("clicks")  # the conductor and consumer come from the transport attached
+    assert isinstance(app.transport, Transport)
+    assert app.transport.sink is sink
+    assert isinstance(app.consumer, Consumer)
     assert sink.topics == {"clicks"}
 
 

@@ -1,0 +1,305 @@
+"""A micro-batch's stages as plain functions: no Kafka, no Redis, no event loop.
+
+Stage 1 checks the messages (bad ones become dead letters) and updates each user's window
+(`check_messages`, `apply_events`, gathered in `Applied`); stage 2 is the recommender, fed by
+`model_batch`; stage 3, `finish`, makes the payloads, the online hit rate and the state to
+write (`Prepared`). Each stage's result is frozen: later stages read it and never change it.
+`streams/processor.py` runs these with the I/O around them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import orjson
+
+from streams.events import Event, Rejection, validate
+from streams.messages import OutRecord, RawMessage
+from streams.popularity import popularity_epoch
+from streams.recommend import Batch, Recommendation, Request, Result, StoredModelState
+from streams.recommend import recommendation_event as _payload
+from streams.settings import Settings
+from streams.store import StoredUser, UserWrite
+from streams.window import UserState, WindowEntry, WindowPolicy, apply_event
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """What one batch did, in counts."""
+
+    applied: int
+    duplicates: int
+    rejected: int
+    recommendations: int
+    touched_users: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """The batch's messages split into valid events and dead letters, in arrival order."""
+
+    events: list[Event]
+    dead_letters: list[OutRecord]
+    rejected: Counter[str]  # per topic
+
+
+@dataclass(frozen=True, slots=True)
+class WindowChanges:
+    """What `apply_events` changed: for the recommender and for the state write."""
+
+    requests: list[Request]  # one per applied event, in order
+    new_items: list[tuple[str, int]]  # (item, timestamp) per applied event, for popularity
+    appended: dict[str, list[WindowEntry]]  # per user, entries added at the window's end
+    rewritten: set[str]  # users whose window took an event out of time order
+    touched: frozenset[str]  # users to write: a replay still advances their offsets
+    outcomes: Counter[tuple[str, str]]  # (topic, "applied" | "duplicate")
+    duplicates: int
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """Stage 1's result: windows updated, nothing output yet."""
+
+    checked: Checked
+    # Each touched user as stored before this batch, but for `state`, which is the batch's own
+    # copy, updated by it (the same object as in `states`).
+    users: Mapping[str, StoredUser]
+    # Users whose state before this batch is an earlier, uncommitted batch's: the index of that
+    # batch in the ``earlier`` sequence `apply_batch` was given.
+    carried_from: Mapping[str, int]
+    states: Mapping[str, UserState]  # after this batch
+    changes: WindowChanges
+    prior_windows: Mapping[str, tuple[WindowEntry, ...]]
+    # Per user: the offsets JSON before (as stored) and after this batch (as it will be).
+    prior_signatures: Mapping[str, bytes]
+    final_signatures: Mapping[str, bytes]
+    popular: list[tuple[str, float]]  # best first, this batch's events included
+    popularity_epoch_ms: int | None
+    seconds: float  # spent in stage 1
+
+    def user_after(self, user_id: str) -> StoredUser:
+        """The user as Redis will hold it once this batch is written: window and offsets
+        (copies, for the next batch to change); the model state and last recommendation are
+        stages 2 and 3's (`Recommended.model_after`, `Prepared.recs_after`)."""
+        return StoredUser(self.states[user_id].copy(), raw_offsets=self.final_signatures[user_id])
+
+    def popularity_epoch_after(self) -> int | None:
+        """The popularity epoch once this batch is written (its write sets one if none)."""
+        return popularity_epoch(self.popularity_epoch_ms, self.changes.new_items)
+
+
+@dataclass(frozen=True, slots=True)
+class Recommended:
+    """Stage 2's result: the recommender's output and the model states it started from."""
+
+    result: Result
+    stored: Mapping[str, StoredModelState]  # per user, before this batch
+    seconds: float  # spent in stage 2, not counting waits for the thread
+
+    def model_after(self, user_id: str) -> StoredModelState:
+        """The user's model state once this batch is written."""
+        update = self.result.updates.get(user_id)
+        if update is None:
+            return self.stored[user_id]
+        return StoredModelState(update.vector, update.memory, update.model_version)
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """Stage 3's result: everything the commit publishes and writes."""
+
+    result: BatchResult
+    out: list[OutRecord]  # dead letters, then recommendations, in order
+    writes: dict[str, UserWrite]
+    new_items: list[tuple[str, int]]
+    popularity_epoch_ms: int | None
+    online: Counter[str]  # "events:<version>" / "hits:<version>" increments
+    outcomes: Counter[tuple[str, str]]  # (topic, applied | duplicate | rejected)
+    sources: Counter[str]  # recommendations per source
+    requests: list[Request]
+    last_recs: Mapping[str, list[str] | None]  # per user, after this batch
+    seconds: float = 0.0  # spent in stages 1-3
+
+    def recs_after(self, user_id: str) -> list[str] | None:
+        """The user's last recommendation once this batch is written."""
+        return self.last_recs.get(user_id)
+
+
+def check_message(message: RawMessage, settings: Settings) -> Event | Rejection:
+    """One message validated, its key included."""
+    result = validate(
+        message.value,
+        message.source,
+        max_id_length=settings.max_id_length,
+        max_event_bytes=settings.max_event_bytes,
+    )
+    if isinstance(result, Event) and message.key != result.user_id.encode():
+        # Keys route a user's events to one partition (and so one worker, in order); an
+        # unkeyed or mis-keyed event could be applied by two workers at once.
+        reason = "message has no key" if message.key is None else "message key"
+        return Rejection(
+            f"{reason} does not match user_id (the key must be the user_id)",
+            message.source,
+            message.value,
+        )
+    return result
+
+
+def check_messages(messages: Sequence[RawMessage], settings: Settings) -> Checked:
+    """Valid events, and a dead letter for each message that is not one."""
+    events: list[Event] = []
+    dead_letters: list[OutRecord] = []
+    rejected: Counter[str] = Counter()
+    for message in messages:
+        checked = check_message(message, settings)
+        if isinstance(checked, Rejection):
+            rejected[message.source.topic] += 1
+            record = orjson.dumps(checked.dlq_record(settings.dlq_raw_max_bytes))
+            dead_letters.append(OutRecord(settings.topic_dlq, message.key, record))
+        else:
+            events.append(checked)
+    return Checked(events, dead_letters, rejected)
+
+
+def carried_users(events: Sequence[Event], earlier: Sequence[Applied]) -> dict[str, int]:
+    """Per user of ``events`` that an earlier, uncommitted batch touched: the newest such
+    batch's index in ``earlier`` (Redis does not hold what it leaves yet)."""
+    newest = {uid: i for i, batch in enumerate(earlier) for uid in batch.states}
+    return {event.user_id: newest[event.user_id] for event in events if event.user_id in newest}
+
+
+def apply_events(
+    events: Sequence[Event], states: Mapping[str, UserState], policy: WindowPolicy
+) -> WindowChanges:
+    """Window updates in arrival order. Changes ``states`` in place: they are the batch's own
+    copies, made for it by the store's read."""
+    requests: list[Request] = []
+    new_items: list[tuple[str, int]] = []
+    appended: dict[str, list[WindowEntry]] = {}
+    rewritten: set[str] = set()
+    touched: set[str] = set()
+    # Counted per batch and reported once: a labelled inc() per event costs.
+    outcomes: Counter[tuple[str, str]] = Counter()
+    duplicates = 0
+    for event in events:
+        state = states[event.user_id]
+        touched.add(event.user_id)
+        if not apply_event(state, event, policy):
+            duplicates += 1
+            outcomes[(event.source.topic, "duplicate")] += 1
+            continue
+        outcomes[(event.source.topic, "applied")] += 1
+        window = state.window
+        at_end = bool(window) and window[-1].event_id == event.event_id
+        if at_end:
+            appended.setdefault(event.user_id, []).append(window[-1])
+        else:  # out of time order: inserted, so the stored window is rewritten
+            rewritten.add(event.user_id)
+        requests.append(Request(event, tuple(window), at_end))
+        new_items.append((event.item_id, event.timestamp_ms))
+    return WindowChanges(
+        requests, new_items, appended, rewritten, frozenset(touched), outcomes, duplicates
+    )
+
+
+def model_batch(applied: Applied, carried_models: Mapping[str, StoredModelState], k: int) -> Batch:
+    """Stage 2's input. ``carried_models``: for each user in ``applied.carried_from``, the
+    model state the earlier batch leaves (`Recommended.model_after`)."""
+    stored = {
+        uid: carried_models[uid]
+        if uid in carried_models
+        else StoredModelState(user.vector, user.memory, user.model_version)
+        for uid, user in applied.users.items()
+    }
+    return Batch(
+        requests=applied.changes.requests,
+        prior_windows=applied.prior_windows,
+        stored=stored,
+        prior_signatures=applied.prior_signatures,
+        final_signatures=applied.final_signatures,
+        popular=applied.popular,
+        k=k,
+    )
+
+
+def finish(
+    applied: Applied,
+    recommended: Recommended,
+    carried_recs: Mapping[str, list[str] | None],
+    topic: str,
+) -> Prepared:
+    """Stage 3: one recommendation record per applied event on ``topic``, the online hit
+    rate, and each touched user's write. ``carried_recs``: for each user in
+    ``applied.carried_from``, the last recommendation the earlier batch leaves."""
+    last_recs = {uid: user.recs for uid, user in applied.users.items()} | dict(carried_recs)
+    online: Counter[str] = Counter()
+    sources: Counter[str] = Counter()
+    out = list(applied.checked.dead_letters)
+    requests = applied.changes.requests
+    recommendations = recommended.result.recommendations
+    for request, recommendation in zip(requests, recommendations, strict=True):
+        event = request.event
+        _count_hit(online, last_recs.get(event.user_id), event, recommendation)
+        last_recs[event.user_id] = recommendation.item_ids  # not changed later: shared
+        payload = orjson.dumps(_payload(event, recommendation))
+        out.append(OutRecord(topic, event.user_id.encode(), payload))
+        sources[recommendation.source] += 1
+    changes = applied.changes
+    outcomes = changes.outcomes + Counter(
+        {(topic_, "rejected"): n for topic_, n in applied.checked.rejected.items()}
+    )
+    return Prepared(
+        result=BatchResult(
+            applied=len(requests),
+            duplicates=changes.duplicates,
+            rejected=len(applied.checked.dead_letters),
+            recommendations=len(requests),
+            touched_users=changes.touched,
+        ),
+        out=out,
+        writes=user_writes(applied, recommended.result, last_recs),
+        new_items=changes.new_items,
+        popularity_epoch_ms=applied.popularity_epoch_ms,
+        online=online,
+        outcomes=outcomes,
+        sources=sources,
+        requests=requests,
+        last_recs=last_recs,
+    )
+
+
+def _count_hit(
+    online: Counter[str],
+    previous: list[str] | None,
+    event: Event,
+    recommendation: Recommendation,
+) -> None:
+    """Online quality: was this event among the items recommended just before it?"""
+    if previous is None:
+        return
+    online[f"events:{recommendation.model_version}"] += 1
+    online[f"hits:{recommendation.model_version}"] += event.item_id in previous
+
+
+def user_writes(
+    applied: Applied, result: Result, last_recs: Mapping[str, list[str] | None]
+) -> dict[str, UserWrite]:
+    """Each touched user's state after the batch, as the store writes it."""
+    changes = applied.changes
+    writes: dict[str, UserWrite] = {}
+    for uid in changes.touched:
+        update = result.updates.get(uid)
+        writes[uid] = UserWrite(
+            applied.states[uid],
+            read_offsets=applied.users[uid].raw_offsets,
+            offsets_json=applied.final_signatures[uid],
+            new_entries=changes.appended.get(uid, ()),
+            replace=uid in changes.rewritten,
+            vector=update.vector if update else None,
+            memory=update.memory if update else None,
+            model_version=update.model_version if update else None,
+            recs=last_recs.get(uid),
+        )
+    return writes
