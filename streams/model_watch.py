@@ -9,9 +9,9 @@ carry the version that made them; a bundle that fails to load is logged, the old
 serving, and the bundle is tried again when it changes or after `RETRY_FAILED_SECONDS`.
 
 Why a task and a thread of their own: a load takes seconds (the ONNX sessions, and the state
-slab's ~1 GB committed up front: ~1.2 s on an idle machine, ~4 s beside a busy worker). Loaded
-in the inference thread and awaited between batches, as before, it held every event that
-arrived meanwhile: p99 3.5 s around a rollout at 2,000 events/s (bench/rollout.py).
+slab's memory committed up front). Loaded in the inference thread and awaited between
+batches, it would hold every event that arrives meanwhile (bench/rollout.py measures the
+latency around a rollout).
 """
 
 from __future__ import annotations

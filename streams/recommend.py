@@ -130,8 +130,8 @@ def recommendation_id(trigger_event_id: str, model_version: str) -> str:
     """Deterministic, so a replayed batch republishes the same id and consumers can dedupe.
 
     A version-5-style UUID of sha256(model_version NUL trigger_event_id), formatted by hand:
-    ``uuid.UUID`` took ~8 us of the worker's event loop per event; this is the same string
-    (tests/streams/test_recommend.py compares it with ``recommendation_id_reference``).
+    ``uuid.UUID`` costs the worker's event loop several times more per event; this is the same
+    string (tests/streams/test_recommend.py compares it with ``recommendation_id_reference``).
     """
     digest = bytearray(hashlib.sha256(f"{model_version}\x00{trigger_event_id}".encode()).digest())
     digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
