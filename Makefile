@@ -32,15 +32,15 @@ bench-incremental: setup
 bench-quality: setup
 	$(PY) bench/quality.py
 
+bench-stream: setup
+	$(PY) bench/stream.py
+
+bench-batch: setup
+	$(PY) bench/batch.py
+
 bench-softmax: setup
 	$(PY) bench/softmax.py --data ml-1m
 	$(PY) bench/softmax.py --data beauty
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
-
-bench-stream: setup
-	$(PY) bench/stream.py
-
-bench-batch: setup
-	$(PY) bench/batch.py

@@ -9,7 +9,13 @@ the hot path can be measured without the broker's noise, and profiled with
     python bench/batch.py [--model BUNDLE] [--events 60000] [--batch 500] [--default-gc]
 
 The first pass over each user rebuilds its state from the window (cold); the numbers printed
-are for batches after every user's state is cached (warm), the worker's steady state.
+are for batches after every user's state is cached (warm), the worker's steady state. --batch:
+events per batch; the worker takes up to INTEREST_BATCH_SIZE from a backlog and far fewer at
+moderate rates. The cost per event grows with the users' history, so compare runs with the
+same --events.
+
+Events come from ../shared/data/ml-1m.txt (never committed; where it is missing the bench says
+so and exits 0). The bundle is found as bench/stream.py finds it.
 """
 
 from __future__ import annotations

@@ -11,6 +11,13 @@ after the send time of the first event B answered, against those sent before (af
 warm-up) and after; when B's first answer came; and whether every event got its
 recommendation. The two bundles must differ (their versions are content hashes).
 --worker-tree runs the worker from another checkout (side-by-side comparisons).
+
+Why: loading a bundle (ONNX sessions, the state slab) takes seconds; if it happened where
+batches wait for it, every event arriving meanwhile would wait too. The "around the rollout"
+line against the "before" line shows whether a rollout is visible in the tail.
+
+Events come from ../shared/data/ml-1m.txt (never committed; where it is missing the bench says
+so and exits 0).
 """
 
 from __future__ import annotations
@@ -26,9 +33,9 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import stream as stream_bench  # bench/stream.py: events, the stack, the worker
+from bench import stream as stream_bench  # events, the stack, the worker
 
 WARM_UP_SECONDS = 4.0
 SETTLE_SECONDS = 2.0
@@ -37,7 +44,7 @@ SETTLE_SECONDS = 2.0
 def _cut(latencies_ms: list[float]) -> str:
     if not latencies_ms:
         return "no events"
-    cuts = stream_bench._percentiles(latencies_ms)
+    cuts = stream_bench.percentiles(latencies_ms)
     return (
         f"p50 {cuts[49]:.1f} ms, p99 {cuts[98]:.1f} ms, max {max(latencies_ms):.1f} ms"
         f" ({len(latencies_ms):,} events)"
@@ -153,7 +160,7 @@ def main() -> None:
     ap.add_argument("--worker-tree", type=Path, default=stream_bench.REPO_ROOT)
     args = ap.parse_args()
     if not stream_bench.DATA.is_file():
-        print(f"skipped: {stream_bench.DATA} is missing (licensed data is never committed)")
+        print(f"skipped: {stream_bench.DATA} not found (the data sets are not committed)")
         return
     for bundle in (args.model_a, args.model_b):
         if not (bundle / "manifest.json").is_file():

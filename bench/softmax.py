@@ -5,7 +5,14 @@
 
 One training step (forward + backward of `next_item_loss`) on the same real batches, the
 variants interleaved batch by batch so machine noise lands on all of them; prints seconds per
-step and the ratios. Reads ../shared/data and exits 0 with "skipped: ..." where it is missing.
+step and the ratios.
+
+Why: training switches to a sampled softmax when the full one would cost too much per epoch
+(encoder.train's auto_negatives); this shows what that choice saves on a given catalogue, and
+is the check to rerun when the model or the loss changes.
+
+Data: ../shared/data/ml-1m.txt or beauty.txt (never committed); where it is missing the bench
+prints "skipped: ..." and exits 0.
 """
 
 from __future__ import annotations

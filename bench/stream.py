@@ -17,10 +17,14 @@ One run on a private embedded stack (Tansu + Redis in a temporary home, stopped 
     python bench/stream.py [--events 150000] [--naive-events 2000] [--latency-seconds 25]
                            [--latency-rate R] [--worker-without-model]
 
-Events: ml-1m.txt (SASRec `user item` lines) interleaved across users (each user's events in
-order, user by user per rank), as click events with synthetic per-user timestamps. The bundle:
+Events: ../shared/data/ml-1m.txt (SASRec `user item` lines; never committed, and where it is
+missing the bench says so and exits 0) interleaved across users (each user's events in order,
+user by user per rank), as click events with synthetic per-user timestamps. The bundle:
 --model, else a cached export under --workdir, else an export of a model directory found under
 /tmp/runs, else a quick training run (throughput does not depend on model quality).
+
+The worker runs from the checkout this script is in: to compare two trees, run each tree's
+copy in turn (`git worktree add`), alternating, with the same bundle.
 """
 
 from __future__ import annotations
@@ -147,9 +151,9 @@ async def tail_reader(bootstrap: str, topic: str):
     """A started consumer of every partition of ``topic``, from its end on."""
     from aiokafka import TopicPartition
 
-    # A short fetch wait: the embedded broker answers a fetch late even when data arrives
-    # (p50 5 / p99 10 ms added at 10 ms, 16 / 31 ms at 50; bench/broker_requests.py), and
-    # aiokafka's 500 ms default would add far more to what is measured.
+    # A short fetch wait: the embedded broker answers a fetch late even when data arrives,
+    # so the reader's own wait is added to every latency measured (aiokafka's default is
+    # 500 ms).
     consumer = _consumer(bootstrap, max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_wait_ms=10)
     await consumer.start()
     parts = consumer.partitions_for_topic(topic)
@@ -375,10 +379,10 @@ async def latency(
     """Produce at ``rate`` for ``seconds``; latency produce -> recommendation received.
 
     Also per half of the run (by send time): p50/p99 and the CPU microseconds per event of
-    each of ``pids``. Why: the embedded broker's CPU per request grows with the record
-    batches stored in the partition it reads (`bench/broker_requests.py --prefill-batches`),
+    each of ``pids``. Why: the embedded broker's CPU per fetch grows with the number of record
+    batches stored in the partition it reads (it lists them all to find the fetch offset),
     and this run stores one per partition per tick, so the second half can be slower for
-    reasons that are the broker's."""
+    reasons that are the broker's, not the worker's."""
     from aiokafka import AIOKafkaProducer
     from aiokafka.partitioner import DefaultPartitioner
 
@@ -423,8 +427,7 @@ async def latency(
             cpu_marks.append((time.perf_counter(), i, _cpu_of(pids)))
         due = int((time.perf_counter() - t0) * rate) + 1
         # What is due, as one record batch per partition: the bench's own CPU shares the two
-        # cores with what it measures (with orjson: 30 against 44-46 us per event with a
-        # send() per event, bench/README.md).
+        # cores with what it measures, and a send() per event cost it more.
         stamp = (time.perf_counter(), time.time())
         outgoing: dict[int, Any] = {}  # partition -> its record batch
         while i < min(due, n_total):
@@ -453,12 +456,12 @@ async def latency(
     await producer.stop()
     await consumer.stop()
     ms = sorted(x * 1000 for x in got)
-    q = _percentiles(ms)
+    q = percentiles(ms)
     halves = []
     for (start, first, cpu_start), (end, last, cpu_end) in itertools.pairwise(cpu_marks):
         pairs = zip(got, got_sent, strict=True)
         part = sorted(1000 * x for x, sent_at in pairs if start <= sent_at < end)
-        cuts = _percentiles(part)
+        cuts = percentiles(part)
         events = max(1, last - first)
         cpu = {n: round(1e6 * (cpu_end[n] - cpu_start[n]) / events) for n in pids}
         halves.append({"p50_ms": round(cuts[49], 1), "p99_ms": round(cuts[98], 1), "cpu_us": cpu})
@@ -470,12 +473,12 @@ async def latency(
         "p50_ms": q[49],
         "p99_ms": q[98],
         "max_ms": ms[-1] if ms else float("nan"),
-        "to_payload_p50_p99_ms": _percentiles([x * 1000 for x in before_payload])[49::49],
-        "from_payload_p50_p99_ms": _percentiles([x * 1000 for x in after_payload])[49::49],
+        "to_payload_p50_p99_ms": percentiles([x * 1000 for x in before_payload])[49::49],
+        "from_payload_p50_p99_ms": percentiles([x * 1000 for x in after_payload])[49::49],
     }
 
 
-def _percentiles(values: list[float]) -> list[float]:
+def percentiles(values: list[float]) -> list[float]:
     """The 99 cut points (index 49: p50, 98: p99); NaN where there are too few values."""
     return statistics.quantiles(values, n=100) if len(values) > 1 else [float("nan")] * 99
 
@@ -543,7 +546,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     if not DATA.is_file():
-        print(f"skipped: {DATA} is missing (licensed data is never committed to this repository)")
+        print(f"skipped: {DATA} not found (the data sets are not committed)")
         return
 
     from streams.settings import Settings
@@ -556,7 +559,7 @@ def main() -> None:
     events = load_events(DATA, args.events + n_lat_max)
     backlog, later = events[: args.events], events[args.events :]
     # This process times the latency run: a full collection over what is loaded by now
-    # (the events; torch, if it exported) pauses it for 50-200 ms (seen with gc.callbacks).
+    # (the events; torch, if it exported) would pause it inside the timed run.
     gc.collect()
     gc.freeze()
     n = len(backlog)
