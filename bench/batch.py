@@ -39,7 +39,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench.stream import DATA, event_bytes, find_bundle, load_events  # noqa: E402
 from streams.events import Source  # noqa: E402
-from streams.pipeline import BatchProcessor, OutRecord, RawMessage  # noqa: E402
+from streams.messages import OutRecord, RawMessage  # noqa: E402
+from streams.processor import BatchProcessor  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.stack import free_port, redis_binary, stop_process  # noqa: E402
 
@@ -102,7 +103,8 @@ def messages(n: int) -> list[RawMessage]:
 
 async def run(settings: Settings, events: list[RawMessage], batch: int) -> None:
     from streams.model_watch import load_recommender
-    from streams.store import StateStore, connect
+    from streams.redis_client import connect
+    from streams.store import StateStore
 
     client = connect(settings)
     store = StateStore(client, settings)

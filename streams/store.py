@@ -50,7 +50,6 @@ import orjson
 import redis.asyncio as aioredis
 
 from streams.popularity import Decay, popularity_epoch
-from streams.redis_client import connect as connect  # opens the client a StateStore takes
 from streams.settings import Settings
 from streams.user_cache import CachedUser, UserCache
 from streams.window import UserState, WindowEntry
