@@ -1,22 +1,13 @@
 """Export a trained model directory to the bundle the streaming worker loads.
 
-A bundle is a directory:
-
-    full.onnx            window (B,T) + persisted memory -> vector at the last event + step state
-    step.onnx            one event per user (B,) + state -> vector + the event's cache slots,
-                         memory and ring (the caches are ring buffers: export/graphs.py)
-    step_stage_<i>.onnx  step.onnx cut at its attention reads, n_layers + 1 graphs: the
-                         worker's path, with the attention read in place (export/slab_attention)
-    attention_bias.npy   (n_layers, span, H) float32: the attention's bias by event age
-    items.json           item ids in model index order; entry 0 is null (padding)
-    item_embeddings.npy  (n_items + 1, d) float32, row 0 = padding; scores are dot products
-    manifest.json        config, metrics, state layout, receptive field, sha256 of every file,
-                         version (a hash of those checksums), export time
+The bundle's files, manifest and checksums are export/bundle_format.py's; this module makes
+them: the ONNX graphs traced from export/graphs.py's wrappers, the item vocabulary and
+embeddings, the attention biases, then the sealed manifest.
 
 Why two graphs: a user the worker has not cached is rebuilt from the Redis window with
 full.onnx (exact from the last ``receptive_field`` events plus the persisted memory); every later
-event is one constant-cost step.onnx call. The exporter checks ONNX-vs-torch parity on random
-input before it writes anything, so a bundle on disk has passed that check.
+event is one constant-cost step. The exporter checks ONNX-vs-torch parity on random input
+before it writes the manifest, so a bundle on disk has passed that check.
 """
 
 from __future__ import annotations
@@ -36,51 +27,39 @@ import torch
 from common.errors import UserError
 from encoder.features import EVENT_TYPES
 from encoder.model import EncoderConfig, InterestEncoder
-from export.graphs import (
+from export.bundle_format import (
+    ATTENTION_BIAS_FILE,
+    FULL_GRAPH_FILE,
+    FULL_INPUTS,
+    ITEM_EMBEDDINGS_FILE,
+    ITEMS_FILE,
+    MANIFEST,
     MEMORY_STATE,
     SLOT_AXIS,
+    STEP_GRAPH_FILE,
+    full_outputs,
+    stage_files,
+    stage_inputs,
+    stage_outputs,
+    state_names,
+    step_inputs,
+    step_outputs,
+    write_manifest,
+)
+from export.graphs import (
     FullGraph,
     StepGraph,
     StepStage,
     attention_biases,
     from_graph_state,
     next_state,
-    stage_inputs,
-    stage_outputs,
-    state_names,
     to_graph_state,
 )
-from export.runtime import (
-    ATTENTION_BIAS_FILE,
-    BUNDLE_FORMAT,
-    MANIFEST,
-    EncoderStates,
-    StagedStep,
-    content_version,
-    manifest_digest,
-    sha256_file,
-)
+from export.staged_step import StagedStep
+from export.states import EncoderStates
 
 OPSET = 17
 PARITY_TOL = 1e-4
-
-
-# Graph input names (ONNX names must be unique across inputs and outputs).
-FULL_INPUTS = ["items", "types", "gaps", "memory_in", "has_memory"]
-
-
-def step_inputs(cfg: EncoderConfig) -> list[str]:
-    return ["items", "types", "gaps", *(f"in_{n}" for n in state_names(cfg))]
-
-
-def outputs(cfg: EncoderConfig) -> list[str]:
-    return ["vector", *(f"out_{n}" for n in state_names(cfg))]
-
-
-def step_outputs(cfg: EncoderConfig) -> list[str]:
-    """The vector, then per state: a cache's new slot, the new memory, the next ring."""
-    names = state_names(cfg)
-    return ["vector", *(f"slot_{n}" for n in names[:-2]), *(f"out_{n}" for n in names[-2:])]
 
 
 # ---------------------------------------------------------------------- model directory
@@ -180,8 +159,9 @@ def export_onnx(model: InterestEncoder, out_dir: Path) -> dict[str, Any]:
     """
     model.eval()
     cfg = model.cfg
-    names = state_names(cfg)
-    outs = outputs(cfg)
+    names = state_names(cfg.n_layers)
+    outs = full_outputs(cfg.n_layers)
+    step_in, step_out = step_inputs(cfg.n_layers), step_outputs(cfg.n_layers)
     batch_axis = {0: "batch"}
     full_ex = _example_inputs(cfg, 2, max(3, cfg.span + 1), seed=0)
     window_axes = {0: "batch", 1: "window"}
@@ -193,7 +173,7 @@ def export_onnx(model: InterestEncoder, out_dir: Path) -> dict[str, Any]:
         torch.onnx.export(
             FullGraph(model).eval(),
             tuple(full_ex[n] for n in FULL_INPUTS),
-            str(out_dir / "full.onnx"),
+            str(out_dir / FULL_GRAPH_FILE),
             input_names=FULL_INPUTS,
             output_names=outs,
             dynamic_axes={
@@ -203,21 +183,18 @@ def export_onnx(model: InterestEncoder, out_dir: Path) -> dict[str, Any]:
             opset_version=OPSET,
             dynamo=False,
         )
-        fix_bool_eyelike(out_dir / "full.onnx")
-        step_in = step_inputs(cfg)
         last = {k: full_ex[k][:, -1] for k in ("items", "types", "gaps")}
         step_graph = StepGraph(model).eval()
         torch.onnx.export(
             step_graph,
             (last["items"], last["types"], last["gaps"], *to_graph_state(model.init_state(2))),
-            str(out_dir / "step.onnx"),
+            str(out_dir / STEP_GRAPH_FILE),
             input_names=step_in,
-            output_names=step_outputs(cfg),
-            dynamic_axes={n: batch_axis for n in (*step_in, *step_outputs(cfg))},
+            output_names=step_out,
+            dynamic_axes={n: batch_axis for n in (*step_in, *step_out)},
             opset_version=OPSET,
             dynamo=False,
         )
-        fix_bool_eyelike(out_dir / "step.onnx")
         stages = export_stages(step_graph, out_dir, last)
     np.save(out_dir / ATTENTION_BIAS_FILE, attention_biases(step_graph), allow_pickle=False)
     example = to_graph_state(model.init_state(1))
@@ -233,11 +210,11 @@ def export_onnx(model: InterestEncoder, out_dir: Path) -> dict[str, Any]:
         ],
         "memory_state": MEMORY_STATE,
         "graphs": {
-            "full": {"file": "full.onnx", "inputs": FULL_INPUTS, "outputs": outs},
+            "full": {"file": FULL_GRAPH_FILE, "inputs": FULL_INPUTS, "outputs": outs},
             "step": {
-                "file": "step.onnx",
+                "file": STEP_GRAPH_FILE,
                 "inputs": step_in,
-                "outputs": step_outputs(cfg),
+                "outputs": step_out,
                 "requires": "every row has a real item (index >= 1)",
                 "next_state": "caches are ring buffers: write each slot_ output into its cache"
                 " at index ring on the slot_axis, then take out_memory and out_ring",
@@ -246,10 +223,6 @@ def export_onnx(model: InterestEncoder, out_dir: Path) -> dict[str, Any]:
             "attention_bias": ATTENTION_BIAS_FILE,
         },
     }
-
-
-def stage_files(cfg: EncoderConfig) -> list[str]:
-    return [f"step_stage_{index}.onnx" for index in range(cfg.n_layers + 1)]
 
 
 def export_stages(
@@ -263,7 +236,7 @@ def export_stages(
     y = torch.randn(batch, cfg.n_heads, cfg.d_model // cfg.n_heads + 1)
     examples = {"x": x, "y": y, "memory": torch.randn(batch, cfg.d_model), **event}
     entries = []
-    for index, file in enumerate(stage_files(cfg)):
+    for index, file in enumerate(stage_files(cfg.n_layers)):
         names_in = stage_inputs(index, cfg.n_layers)
         names_out = stage_outputs(index, cfg.n_layers)
         torch.onnx.export(
@@ -280,47 +253,12 @@ def export_stages(
     return entries
 
 
-def fix_bool_eyelike(path: Path) -> int:
-    """Rewrite bool EyeLike nodes as float EyeLike + Cast; returns how many were rewritten.
-
-    Why: ``torch.eye(T, dtype=torch.bool)`` (the attention mask's diagonal) exports as
-    EyeLike over a bool tensor, which ONNX Runtime has no kernel for. The encoder-side fix is to use
-    ``dist == 0`` instead of ``torch.eye``; until then the exported graph is patched here.
-    """
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph_model = onnx.load(str(path))
-    inferred = onnx.shape_inference.infer_shapes(graph_model)
-    elem = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
-    nodes = graph_model.graph.node
-    fixed = 0
-    for i in range(len(nodes) - 1, -1, -1):
-        node = nodes[i]
-        if node.op_type != "EyeLike" or elem.get(node.output[0]) != TensorProto.BOOL:
-            continue
-        for attr in list(node.attribute):
-            if attr.name == "dtype":
-                node.attribute.remove(attr)
-        node.attribute.append(helper.make_attribute("dtype", TensorProto.FLOAT))
-        src, out = node.input[0], node.output[0]
-        node.input[0], node.output[0] = f"{src}_float", f"{out}_float"
-        cast_in = helper.make_node(
-            "Cast", [src], [node.input[0]], to=TensorProto.FLOAT, name=f"{node.name}_in_float"
-        )
-        cast_out = helper.make_node(
-            "Cast", [node.output[0]], [out], to=TensorProto.BOOL, name=f"{node.name}_to_bool"
-        )
-        nodes.insert(i + 1, cast_out)
-        nodes.insert(i, cast_in)
-        fixed += 1
-    if fixed:
-        onnx.save(graph_model, str(path))
-    return fixed
-
-
 def check_parity(model: InterestEncoder, out_dir: Path) -> dict[str, float]:
-    """Max abs difference ONNX Runtime (CPU) vs torch for both graphs, on random input."""
+    """Max abs difference ONNX Runtime (CPU) vs torch for every graph, on random input.
+
+    A different batch and window than the export example, to catch frozen shapes; the
+    references are the model's own state_from_window and step, not the export wrappers.
+    """
     import onnxruntime as ort
 
     model.eval()
@@ -328,67 +266,104 @@ def check_parity(model: InterestEncoder, out_dir: Path) -> dict[str, float]:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     cpu = ["CPUExecutionProvider"]
-    full = ort.InferenceSession(str(out_dir / "full.onnx"), so, providers=cpu)
-    step = ort.InferenceSession(str(out_dir / "step.onnx"), so, providers=cpu)
-    # A different batch and window than the export example, to catch frozen shapes; the
-    # references are the model's own state_from_window and step, not the export wrappers.
+    full = ort.InferenceSession(str(out_dir / FULL_GRAPH_FILE), so, providers=cpu)
+    step = ort.InferenceSession(str(out_dir / STEP_GRAPH_FILE), so, providers=cpu)
     ex = _example_inputs(cfg, 3, cfg.receptive_field + 3, seed=1)
-    has = ex["has_memory"]
     with torch.no_grad():
-        win = (ex["items"], ex["types"], ex["gaps"])
-        vec_m, st_m = model.state_from_window(*win, ex["memory_in"])
-        vec_n, st_n = model.state_from_window(*win, None)
-        ref_vec = torch.where(has[:, None], vec_m, vec_n)
-        ref_state = [
-            torch.where(has.view(-1, *[1] * (a.dim() - 1)), a, b)
-            for a, b in zip(to_graph_state(st_m), to_graph_state(st_n), strict=True)
-        ]
-        got = full.run(None, {k: v.numpy() for k, v in ex.items()})
-        full_diff = max(_maxdiff(r, g) for r, g in zip([ref_vec, *ref_state], got, strict=True))
-        # one step from the ONNX-rebuilt state: ONNX step vs the model's step
-        nxt = (ex["items"][:, 0] % cfg.n_items + 1, ex["types"][:, 0], ex["gaps"][:, 0])
-        state = from_graph_state([torch.from_numpy(a) for a in got[1:]])
-        ref_vec, ref_next = model.step(state, *nxt)
-        feeds = dict(zip(step_inputs(cfg), [t.numpy() for t in nxt] + got[1:], strict=True))
-        vec, *outs = step.run(None, feeds)
-        before = [torch.from_numpy(a) for a in got[1:]]
-        after = next_state(before, [torch.from_numpy(a) for a in outs])
-        got_step = [vec, *(t.numpy() for t in to_graph_state(from_graph_state(after)))]
-        ref_step = [ref_vec, *to_graph_state(ref_next)]
-        step_diff = max(_maxdiff(r, g) for r, g in zip(ref_step, got_step, strict=True))
+        full_diff, state = _full_parity(model, full, ex)
+        event = (ex["items"][:, 0] % cfg.n_items + 1, ex["types"][:, 0], ex["gaps"][:, 0])
+        ref_step = _model_step(model, state, event)
+        step_diff = _step_parity(step, cfg, state, event, ref_step)
         # the same state with each user's ring turned (slot i moved to i + shift): same step
-        *caches, memory, _ = got[1:]
-        shift = np.arange(len(memory)) % (cfg.span - 1) + 1
-        turned = [
-            np.stack([np.roll(c[b], int(shift[b]), axis=SLOT_AXIS - 1) for b in range(len(c))])
-            for c in caches
-        ]
-        feeds = dict(
-            zip(
-                step_inputs(cfg),
-                [*(t.numpy() for t in nxt), *turned, memory, shift % (cfg.span - 1)],
-                strict=True,
-            )
-        )
-        step_diff = max(step_diff, _maxdiff(ref_vec, step.run(None, feeds)[0]))
-        # the worker's path: the stages with the attention in place, rows out of order
-        staged = StagedStep.load(out_dir, stage_files(cfg), so, cpu)
-        slab = EncoderStates(
-            dict(
-                zip(state_names(cfg), [*turned, memory.copy(), shift % (cfg.span - 1)], strict=True)
-            ),
-            np.zeros_like(memory),
-        )
-        rows = np.roll(np.arange(len(memory)), 1)
-        staged.run(slab, rows, *(t.numpy()[rows] for t in nxt))
-        after = [torch.from_numpy(slab.arrays[n]) for n in state_names(cfg)]
-        got_staged = [slab.vectors, *(t.numpy() for t in to_graph_state(from_graph_state(after)))]
-        staged_diff = max(_maxdiff(r, g) for r, g in zip(ref_step, got_staged, strict=True))
+        turned = _turn_rings(state, cfg.span - 1)
+        feeds = dict(zip(step_inputs(cfg.n_layers), [*_numpy(event), *turned], strict=True))
+        step_diff = max(step_diff, _maxdiff(ref_step[0], step.run(None, feeds)[0]))
+        staged = StagedStep.load(out_dir, stage_files(cfg.n_layers), so, cpu)
+        staged_diff = _staged_parity(staged, cfg, turned, event, ref_step)
     return {
         "full_max_abs_diff": full_diff,
         "step_max_abs_diff": step_diff,
         "staged_step_max_abs_diff": staged_diff,
     }
+
+
+def _full_parity(
+    model: InterestEncoder, full: Any, ex: dict[str, torch.Tensor]
+) -> tuple[float, list[np.ndarray]]:
+    """full.onnx vs state_from_window, users with and without a persisted memory; returns the
+    difference and full.onnx's state."""
+    has = ex["has_memory"]
+    win = (ex["items"], ex["types"], ex["gaps"])
+    vec_m, st_m = model.state_from_window(*win, ex["memory_in"])
+    vec_n, st_n = model.state_from_window(*win, None)
+    ref_vec = torch.where(has[:, None], vec_m, vec_n)
+    ref_state = [
+        torch.where(has.view(-1, *[1] * (a.dim() - 1)), a, b)
+        for a, b in zip(to_graph_state(st_m), to_graph_state(st_n), strict=True)
+    ]
+    got = full.run(None, {k: v.numpy() for k, v in ex.items()})
+    diff = max(_maxdiff(r, g) for r, g in zip([ref_vec, *ref_state], got, strict=True))
+    return diff, got[1:]
+
+
+def _model_step(
+    model: InterestEncoder, state: list[np.ndarray], event: tuple[torch.Tensor, ...]
+) -> list[torch.Tensor]:
+    """The reference step from a graph state: [vector, *graph state after the event]."""
+    ref_vec, ref_next = model.step(from_graph_state([torch.from_numpy(a) for a in state]), *event)
+    return [ref_vec, *to_graph_state(ref_next)]
+
+
+def _step_parity(
+    step: Any,
+    cfg: EncoderConfig,
+    state: list[np.ndarray],
+    event: tuple[torch.Tensor, ...],
+    ref_step: list[torch.Tensor],
+) -> float:
+    """step.onnx's outputs written by ``next_state`` vs the model's step."""
+    feeds = dict(zip(step_inputs(cfg.n_layers), [*_numpy(event), *state], strict=True))
+    vec, *outs = step.run(None, feeds)
+    before = [torch.from_numpy(a) for a in state]
+    after = next_state(before, [torch.from_numpy(a) for a in outs])
+    got = [vec, *(t.numpy() for t in to_graph_state(from_graph_state(after)))]
+    return max(_maxdiff(r, g) for r, g in zip(ref_step, got, strict=True))
+
+
+def _staged_parity(
+    staged: StagedStep,
+    cfg: EncoderConfig,
+    state: list[np.ndarray],
+    event: tuple[torch.Tensor, ...],
+    ref_step: list[torch.Tensor],
+) -> float:
+    """The worker's path (the stages with the attention in place, rows out of order) vs the
+    model's step."""
+    names = state_names(cfg.n_layers)
+    *caches, memory, ring = state
+    slab = EncoderStates(
+        dict(zip(names, [*caches, memory.copy(), ring], strict=True)), np.zeros_like(memory)
+    )
+    rows = np.roll(np.arange(len(memory)), 1)
+    staged.run(slab, rows, *(a[rows] for a in _numpy(event)))
+    after = [torch.from_numpy(slab.arrays[n]) for n in names]
+    got = [slab.vectors, *(t.numpy() for t in to_graph_state(from_graph_state(after)))]
+    return max(_maxdiff(r, g) for r, g in zip(ref_step, got, strict=True))
+
+
+def _turn_rings(state: list[np.ndarray], slots: int) -> list[np.ndarray]:
+    """The same state with user b's caches rolled by b % slots + 1 and its ring moved along."""
+    *caches, memory, _ = state
+    shift = np.arange(len(memory)) % slots + 1
+    turned = [
+        np.stack([np.roll(c[b], int(shift[b]), axis=SLOT_AXIS - 1) for b in range(len(c))])
+        for c in caches
+    ]
+    return [*turned, memory, shift % slots]
+
+
+def _numpy(tensors: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    return [t.numpy() for t in tensors]
 
 
 def _maxdiff(ref: torch.Tensor, got: np.ndarray) -> float:
@@ -414,14 +389,11 @@ def export_bundle(model_dir: Path, out: Path) -> Path:
         parity = check_parity(model, tmp)
         if max(parity.values()) > PARITY_TOL:
             raise UserError(f"ONNX export does not match torch (max abs diff {parity})")
-        (tmp / "items.json").write_text(json.dumps(item_ids))
+        (tmp / ITEMS_FILE).write_text(json.dumps(item_ids))
         emb = model.item_embeddings().detach().cpu().numpy().astype(np.float32)
-        np.save(tmp / "item_embeddings.npy", emb, allow_pickle=False)
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        np.save(tmp / ITEM_EMBEDDINGS_FILE, emb, allow_pickle=False)
         cfg = model.cfg
-        manifest = {
-            "format": BUNDLE_FORMAT,
-            "version": content_version(files),
+        fields = {
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "export_seconds": round(time.perf_counter() - started, 3),
             "source_model": str(model_dir.resolve()),
@@ -435,10 +407,8 @@ def export_bundle(model_dir: Path, out: Path) -> Path:
             "parity": parity,
             "opset": OPSET,
             "torch_version": torch.__version__,
-            "files": files,
         }
-        manifest["manifest_sha256"] = manifest_digest(manifest)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        write_manifest(tmp, fields)
         # Swap by renames: the old bundle stays whole until the new one is in place.
         old = out.with_name(f".{out.name}.old-{tmp.name}") if out.exists() else None
         if old is not None:

@@ -1,24 +1,17 @@
-"""What full.onnx and step.onnx compute, and the state layout they pass between them.
+"""What full.onnx, step.onnx and the step's stages compute, as the torch modules the exporter
+traces, and the conversions between the model's state and the graphs' state.
 
-The graph state is two attention caches per layer, the long-term memory and a ring position:
+The graphs' state (names and shapes: export/bundle_format.py) is two attention caches per
+layer, the long-term memory and a ring position. The caches are ring buffers: slot
+``(ring + i) % (span-1)`` holds the i-th oldest cached event. full.onnx returns them oldest
+first (ring 0). step.onnx returns only what the event adds, the new key and value of each
+layer (B, H, 1, hd+1), the new memory and ring + 1; the caller writes the new slots at
+``ring`` (``next_state``; the runtime does it in place). Why: a step that returned every cache
+with the new event appended would copy its user's whole state twice more per event, in the
+graph and into the worker's state cache, and those copies cost more than the arithmetic.
 
-    keys_<layer>    (B, H, span-1, hd+1)  per cached event: [key | mask]
-    values_<layer>  (B, H, span-1, hd+1)  [value | 1]
-    memory          (B, d)                the decayed memory after the user's last event
-    ring            (B,) int64            the slot of the oldest cached event, where the
-                                          next one is written
-
-The caches are ring buffers: slot ``(ring + i) % (span-1)`` holds the i-th oldest cached event.
-full.onnx returns them oldest first (ring 0). step.onnx returns only what the event adds, the
-new key and value of each layer (B, H, 1, hd+1), the new memory and ring + 1; the caller
-writes the new slots at ``ring`` (``next_state``; the runtime does it in place). Why: a step
-used to return every cache with the new event appended, so each event copied its user's whole
-state (~100 KB at 3 layers of span 67) twice more, in the graph and into the worker's state
-cache; on this machine's memory bandwidth those copies cost more than the arithmetic
-(bench/README.md). Now a step writes 6 x 65 floats per user.
-
-Why the rest of the layout (a batch-1 step is ONNX Runtime overhead, not arithmetic: about
-2 us per graph input or output and 1 us per node on this machine, bench/README.md):
+Why the rest of the layout (a small-batch step costs ONNX Runtime's fixed overhead per graph
+input, output and node more than arithmetic):
 
 * The mask column is 0 where a slot holds an event and NEG_INF where it is empty, and the
   step's query carries a constant 1 there, so ``query . key`` already includes the mask: no
@@ -29,11 +22,11 @@ Why the rest of the layout (a batch-1 step is ONNX Runtime overhead, not arithme
 * The relative-position bias of a slot depends on its age, ``(slot - ring) % (span-1)``: one
   small index computation per step, shared by the layers, and one Gather per layer.
 
-Keys and values packed into one tensor per layer saved more at batch 1 but made batch 256
-slower (both attention products then read the whole cache); keys stored transposed gained
-nothing. The torch model (encoder/model.py) keeps its plain EncoderState (oldest slot first);
-``to_graph_state`` and ``from_graph_state`` convert, and the tests compare these wrappers
-against the model's ``state_from_window`` and ``step`` (the references).
+Keys and values stay separate tensors: packed into one per layer, both attention products
+would read the whole cache, which costs more at large batches than the saved input at batch 1.
+The torch model (encoder/model.py) keeps its plain EncoderState (oldest slot first);
+``to_graph_state`` and ``from_graph_state`` convert. Which function each module here is
+compared with, and by which test: export/__init__.py.
 """
 
 from __future__ import annotations
@@ -53,14 +46,7 @@ from encoder.model import (
     InterestEncoder,
     SlidingWindowAttention,
 )
-from export.runtime import RING_STATE, SLOT_AXIS
-
-MEMORY_STATE = "memory"
-
-
-def state_names(cfg: EncoderConfig) -> list[str]:
-    caches = [f"{kind}_{i}" for i in range(cfg.n_layers) for kind in ("keys", "values")]
-    return [*caches, MEMORY_STATE, RING_STATE]
+from export.bundle_format import SLOT_AXIS
 
 
 def pack_cache(
@@ -297,10 +283,9 @@ class StepStage(nn.Module):
     """One stage of ``StepGraph`` cut at its attention reads, so that the caches can be read
     where they lie (export/slab_attention.py) instead of gathered into a batch for the graph.
 
-    Why: in the worker the caches of a batch's users are ~100 KB each, scattered over a slab
-    of cached users; gathering them for step.onnx moved every byte twice more than the
-    attention itself reads (bench/README.md). The stages hold everything but the attention's
-    reads of the caches:
+    Why: in the worker the caches of a batch's users lie scattered over a slab of cached
+    users; gathering them for step.onnx would move every byte twice more than the attention
+    itself reads. The stages hold everything but the attention's reads of the caches:
 
     * stage 0 of L: (items, types, gaps (B,)) -> x (B,d) and layer 0's query, key and value
       (B,H,w), as AttentionStep makes them;
@@ -308,8 +293,8 @@ class StepStage(nn.Module):
       events and the event itself) -> layer i-1 finished, and layer i's x, query, key, value;
     * stage L: (x, y, memory (B,d), items) -> the vector (B,d) and the new memory.
 
-    The reference is StepGraph: tests/export/test_parity.py compares the stages plus the
-    kernel against step.onnx.
+    Reference: StepGraph (step.onnx); tests/export/test_parity.py compares the stages plus
+    the kernel against it.
     """
 
     def __init__(self, step: StepGraph, index: int) -> None:
@@ -343,16 +328,6 @@ class StepStage(nn.Module):
             memory = m.memory.step(memory, m.item_emb(items))
             x = torch.addmm(x, m.memory.ln(memory), self.step.mix_t)
         return m.ln_f(x), memory
-
-
-def stage_inputs(index: int, n_layers: int) -> list[str]:
-    if index == 0:
-        return ["items", "types", "gaps"]
-    return ["x", "y"] if index < n_layers else ["x", "y", "memory", "items"]
-
-
-def stage_outputs(index: int, n_layers: int) -> list[str]:
-    return ["x_out", "query", "key", "value"] if index < n_layers else ["vector", "memory_out"]
 
 
 def attention_biases(step: StepGraph) -> np.ndarray:

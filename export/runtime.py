@@ -1,248 +1,80 @@
 """Load an exported encoder bundle and run it with ONNX Runtime, onnx and numpy (no torch).
 
 This is what the streaming worker imports, so it must never import torch (a test pins that).
-The worker's loop per micro-batch (all calls are batched over users; one row per user):
+Its public surface is ``__all__``; the worker's loop per micro-batch (all calls are batched
+over users; one row per user):
 
     rt = EncoderRuntime.load(bundle_dir)        # verifies every checksum, picks CUDA or CPU
     idx = rt.index_of(item_ids)                 # unknown ids -> UNKNOWN (-1), never an error
+    slab = rt.initial_state(n)                  # users with no history yet
     # cache miss: rebuild from the user's window (oldest first) + persisted memory (or None)
     vectors, states = rt.rebuild(win_items, win_types, win_gaps, memory=[m_or_None, ...])
-    # one event per user, constant cost (users with an UNKNOWN item are skipped); the worker
-    # uses step_rows on its slab's rows of the users with a known item instead (in place)
-    vectors, states = rt.step(states, items, types, gaps)
+    # one event per user, in place on rows of the worker's slab (items known, rows distinct)
+    vectors = rt.step_rows(slab, rows, items, types, gaps)
     top, scores = rt.top_k(vectors, k, exclude=[seen item indices per user])
+    rt.ids_of(top[b])                           # model indices -> item ids
     persist(states.memory)                      # (B, d): what rebuild() needs besides the window
 
-Inputs are the model's: item indices (0 = padding, 1..n_items = ``rt.item_ids[i]``), event type
-indices in ``rt.event_types`` order, and time-gap buckets (``encoder.features.time_gap_bucket``
-with ``rt.n_time_buckets``). ONNX Runtime sessions are thread-safe, so the calls can run in a
-worker thread off the event loop.
+``step`` (a copy, users with an UNKNOWN item skipped) and ``step_in_place`` (step.onnx) do the
+same step as ``step_rows`` and are its references. Inputs are the model's: item indices
+(0 = padding, 1..n_items = ``rt.item_ids[i]``), event type indices in ``rt.event_types`` order,
+and time-gap buckets (``encoder.features.time_gap_bucket`` with ``rt.n_time_buckets``). ONNX
+Runtime sessions are thread-safe, so the calls can run in a worker thread off the event loop.
+The bundle's layout and its verification are export/bundle_format.py's.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from export.scoring import PADDING, TopKScorer
-from export.slab_attention import attend_in_place
+from export.bundle_format import (
+    FULL_GRAPH_FILE,
+    ITEM_EMBEDDINGS_FILE,
+    ITEMS_FILE,
+    RING_STATE,
+    STEP_GRAPH_FILE,
+    BundleError,
+    stage_files_listed,
+    verify_bundle,
+)
+from export.scoring import TopKScorer, top_k_reference
+from export.sessions import choose_providers, session_options
+from export.staged_step import StagedStep
+from export.states import EncoderStates
+
+__all__ = [
+    "UNKNOWN",
+    "BundleError",
+    "EncoderRuntime",
+    "EncoderStates",
+    "choose_providers",
+    "session_options",
+    "top_k_reference",
+]
 
 log = logging.getLogger(__name__)
 
-# The state of a cache's ring position, last in the step state (export/graphs.py).
-RING_STATE = "ring"
-SLOT_AXIS = 2  # the cached-event axis of the attention caches
-# 2: ring-buffer step state (export/graphs.py); 3: the step's stages and attention biases
-BUNDLE_FORMAT = "interest-bundle/3"
-ATTENTION_BIAS_FILE = "attention_bias.npy"
-MANIFEST = "manifest.json"
 # Sentinel index_of() returns for an item id the model has never seen.
 UNKNOWN = -1
 
 
-def slot_index(rows: np.ndarray, slots: np.ndarray, axis: int) -> tuple[object, ...]:
+def _slot_index(rows: np.ndarray, slots: np.ndarray, axis: int) -> tuple[object, ...]:
     """Index of one slot per row (``slots[i]`` of row ``rows[i]``) on a cache's slot axis:
-    ``cache[slot_index(rows, slots, axis)]`` is (len(rows), ...) without that axis."""
+    ``cache[_slot_index(rows, slots, axis)]`` is (len(rows), ...) without that axis."""
     return (rows, *(slice(None),) * (axis - 1), slots)
-
-
-class BundleError(Exception):
-    """The bundle is missing, incomplete or corrupted; the message says which file and why."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _as_index_rows(rows: Sequence[Sequence[int]] | np.ndarray) -> list[np.ndarray]:
     if isinstance(rows, np.ndarray) and rows.ndim == 2:
         return [np.asarray(r, dtype=np.int64) for r in rows]
     return [np.asarray(r, dtype=np.int64).reshape(-1) for r in rows]
-
-
-def _cuda_device_count() -> int:
-    """CUDA devices visible through the driver API (no torch); 0 when there is no driver.
-
-    Why not ``ort.get_available_providers()``: onnxruntime-gpu lists CUDAExecutionProvider
-    on machines without any GPU, and ``ort.get_device()`` says "GPU" there too.
-    """
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0
-    try:
-        if lib.cuInit(0) != 0:
-            return 0
-        count = ctypes.c_int(0)
-        if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-            return 0
-        return int(count.value)
-    except (AttributeError, OSError):
-        return 0
-
-
-def choose_providers(device: str = "auto") -> list[str]:
-    """Execution providers to ask for: CUDA first when usable, always CPU as the fallback."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    cuda_listed = "CUDAExecutionProvider" in ort.get_available_providers()
-    if device == "cuda" or (cuda_listed and _cuda_device_count() > 0):
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
-def session_options(intra_op_threads: int | None = None, spin: bool = False) -> ort.SessionOptions:
-    """Full graph optimisation and a small intra-op pool.
-
-    Why these: the worker runs inference in a thread beside its event loop, which needs a
-    core for Kafka I/O; a bounded pool that does not spin between runs (spinning would burn
-    that core while the loop waits on the broker) leaves it free. ``spin=True`` cut ~0.1 ms
-    off a batch-1 step here when cores were free, and made calls 2-3x slower when they were
-    shared with other processes (bench/README.md).
-    """
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads = intra_op_threads or max(1, min(4, os.cpu_count() or 1))
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    so.log_severity_level = 3
-    return so
-
-
-@dataclass
-class EncoderStates:
-    """Incremental encoder state for a batch of users: numpy arrays with the user on axis 0.
-
-    ``arrays`` holds the graph's state tensors by name, as listed in the bundle manifest
-    (``keys_<layer>``/``values_<layer>`` attention caches of the last span-1 events, ring
-    buffers; ``memory`` the long-term memory; ``ring`` each user's oldest slot, where the next
-    event goes; export/graphs.py has the layout); ``vectors`` is each user's latest interest
-    vector (zeros before any event), kept so a skipped event can return it.
-    """
-
-    arrays: dict[str, np.ndarray]
-    vectors: np.ndarray  # (B, d) float32
-
-    def __len__(self) -> int:
-        return int(self.vectors.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.vectors.nbytes + sum(a.nbytes for a in self.arrays.values()))
-
-    @property
-    def memory(self) -> np.ndarray:
-        """(B, d) long-term memory after each user's last event: persist it beside the window,
-        and pass it back to ``EncoderRuntime.rebuild`` to restore the state exactly."""
-        return self.arrays["memory"]
-
-    @classmethod
-    def stack(cls, states: Sequence[EncoderStates]) -> EncoderStates:
-        if not states:
-            raise ValueError("stack() needs at least one state")
-        names = states[0].arrays.keys()
-        return cls(
-            arrays={n: np.concatenate([s.arrays[n] for s in states], axis=0) for n in names},
-            vectors=np.concatenate([s.vectors for s in states], axis=0),
-        )
-
-    def take(self, rows: Sequence[int] | np.ndarray) -> EncoderStates:
-        """A copy of some users' rows (fancy indexing copies, so no batch buffer is kept alive)."""
-        idx = np.asarray(rows, dtype=np.int64)
-        return EncoderStates(
-            arrays={n: a[idx] for n, a in self.arrays.items()}, vectors=self.vectors[idx]
-        )
-
-    def split(self) -> list[EncoderStates]:
-        """One independent batch-1 state per user, for a per-user cache."""
-        return [self.take([i]) for i in range(len(self))]
-
-
-class StagedStep:
-    """step.onnx cut at its attention reads (export/graphs.py's StepStage, one graph per
-    stage), with the attention run in place on the caches (export/slab_attention.py): the
-    worker's step, on rows of its slab of cached users, with no gather of their states."""
-
-    def __init__(self, stages: list[ort.InferenceSession], attention_bias: np.ndarray) -> None:
-        if attention_bias.shape[0] != len(stages) - 1:
-            raise ValueError(f"{len(stages)} stages for {attention_bias.shape[0]} layers")
-        self.stages = stages
-        self.stage_inputs = [[i.name for i in stage.get_inputs()] for stage in stages]
-        self.attention_bias = attention_bias  # (n_layers, span, H)
-
-    @classmethod
-    def load(
-        cls,
-        path: Path,
-        stage_files: Sequence[str],
-        so: ort.SessionOptions,
-        providers: Sequence[str],
-    ) -> StagedStep:
-        bias = np.load(path / ATTENTION_BIAS_FILE, allow_pickle=False)
-        if bias.dtype != np.float32 or bias.ndim != 3 or bias.shape[0] != len(stage_files) - 1:
-            raise BundleError(
-                f"{path}: {ATTENTION_BIAS_FILE} is {bias.dtype} {bias.shape}"
-                f" for {len(stage_files)} step stages"
-            )
-        stages = [ort.InferenceSession(str(path / f), so, providers=providers) for f in stage_files]
-        return cls(stages, bias)
-
-    def run(
-        self,
-        states: EncoderStates,
-        rows: np.ndarray,
-        items: np.ndarray,
-        types: np.ndarray,
-        gaps: np.ndarray,
-    ) -> np.ndarray:
-        """One event for each of ``rows`` (int64, no repeats; items known), in place in
-        ``states`` (caches ``keys_<i>``/``values_<i>``, ``memory``, ``ring``, vectors).
-        Returns the vectors (len(rows), d)."""
-        arrays = states.arrays
-        ring = arrays[RING_STATE]
-        n_layers = len(self.stages) - 1
-        feeds = {
-            "items": items,
-            "types": np.asarray(types, dtype=np.int64),
-            "gaps": np.asarray(gaps, dtype=np.int64),
-        }
-        x, query, key, value = self._run(0, feeds)
-        attended = np.empty_like(query)
-        for layer in range(n_layers):
-            keys, values = arrays[f"keys_{layer}"], arrays[f"values_{layer}"]
-            bias = self.attention_bias[layer]
-            attend_in_place(query, key, value, keys, values, rows, ring, bias, attended)
-            feeds.update(x=x, y=attended)
-            if layer + 1 < n_layers:
-                x, query, key, value = self._run(layer + 1, feeds)
-        feeds["memory"] = arrays["memory"][rows]
-        vector, memory = self._run(n_layers, feeds)
-        arrays["memory"][rows] = memory
-        ring[rows] = (ring[rows] + 1) % arrays["keys_0"].shape[SLOT_AXIS]
-        states.vectors[rows] = vector
-        return vector
-
-    def _run(self, index: int, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run one stage on the feeds it takes (the exporter drops unused inputs)."""
-        names = self.stage_inputs[index]
-        return self.stages[index].run(None, {name: feeds[name] for name in names})
 
 
 class EncoderRuntime:
@@ -267,9 +99,9 @@ class EncoderRuntime:
         self.state_names: list[str] = [s["name"] for s in manifest["state"]]
         self._step_inputs: list[str] = manifest["graphs"]["step"]["inputs"]
         # step.onnx returns, per cache (a ring buffer on its slot axis), only the new slot to
-        # write at the ring position; the ring itself is the last state (export/graphs.py).
+        # write at the ring position; the ring itself is the last state (bundle_format).
         # Cache state name -> its slot axis.
-        self.ring_caches: dict[str, int] = {
+        self._ring_caches: dict[str, int] = {
             s["name"]: s["slot_axis"] for s in manifest["state"] if "slot_axis" in s
         }
         if self.state_names[-1] != RING_STATE:
@@ -308,26 +140,20 @@ class EncoderRuntime:
         """
         path = Path(path)
         manifest = verify_bundle(path)
-        files = manifest["files"]
-        stage_files = [stage["file"] for stage in manifest["graphs"].get("stages", [])]
-        needed = ("full.onnx", "step.onnx", "items.json", "item_embeddings.npy")
-        for name in (*needed, ATTENTION_BIAS_FILE, *stage_files):
-            if name not in files:
-                raise BundleError(f"{path}: manifest lists no {name}")
-        item_ids = json.loads((path / "items.json").read_text())
-        emb = np.load(path / "item_embeddings.npy", allow_pickle=False).astype(np.float32)
+        item_ids = json.loads((path / ITEMS_FILE).read_text())
+        emb = np.load(path / ITEM_EMBEDDINGS_FILE, allow_pickle=False).astype(np.float32)
         if len(item_ids) != emb.shape[0] or emb.shape[1] != int(manifest["d_model"]):
             raise BundleError(
-                f"{path}: items.json has {len(item_ids)} entries but item_embeddings.npy "
+                f"{path}: {ITEMS_FILE} has {len(item_ids)} entries but {ITEM_EMBEDDINGS_FILE} "
                 f"is {emb.shape}"
             )
         providers = choose_providers(device)
         so = session_options(intra_op_threads, spin)
         try:
-            full = ort.InferenceSession(str(path / "full.onnx"), so, providers=providers)
-            step = ort.InferenceSession(str(path / "step.onnx"), so, providers=providers)
+            full = ort.InferenceSession(str(path / FULL_GRAPH_FILE), so, providers=providers)
+            step = ort.InferenceSession(str(path / STEP_GRAPH_FILE), so, providers=providers)
             scorer = TopKScorer(emb, so, providers)
-            staged = StagedStep.load(path, stage_files, so, providers)
+            staged = StagedStep.load(path, stage_files_listed(manifest), so, providers)
         except BundleError:
             raise
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -470,11 +296,11 @@ class EncoderRuntime:
         vector, *outs = self._step.run(None, feeds)
         ring = sub.arrays[RING_STATE].copy()  # where this event's slots go
         for name, out in zip(self.state_names, outs, strict=True):
-            target, axis = states.arrays[name], self.ring_caches.get(name)
+            target, axis = states.arrays[name], self._ring_caches.get(name)
             if axis is None:  # memory, ring: replaced
                 target[index] = out
             else:  # a cache: the new slot at the ring position
-                target[slot_index(index, ring, axis)] = out.take(0, axis=axis)
+                target[_slot_index(index, ring, axis)] = out.take(0, axis=axis)
         states.vectors[index] = vector
         return vector
 
@@ -558,66 +384,3 @@ def _has_memory(memory: np.ndarray | Sequence[np.ndarray | None] | None, batch: 
     if len(memory) != batch:
         raise ValueError("memory needs one entry (array or None) per user")
     return np.array([m is not None for m in memory], dtype=bool)
-
-
-def top_k_reference(
-    scores: np.ndarray, k: int, exclude: Sequence[Sequence[int]] | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Plain reference for top_k: sort every item, walk the list, skip masked ones."""
-    out_i, out_s = [], []
-    for b, row in enumerate(np.asarray(scores, dtype=np.float32)):
-        banned = {PADDING} | {int(x) for x in (exclude[b] if exclude is not None else [])}
-        ranked = [int(j) for j in np.argsort(-row, kind="stable") if int(j) not in banned][:k]
-        pad = k - len(ranked)
-        out_i.append(ranked + [PADDING] * pad)
-        out_s.append([float(row[j]) for j in ranked] + [-np.inf] * pad)
-    return np.array(out_i, dtype=np.int64), np.array(out_s, dtype=np.float32)
-
-
-def verify_bundle(path: Path) -> dict[str, Any]:
-    """Read the manifest and check every listed file's sha256; return the manifest."""
-    mpath = path / MANIFEST
-    if not path.is_dir():
-        raise BundleError(f"{path}: not a bundle directory")
-    if not mpath.is_file():
-        raise BundleError(f"{path}: no {MANIFEST}; is this an `interest export` bundle?")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{mpath}: not valid JSON ({exc})") from None
-    if manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(
-            f"{mpath}: format {manifest.get('format')!r}, expected {BUNDLE_FORMAT}"
-            " (export the model again with `interest export`)"
-        )
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise BundleError(f"{mpath}: no file checksums")
-    for name, digest in sorted(files.items()):
-        fpath = path / name
-        if not fpath.is_file():
-            raise BundleError(f"{path}: incomplete bundle, {name} is missing")
-        actual = sha256_file(fpath)
-        if actual != digest:
-            raise BundleError(
-                f"{path}: checksum mismatch for {name} (corrupted or modified after export)"
-            )
-    if content_version(files) != manifest.get("version"):
-        raise BundleError(f"{mpath}: version does not match the file checksums")
-    if manifest_digest(manifest) != manifest.get("manifest_sha256"):
-        raise BundleError(f"{mpath}: manifest was modified after export (manifest_sha256)")
-    return manifest
-
-
-def manifest_digest(manifest: dict[str, Any]) -> str:
-    """sha256 of the manifest's canonical JSON without its own digest field."""
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def content_version(files: dict[str, str]) -> str:
-    """Bundle version: a hash of every file's checksum, so equal content gives equal version."""
-    h = hashlib.sha256()
-    for name, digest in sorted(files.items()):
-        h.update(f"{name}\0{digest}\n".encode())
-    return h.hexdigest()[:16]

@@ -1,10 +1,10 @@
 """Top-k items per user by dot product, seen items excluded, as one small ONNX Runtime graph.
 
-Why a graph and not numpy: per 500-user micro-batch the numpy version (scores matmul, a Python
-loop masking each user's seen items, argpartition, a sort of the winners) was a third of the
-worker's inference thread; ONNX Runtime's MatMul + ScatterElements + TopK does the same in
-one call, off the GIL, on the same device as the encoder. Plain reference:
-``export.runtime.top_k_reference``; tests/export/test_scoring.py compares the two.
+Why a graph and not numpy: in numpy a micro-batch needs the scores matmul, a Python loop
+masking each user's seen items, argpartition and a sort of the winners, much of it holding the
+GIL the worker's event loop needs; ONNX Runtime's MatMul + ScatterElements + TopK does the same
+in one call, off the GIL, on the same device as the encoder. Plain reference:
+``top_k_reference`` below; tests/export/test_scoring.py compares the two.
 
     vectors (B,d) float32, exclude (B,L) int64 (padded with 0), k (1,) int64
       -> scores = vectors @ items.T; scores[b, exclude[b]] = -inf; TopK(scores, k)
@@ -119,3 +119,17 @@ class TopKScorer:
         )
         indices[~np.isfinite(values)] = PADDING
         return indices, values
+
+
+def top_k_reference(
+    scores: np.ndarray, k: int, exclude: Sequence[Sequence[int]] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Plain reference for top_k: sort every item, walk the list, skip masked ones."""
+    out_i, out_s = [], []
+    for b, row in enumerate(np.asarray(scores, dtype=np.float32)):
+        banned = {PADDING} | {int(x) for x in (exclude[b] if exclude is not None else [])}
+        ranked = [int(j) for j in np.argsort(-row, kind="stable") if int(j) not in banned][:k]
+        pad = k - len(ranked)
+        out_i.append(ranked + [PADDING] * pad)
+        out_s.append([float(row[j]) for j in ranked] + [-np.inf] * pad)
+    return np.array(out_i, dtype=np.int64), np.array(out_s, dtype=np.float32)

@@ -1,19 +1,21 @@
 """The step's attention, reading each user's caches where they lie in a slab of users' states.
 
-step.onnx needs its batch's caches in one array, so the worker used to gather ~100 KB per user
-out of its slab of cached users each batch, have the graph read them, and write the new slots
-back: three passes over memory for one read's worth of arithmetic. This kernel does the one
-read, in place, row by row; the dense parts stay in ONNX (export/graphs.py's StepStage).
+step.onnx needs its batch's caches in one array: the worker would gather each user's caches
+out of its slab of cached users every batch, have the graph read them, and write the new
+slots back, three passes over memory for one read's worth of arithmetic. This kernel does the
+one read, in place, row by row; the dense parts stay in ONNX (export/graphs.py's StepStage).
 
-Layout (export/graphs.py): a cache is (N, H, span-1, w) with w = head_dim + 1; keys carry the
-empty-slot mask in their last column and the query a constant 1 there, so ``q . key`` is
-already masked; values carry a constant 1, so the output's last column is the sum of the
-weights. Slot ``s`` of a user whose oldest slot is ``ring`` holds the event
+Layout (export/bundle_format.py): a cache is (N, H, span-1, w) with w = head_dim + 1; keys
+carry the empty-slot mask in their last column and the query a constant 1 there, so
+``q . key`` is already masked; values carry a constant 1, so the output's last column is the
+sum of the weights. Slot ``s`` of a user whose oldest slot is ``ring`` holds the event
 ``span-1 - (s - ring) % (span-1)`` steps back.
 
 Numba, not numpy: numpy can only read rows scattered over the slab by copying them. The
-loops run without the GIL, so the worker's event loop keeps its core meanwhile. Reference:
-step.onnx through ``EncoderRuntime.step_in_place``, compared in tests/export/test_parity.py.
+loops run without the GIL, so the worker's event loop keeps its core meanwhile. Plain
+reference: ``attend_reference`` below, compared over random shapes and slot positions in
+tests/export/test_slab_attention.py; the whole staged step is compared with step.onnx in
+tests/export/test_parity.py.
 """
 
 from __future__ import annotations
@@ -81,3 +83,41 @@ def attend_in_place(
                 out[b, h, j] = acc[j] / total
                 keys[row, h, oldest, j] = key[b, h, j]
                 values[row, h, oldest, j] = value[b, h, j]
+
+
+def attend_reference(
+    query: np.ndarray,
+    key: np.ndarray,
+    value: np.ndarray,
+    keys: np.ndarray,
+    values: np.ndarray,
+    rows: np.ndarray,
+    ring: np.ndarray,
+    bias_by_age: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Plain reference for ``attend_in_place``, same arguments but ``out``: returns (out,
+    keys after, values after) and changes nothing it is given.
+
+    Per event: the user's cached events put in age order, softmax of ``q . key + bias`` over
+    them and the event itself (float64), the weighted sum of the values; then the event's key
+    and value replace the oldest cached event.
+    """
+    slots = keys.shape[2]
+    keys_after, values_after = keys.copy(), values.copy()
+    out = np.empty_like(query)
+    for b, row in enumerate(rows):
+        oldest = int(ring[row])
+        order = [(oldest + i) % slots for i in range(slots)]  # oldest cached event first
+        cached_keys = keys[row][:, order].astype(np.float64)  # (H, slots, w)
+        cached_values = values[row][:, order].astype(np.float64)
+        all_keys = np.concatenate([cached_keys, key[b][:, None].astype(np.float64)], axis=1)
+        all_values = np.concatenate([cached_values, value[b][:, None].astype(np.float64)], axis=1)
+        ages = np.arange(slots, -1, -1)  # the oldest is span-1 back, the event itself 0
+        scores = np.einsum("hw,hsw->hs", query[b].astype(np.float64), all_keys)
+        scores += bias_by_age[ages].T  # (H, slots + 1)
+        weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+        weights /= weights.sum(axis=1, keepdims=True)
+        out[b] = np.einsum("hs,hsw->hw", weights, all_values)
+        keys_after[row, :, oldest] = key[b]
+        values_after[row, :, oldest] = value[b]
+    return out, keys_after, values_after

@@ -188,3 +188,19 @@ def test_chunked_memory_scan_equals_dense_closed_form() -> None:
     valid = torch.rand(3, 150, generator=g) > 0.3
     m0 = torch.randn(3, 16, generator=g)
     assert (mem.scan(e, valid, m0) - mem.scan_dense(e, valid, m0)).abs().max().item() <= TOL
+
+
+def test_attention_masks_are_the_plain_window_and_padding_rule() -> None:
+    """blocked[b, 0, i, j] is False exactly when key j is in query i's window and is a real
+    event, or is query i itself (a padding query sees itself only): the rule written with
+    torch.eye, against the comparison the model uses so that the mask exports to ONNX."""
+    model = _model(span=3)
+    valid = torch.tensor([[False, False, True, True, True, True], [True] * 6])
+    blocked, dist = model._attention_masks(valid)
+    T = valid.shape[1]
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    in_window = (i - j >= 0) & (i - j < 3)
+    own = torch.eye(T, dtype=torch.bool)
+    assert torch.equal(blocked, ~(in_window & (valid[:, None, :] | own))[:, None])
+    assert torch.equal(dist, (i - j).clamp(0, 2))
+    assert not blocked.all(dim=-1).any()  # every query sees at least itself

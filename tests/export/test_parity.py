@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from encoder.model import InterestEncoder
-from export.graphs import from_graph_state, next_state, state_names, to_graph_state
+from export.bundle_format import state_names
+from export.graphs import from_graph_state, next_state, to_graph_state
 from export.runtime import EncoderRuntime, EncoderStates
 
 TOL = 1e-4
@@ -65,7 +66,7 @@ def test_full_graph_matches_torch(model: InterestEncoder, runtime: EncoderRuntim
                 _t(items), _t(types), _t(gaps), _t(memory) if has.all() else None
             )
         assert _maxdiff(ref_vec[:3], got[0][:3]) <= TOL  # row 3 has no event: vector undefined
-        names = state_names(model.cfg)
+        names = state_names(model.cfg.n_layers)
         assert runtime.state_names == names
         for name, ref, out in zip(names, to_graph_state(ref_state), got[1:], strict=True):
             assert out.dtype == ref.numpy().dtype, name

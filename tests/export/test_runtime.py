@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export import runtime as rt_mod
+from export import sessions
 from export.runtime import (
     UNKNOWN,
     BundleError,
@@ -163,15 +163,15 @@ def test_top_k_on_runtime(runtime: EncoderRuntime) -> None:
 
 def test_provider_choice(monkeypatch: pytest.MonkeyPatch, runtime: EncoderRuntime) -> None:
     listed = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    monkeypatch.setattr(rt_mod.ort, "get_available_providers", lambda: listed)
-    monkeypatch.setattr(rt_mod, "_cuda_device_count", lambda: 0)
-    assert rt_mod.choose_providers("auto") == ["CPUExecutionProvider"]  # listed but no GPU
-    monkeypatch.setattr(rt_mod, "_cuda_device_count", lambda: 1)
-    assert rt_mod.choose_providers("auto") == listed
-    assert rt_mod.choose_providers("cpu") == ["CPUExecutionProvider"]
+    monkeypatch.setattr(sessions.ort, "get_available_providers", lambda: listed)
+    monkeypatch.setattr(sessions, "_cuda_device_count", lambda: 0)
+    assert sessions.choose_providers("auto") == ["CPUExecutionProvider"]  # listed but no GPU
+    monkeypatch.setattr(sessions, "_cuda_device_count", lambda: 1)
+    assert sessions.choose_providers("auto") == listed
+    assert sessions.choose_providers("cpu") == ["CPUExecutionProvider"]
     with pytest.raises(ValueError):
-        rt_mod.choose_providers("tpu")
-    if rt_mod._cuda_device_count() == 0:  # this machine: the CPU fallback is what runs
+        sessions.choose_providers("tpu")
+    if sessions._cuda_device_count() == 0:  # this machine: the CPU fallback is what runs
         assert runtime.provider == "CPUExecutionProvider"
 
 

@@ -7,8 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from export.runtime import top_k_reference
-from export.scoring import TopKScorer, exclusion_matrix
+from export.scoring import TopKScorer, exclusion_matrix, top_k_reference
 
 N_ITEMS, D = 30, 8
 RNG = np.random.default_rng(0)

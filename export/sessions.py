@@ -1,0 +1,60 @@
+"""How the runtime opens ONNX Runtime sessions: which execution providers, which options."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import onnxruntime as ort
+
+
+def _cuda_device_count() -> int:
+    """CUDA devices visible through the driver API (no torch); 0 when there is no driver.
+
+    Why not ``ort.get_available_providers()``: onnxruntime-gpu lists CUDAExecutionProvider
+    on machines without any GPU, and ``ort.get_device()`` says "GPU" there too.
+    """
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    try:
+        if lib.cuInit(0) != 0:
+            return 0
+        count = ctypes.c_int(0)
+        if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return int(count.value)
+    except (AttributeError, OSError):
+        return 0
+
+
+def choose_providers(device: str = "auto") -> list[str]:
+    """Execution providers to ask for: CUDA first when usable, always CPU as the fallback."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    cuda_listed = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "cuda" or (cuda_listed and _cuda_device_count() > 0):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session_options(intra_op_threads: int | None = None, spin: bool = False) -> ort.SessionOptions:
+    """Full graph optimisation and a small intra-op pool.
+
+    Why these: the worker runs inference in a thread beside its event loop, which needs a
+    core for Kafka I/O; a bounded pool that does not spin between runs (spinning would burn
+    that core while the loop waits on the broker) leaves it free. ``spin=True`` shortens a
+    small step when cores are free, and slows every call when they are shared with other
+    processes, so it is off unless asked for.
+    """
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = intra_op_threads or max(1, min(4, os.cpu_count() or 1))
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    so.log_severity_level = 3
+    return so
