@@ -315,8 +315,8 @@ def train_batch(
 
     One window per user (its last max_len training events) unless ``every_window``: then
     histories longer than a window are cut into consecutive windows ending at the last one, so
-    every training event is a target exactly once per epoch (ml-1m: about 1.5x the targets of
-    last-window-only), each earlier window getting the memory of the events before it.
+    every training event is a target exactly once per epoch (more targets than last-window-only
+    on long histories), each earlier window getting the memory of the events before it.
 
     ``held_out``: when given, only these user rows keep their validation event out of training;
     every other user trains on everything but the test event (the validation sample is all that

@@ -70,8 +70,8 @@ class TrainConfig:
     every_window: bool = True
     # also train on the validation event of the users outside the validation sample: only the
     # sample needs it held out, and a user's newest events are the most like the test targets
-    # (Beauty: NDCG@10 +16% over seeds 0-2). Never on any test event. False = every user's
-    # validation event held out, as the published SASRec numbers were trained (bench/README.md)
+    # (it measured clearly better on Beauty). Never on any test event. False = every user's
+    # validation event held out, as the published SASRec numbers were trained (bench/quality.py)
     train_on_validation: bool = True
     seed: int = 0
     threads: int = 0  # 0 = all cores available to this process
@@ -100,8 +100,8 @@ def _length_bucketed_batches(lengths: torch.Tensor, batch_size: int, gen: torch.
 class LearningRate:
     """The learning rate at each step: linear warm-up, then the configured schedule.
 
-    Why wsd is the default: on ml-1m at a constant rate validation plateaus after ~15 epochs,
-    and the final linear decay gains more than those epochs did (bench/README.md, Quality).
+    Why wsd is the default: on ml-1m at a constant rate validation plateaus early, and the
+    final linear decay gains more than the epochs after the plateau did (bench/quality.py).
     Its decay normally takes the last ``decay_fraction`` of the run; when validation stops
     improving first, ``start_decay`` begins it at once, lasting the same share of the run so
     far, and the run ends when it reaches 0: early stopping that still gets the decay's gain.
@@ -262,28 +262,24 @@ def is_dense(inter: Interactions) -> bool:
 def auto_dropout(inter: Interactions) -> float:
     """Dropout for the data's density, unless set: 0.1 for dense logs, which measured better
     than SASRec's 0.2 on ml-1m at equal training time; 0.2 for sparse ones, which with weight
-    decay measured better than SASRec's 0.5 (and than 0.1) on Beauty (bench/README.md)."""
+    decay measured better than SASRec's 0.5 (and than 0.1) on Beauty (bench/quality.py)."""
     return 0.1 if is_dense(inter) else 0.2
 
 
 def auto_weight_decay(inter: Interactions) -> float:
     """AdamW weight decay for the data's density, unless set. Why: on sparse logs most items
-    are seen a handful of times and their embeddings memorise. Beauty test NDCG@10 at dropout
-    0.2 in 15 minutes: decay 0 (dropout 0.5) 0.0260, 0.05 0.0308, 0.1 0.0322, 0.2 0.0328,
-    0.3 0.0314; in 30 minutes 0.1 gave 0.0317 and 0.2 0.0310, all about the noise apart, so
-    0.1. Dense logs: none; on ml-1m 0.05 gave a seed-mean test NDCG@10 of 0.1799 against
-    0.1791 without, within the seed noise (bench/README.md)."""
+    are seen a handful of times and their embeddings memorise. On Beauty any decay from 0.05
+    to 0.3 beat none, the values within the seed noise of each other, so 0.1. Dense logs:
+    none, as decay on ml-1m stayed within the seed noise (bench/quality.py)."""
     return 0.0 if is_dense(inter) else 0.1
 
 
 def auto_depth(inter: Interactions) -> dict[str, int]:
     """Layers and span for the data's density, unless either is set. Dense logs: 3 layers of
-    span 67, the same receptive field (199) and state size as 2 of span 100; on ml-1m over
-    seeds 0-2 they gave test NDCG@10 0.1823 / 0.1844 / 0.1790 (mean 0.1819) against 0.1784 /
-    0.1813 / 0.1776 (0.1791) in the same 30 minutes, with 35-38 epochs of ~50 s against 46-57
-    of ~31 s (bench/README.md).
-    Sparse logs keep 2 of span 100: on Beauty (9 events per user, far shorter than either
-    span) 3 layers of span 67 gave 0.0290 against 0.0317 on the same seed."""
+    span 67, the same receptive field (199) and state size as 2 of span 100, which measured
+    better on ml-1m over three seeds in the same training time (bench/quality.py).
+    Sparse logs keep 2 of span 100: on Beauty (histories far shorter than either span) 3
+    layers measured worse."""
     return {"n_layers": 3, "span": 67} if is_dense(inter) else {"n_layers": 2, "span": 100}
 
 
