@@ -25,6 +25,28 @@ class Case:
     ring: np.ndarray  # (N,) oldest slot per slab row
     bias_by_age: np.ndarray  # (slots + 1, H)
 
+    def reference(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(out, keys after, values after) by the plain reference."""
+        return attend_reference(
+            self.query,
+            self.key,
+            self.value,
+            self.keys,
+            self.values,
+            self.rows,
+            self.ring,
+            self.bias_by_age,
+        )
+
+    def in_place(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(out, keys, values, ring) after the kernel, run on copies of the case's arrays."""
+        keys, values, ring = self.keys.copy(), self.values.copy(), self.ring.copy()
+        out = np.full_like(self.query, np.nan)
+        attend_in_place(
+            self.query, self.key, self.value, keys, values, self.rows, ring, self.bias_by_age, out
+        )
+        return out, keys, values, ring
+
 
 def _case(
     batch: int,
@@ -76,21 +98,8 @@ def cases(draw: st.DrawFn) -> Case:
 
 
 def _check(case: Case) -> None:
-    want, want_keys, want_values = attend_reference(
-        case.query,
-        case.key,
-        case.value,
-        case.keys,
-        case.values,
-        case.rows,
-        case.ring,
-        case.bias_by_age,
-    )
-    keys, values, ring = case.keys.copy(), case.values.copy(), case.ring.copy()
-    out = np.full_like(case.query, np.nan)
-    attend_in_place(
-        case.query, case.key, case.value, keys, values, case.rows, ring, case.bias_by_age, out
-    )
+    want, want_keys, want_values = case.reference()
+    out, keys, values, ring = case.in_place()
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(keys, want_keys)  # new slots at the ring, nothing else
     np.testing.assert_array_equal(values, want_values)
@@ -107,33 +116,13 @@ def test_empty_cache_attends_to_the_event_alone() -> None:
     """No cached event: the output is the event's own value, whatever the bias."""
     case = _case(2, 2, 4, 3, rows=[3, 0], ring=[1, 0, 2, 3], filled=[0, 0, 0, 0], seed=1)
     _check(case)
-    out = np.empty_like(case.query)
-    attend_in_place(
-        case.query,
-        case.key,
-        case.value,
-        case.keys.copy(),
-        case.values.copy(),
-        case.rows,
-        case.ring.copy(),
-        case.bias_by_age,
-        out,
-    )
+    out, *_ = case.in_place()
     np.testing.assert_allclose(out, case.value, rtol=1e-6, atol=1e-6)
 
 
 def test_reference_changes_nothing_it_is_given() -> None:
     case = _case(3, 2, 5, 4, rows=[4, 1, 2], ring=[0, 4, 2, 1, 3], filled=[5, 2, 0, 5, 1], seed=2)
     before = [a.copy() for a in (case.keys, case.values, case.ring)]
-    attend_reference(
-        case.query,
-        case.key,
-        case.value,
-        case.keys,
-        case.values,
-        case.rows,
-        case.ring,
-        case.bias_by_age,
-    )
+    case.reference()
     for a, b in zip((case.keys, case.values, case.ring), before, strict=True):
         np.testing.assert_array_equal(a, b)
