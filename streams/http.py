@@ -222,9 +222,10 @@ def create_http_app(settings: Settings) -> web.Application:
 
 def run_http(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM; topics are created first so serving before the worker works."""
+    from streams.logs import configure_logging
     from streams.topics import ensure_topics
 
-    logging.basicConfig(level=settings.log_level)
+    configure_logging(settings)
     ensure_topics(settings)
     web.run_app(
         create_http_app(settings),

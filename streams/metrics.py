@@ -6,14 +6,18 @@ import time
 from collections import Counter as Tally
 from collections.abc import Sequence
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from streams.recommend import Request
 
 EVENTS = Counter(
     "interest_events_total", "Input messages by outcome", ["topic", "outcome"]
 )  # outcome: applied, duplicate, rejected
-DLQ = Counter("interest_dlq_total", "Messages sent to the dead letter topic", ["topic"])
+DLQ = Counter(
+    "interest_dlq_total",
+    "Messages sent to the dead letter topic, by reason code (streams/events.py DLQ_REASONS)",
+    ["topic", "reason"],
+)
 RECOMMENDATIONS = Counter(
     "interest_recommendations_total", "Recommendation events published", ["source"]
 )
@@ -42,7 +46,8 @@ BATCH_SIZE = Histogram(
 )
 EVENT_LAG_SECONDS = Histogram(
     "interest_event_to_recommendation_seconds",
-    "Event timestamp to recommendation publish (includes producer-side delay)",
+    "From the event's record reaching its input topic (its Kafka timestamp) to its"
+    " recommendation acknowledged by the broker",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60),
 )
 RETRIES = Counter("interest_batch_retries_total", "Batches retried after an I/O error")
@@ -65,8 +70,22 @@ def observe_stage(stage: str, started: float) -> float:
     return seconds
 
 
+MODEL_INFO = Gauge("interest_model_info", "1 for the model version this worker serves", ["version"])
+MODEL_ROLLOUT_FAILURES = Counter(
+    "interest_model_rollout_failures_total",
+    "Bundles that failed to load on a rollout (the previous model kept serving)",
+)
+
+
+def serving(version: str) -> None:
+    """Point ``interest_model_info`` at the version now serving."""
+    MODEL_INFO.clear()
+    MODEL_INFO.labels(version).set(1)
+
+
 def report_batch(
     outcomes: Tally[tuple[str, str]],
+    rejected: Tally[tuple[str, str]],
     sources: Tally[str],
     online: Tally[str],
     requests: Sequence[Request],
@@ -75,14 +94,16 @@ def report_batch(
     a retried batch is reported once)."""
     for (topic, outcome), count in outcomes.items():
         EVENTS.labels(topic, outcome).inc(count)
-        if outcome == "rejected":
-            DLQ.labels(topic).inc(count)
+    for (topic, reason), count in rejected.items():
+        DLQ.labels(topic, reason).inc(count)
     for source, count in sources.items():
         RECOMMENDATIONS.labels(source).inc(count)
     for name, count in online.items():
         kind, version = name.split(":", 1)
         counter = ONLINE_HITS if kind == "hits" else ONLINE_EVENTS
         counter.labels(version).inc(count)
-    now = time.time()
+    now_ms = time.time() * 1000
     for request in requests:
-        EVENT_LAG_SECONDS.observe(max(0.0, now - request.event.timestamp_ms / 1000))
+        arrived_ms = request.event.source.timestamp_ms
+        if arrived_ms is not None:
+            EVENT_LAG_SECONDS.observe(max(0.0, now_ms - arrived_ms) / 1000)

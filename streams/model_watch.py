@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common.errors import UserError
+from streams import metrics
 from streams.recommend import PopularityRecommender, Recommender
 from streams.settings import Settings
 
@@ -69,6 +70,7 @@ class ModelWatcher:
     def __init__(self, settings: Settings, current: Recommender) -> None:
         self.settings = settings
         self.current = current
+        metrics.serving(current.model_version)
         self._stamp = _manifest_stamp(settings.model) if settings.model else None
         self._loaded: Recommender | None = None  # ready to serve from the next batch
         self._failed: tuple[tuple[int, int, int], float] | None = None  # (stamp, when)
@@ -81,6 +83,7 @@ class ModelWatcher:
         if loaded is not None and loaded.model_version != self.current.model_version:
             log.warning("model rollout: %s -> %s", self.current.model_version, loaded.model_version)
             self.current = loaded
+            metrics.serving(loaded.model_version)
         return self.current
 
     async def watch(self) -> None:
@@ -118,6 +121,7 @@ class ModelWatcher:
             )
         except Exception as exc:  # whatever is wrong with the bundle, the old model serves on
             self._failed = (stamp, time.monotonic())
+            metrics.MODEL_ROLLOUT_FAILURES.inc()
             log.error(
                 "model rollout failed, still serving %s (tried again when the bundle changes"
                 " or in %.0f s): %s",

@@ -170,7 +170,11 @@ class BatchProcessor:
         metrics.observe_stage("write", writing)
         # Only once the batch has succeeded (a retried batch is counted once).
         metrics.report_batch(
-            prepared.outcomes, prepared.sources, prepared.online, prepared.requests
+            prepared.outcomes,
+            prepared.rejected,
+            prepared.sources,
+            prepared.online,
+            prepared.requests,
         )
         metrics.BATCH_SECONDS.observe(prepared.seconds + time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(prepared.requests) + prepared.result.rejected)

@@ -159,5 +159,8 @@ def recommendation_event(event: Event, recommendation: Recommendation) -> dict[s
         "source": recommendation.source,
         "trigger_event_id": event.event_id,
         "event_timestamp": event.timestamp_ms,
+        # When the event reached its input topic (its record's Kafka timestamp; null where the
+        # broker gave none): generated_at minus this is its latency through the worker.
+        "received_at": event.source.timestamp_ms,
         "generated_at": int(time.time() * 1000),
     }

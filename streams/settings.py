@@ -142,6 +142,8 @@ class Settings(BaseSettings):
     # Worker observability: Prometheus /metrics on this port (0 disables it).
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    # "json": one JSON object per log line (streams/logs.py), for log shippers.
+    log_format: Literal["text", "json"] = "text"
 
     @model_validator(mode="after")
     def _check_security(self) -> Settings:

@@ -42,7 +42,7 @@ class Checked:
 
     events: list[Event]
     dead_letters: list[OutRecord]
-    rejected: Counter[str]  # per topic
+    rejected: Counter[tuple[str, str]]  # per (topic, reason code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +117,7 @@ class Prepared:
     popularity_epoch_ms: int | None
     online: Counter[str]  # "events:<version>" / "hits:<version>" increments
     outcomes: Counter[tuple[str, str]]  # (topic, applied | duplicate | rejected)
+    rejected: Counter[tuple[str, str]]  # dead letters per (topic, reason code)
     sources: Counter[str]  # recommendations per source
     requests: list[Request]
     last_recs: Mapping[str, list[str] | None]  # per user, after this batch
@@ -142,7 +143,8 @@ def check_message(message: RawMessage, settings: Settings) -> Event | Rejection:
         return Rejection(
             f"{reason} does not match user_id (the key must be the user_id)",
             message.source,
-            message.value,
+            message.value or b"",
+            "key_mismatch",
         )
     return result
 
@@ -151,11 +153,11 @@ def check_messages(messages: Sequence[RawMessage], settings: Settings) -> Checke
     """Valid events, and a dead letter for each message that is not one."""
     events: list[Event] = []
     dead_letters: list[OutRecord] = []
-    rejected: Counter[str] = Counter()
+    rejected: Counter[tuple[str, str]] = Counter()
     for message in messages:
         checked = check_message(message, settings)
         if isinstance(checked, Rejection):
-            rejected[message.source.topic] += 1
+            rejected[(message.source.topic, checked.reason)] += 1
             record = orjson.dumps(checked.dlq_record(settings.dlq_raw_max_bytes))
             dead_letters.append(OutRecord(settings.topic_dlq, message.key, record))
         else:
@@ -247,9 +249,9 @@ def finish(
         out.append(OutRecord(topic, event.user_id.encode(), payload))
         sources[recommendation.source] += 1
     changes = applied.changes
-    outcomes = changes.outcomes + Counter(
-        {(topic_, "rejected"): n for topic_, n in applied.checked.rejected.items()}
-    )
+    outcomes = Counter(changes.outcomes)
+    for (topic_, _), n in applied.checked.rejected.items():
+        outcomes[(topic_, "rejected")] += n
     return Prepared(
         result=BatchResult(
             applied=len(requests),
@@ -264,6 +266,7 @@ def finish(
         popularity_epoch_ms=applied.popularity_epoch_ms,
         online=online,
         outcomes=outcomes,
+        rejected=applied.checked.rejected,
         sources=sources,
         requests=requests,
         last_recs=last_recs,

@@ -23,6 +23,8 @@ import faust
 from faust.types import AppT, Message
 
 from streams.events import Source
+from streams.health import Readiness, serve_health
+from streams.logs import logging_config
 from streams.messages import RawMessage
 from streams.model_watch import ModelWatcher, load_recommender
 from streams.processor import BatchProcessor
@@ -52,7 +54,15 @@ def _credentials(settings: Settings) -> object | None:
     return None
 
 
-def create_app(settings: Settings, datadir: Path, recommender: Recommender | None = None) -> AppT:
+def create_app(
+    settings: Settings,
+    datadir: Path,
+    recommender: Recommender | None = None,
+    readiness: Readiness | None = None,
+) -> AppT:
+    """The faust app with its one agent. ``readiness`` (the health port's) is set while the
+    agent runs."""
+    readiness = readiness or Readiness()
     app = faust.App(
         settings.group_id,
         # Consumed through the fetch sink attached below (streams/transport.py).
@@ -96,11 +106,14 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
 
         def raw(messages: Sequence[Message]) -> list[RawMessage]:
             return [
-                RawMessage(m.key, m.value, Source(m.topic, m.partition, m.offset)) for m in messages
+                RawMessage(m.key, m.value, Source(m.topic, m.partition, m.offset, _ms(m)))
+                for m in messages
             ]
 
         pipeline = BatchPipeline(processor, on_committed=sink.ack, on_fatal=exit_unacked)
         watching = asyncio.create_task(watcher.watch())  # loads rolled-out bundles
+        readiness.model_version = watcher.current.model_version
+        readiness.ready = True
         try:
             # Up to three batches in flight, a stage apart (BatchPipeline); the consumer
             # meanwhile fetches into the sink's bounded queue. The agent's stream is never
@@ -119,6 +132,7 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
                 # already in flight may then be recommended by it too; recommendation events
                 # carry the version that made them, and a state of another version is rebuilt.
                 processor.recommender = watcher.refresh()
+                readiness.model_version = processor.recommender.model_version
                 try:
                     await pipeline.submit(raw(messages), messages)
                 except Exception:
@@ -126,6 +140,7 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
                 del messages  # unacked messages are weakly tracked
         finally:
             # Shutting down mid-batch: unacked events replay on restart.
+            readiness.ready = False
             watching.cancel()
             watcher.close()
             pipeline.cancel()
@@ -133,6 +148,11 @@ def create_app(settings: Settings, datadir: Path, recommender: Recommender | Non
             await client.aclose()
 
     return app
+
+
+def _ms(message: Message) -> int | None:
+    """The record's Kafka timestamp in epoch ms (faust gives seconds; None without one)."""
+    return int(message.timestamp * 1000) if message.timestamp else None
 
 
 def exit_unacked() -> NoReturn:
@@ -166,7 +186,9 @@ def tune_gc() -> None:
 
 
 def create_worker(app: AppT, settings: Settings) -> faust.Worker:
-    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
+    worker = faust.Worker(
+        app, loglevel=settings.log_level, logging_config=logging_config(settings), quiet=True
+    )
     # faust's terminal spinner sets the root logger to DEBUG so that every record turns it:
     # every log.debug in aiokafka (one per message sent) then builds a LogRecord that the
     # handlers drop, a visible share of the worker's time under load.
@@ -176,14 +198,13 @@ def create_worker(app: AppT, settings: Settings) -> faust.Worker:
 
 def run_worker(settings: Settings) -> None:
     """Block running the worker until SIGINT/SIGTERM (Faust shuts down gracefully)."""
+    readiness = Readiness()
     if settings.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(settings.metrics_port, addr="0.0.0.0")
+        serve_health(settings.metrics_port, readiness)
     ensure_topics(settings)
     datadir = Path(tempfile.mkdtemp(prefix="interest-worker-"))
     try:
-        app = create_app(settings, datadir)
+        app = create_app(settings, datadir, readiness=readiness)
         worker = create_worker(app, settings)
         tune_gc()
         worker.execute_from_commandline()

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.events import Event, Rejection, Source, parse_timestamp, validate
+from streams.events import DLQ_REASONS, Event, Rejection, Source, parse_timestamp, validate
 
 SOURCE = Source("clicks", 2, 41)
 
@@ -105,3 +105,26 @@ def test_lone_surrogate_ids_are_rejected() -> None:
     )
     assert isinstance(result, Rejection)
     assert "not valid Unicode" in result.error
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (None, "empty"),
+        (event(properties={"blob": "x" * 5000}), "too_large"),
+        (b"{not json", "not_json"),
+        (b"\xff{", "not_json"),
+        (b"[1, 2]", "not_json"),
+        (event(user_id=""), "bad_field"),
+        (event(item_id=7), "bad_field"),
+        (event(properties=[1]), "bad_field"),
+        (event(timestamp=...), "bad_timestamp"),
+        (event(timestamp=12), "bad_timestamp"),
+        (event(event_type="like"), "bad_event_type"),
+    ],
+)
+def test_each_rejection_carries_its_reason_code(raw: bytes | None, reason: str) -> None:
+    result = check(raw)
+    assert isinstance(result, Rejection)
+    assert result.reason == reason and reason in DLQ_REASONS
+    assert result.dlq_record(100)["reason"] == reason

@@ -73,11 +73,12 @@ def test_a_bad_or_mis_keyed_message_becomes_a_dead_letter_and_nothing_else() -> 
         SETTINGS,
     )
     assert [e.event_id for e in checked.events] == ["e0"]
-    assert checked.rejected == Counter({"clicks": 2})
+    assert checked.rejected == Counter({("clicks", "not_json"): 1, ("clicks", "key_mismatch"): 1})
     letters = [orjson.loads(r.value) for r in checked.dead_letters]
     assert [r.topic for r in checked.dead_letters] == [SETTINGS.topic_dlq] * 2
     assert [letter["offset"] for letter in letters] == [1, 2]
     assert "key" in letters[1]["error"]
+    assert [letter["reason"] for letter in letters] == ["not_json", "key_mismatch"]
 
 
 def test_apply_events_counts_replays_and_marks_out_of_order_users_for_rewrite() -> None:
