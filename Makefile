@@ -7,8 +7,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: $(VENV)/.installed
 
+# Debian packages the tests start, each installed only where its command is missing:
+# redis-server, prometheus (which brings promtool) and chromium (the page's browser tests).
 $(VENV)/.installed: pyproject.toml
-	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
+	@missing="$$(for pair in redis-server:redis-server promtool:prometheus chromium:chromium; do \
+		command -v $${pair%%:*} >/dev/null || echo $${pair#*:}; done)"; \
+	[ -z "$$missing" ] || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq --no-install-recommends $$missing; }
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[train,test]'
