@@ -205,22 +205,64 @@ def stats() -> None:
 
 
 @app.command()
-def lag() -> None:
-    """Committed offset, end offset and lag per input topic/partition for the worker group."""
+def lag(
+    watch: Annotated[bool, typer.Option(help="redraw every interval until Ctrl-C")] = False,
+    interval: Annotated[float, typer.Option(help="seconds between readings (--watch)")] = 2.0,
+    group: Annotated[
+        list[str] | None, typer.Option(help="consumer group (repeatable; default: the worker's)")
+    ] = None,
+) -> None:
+    """Committed offset, end offset and lag per input topic/partition of the worker group;
+    with --watch also lag in time, partition status, rates, latency and models, as
+    `interest monitor` shows them."""
     from rich.console import Console
     from rich.table import Table
 
     from streams.lag import consumer_lag
 
     settings = _settings()
-    table = Table("topic", "partition", "committed", "end", "lag", title=settings.group_id)
-    rows = consumer_lag(settings)
-    for row in rows:
-        committed = "-" if row.committed is None else str(row.committed)
-        table.add_row(row.topic, str(row.partition), committed, str(row.end), str(row.lag))
-    table.add_section()
-    table.add_row("total", "", "", "", str(sum(row.lag for row in rows)))
-    Console().print(table)
+    groups = group or [settings.group_id]
+    if watch:
+        from streams.monitor.terminal import watch as watch_lag
+
+        watch_lag(settings, groups, _positive(interval, "--interval"))
+        return
+    for name in groups:
+        table = Table("topic", "partition", "committed", "end", "lag", title=name)
+        rows = consumer_lag(settings.model_copy(update={"group_id": name}))
+        for row in rows:
+            committed = "-" if row.committed is None else str(row.committed)
+            table.add_row(row.topic, str(row.partition), committed, str(row.end), str(row.lag))
+        table.add_section()
+        table.add_row("total", "", "", "", str(sum(row.lag for row in rows)))
+        Console().print(table)
+
+
+@app.command()
+def monitor(
+    host: Annotated[str, typer.Option(help="address to serve on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to serve on")] = 8089,
+    interval: Annotated[float, typer.Option(help="seconds between snapshots")] = 2.0,
+    group: Annotated[
+        list[str] | None, typer.Option(help="consumer group (repeatable; default: the worker's)")
+    ] = None,
+) -> None:
+    """The live operations page (lag, partition status, rates, latency, models) and its
+    Prometheus metrics, at http://HOST:PORT/."""
+    from streams.monitor.server import run_monitor
+
+    settings = _settings()
+    if not 0 < port < 65536:
+        raise UserError(f"--port must be between 1 and 65535, not {port}")
+    run_monitor(
+        settings, group or [settings.group_id], host, port, _positive(interval, "--interval")
+    )
+
+
+def _positive(value: float, name: str) -> float:
+    if not value > 0:
+        raise UserError(f"{name} must be more than 0, not {value}")
+    return value
 
 
 @app.command()

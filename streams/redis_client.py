@@ -35,10 +35,18 @@ def with_hiredis_packing(client: aioredis.Redis) -> aioredis.Redis:
     return client
 
 
-def connect(settings: Settings) -> aioredis.Redis:
+def client_options(settings: Settings) -> dict[str, object]:
+    """Credentials and TLS options, as both redis-py clients take them."""
     options: dict[str, object] = {"username": settings.redis_username}
     if settings.redis_password:
         options["password"] = settings.redis_password.get_secret_value()
     if settings.redis_ssl_ca_certs:  # TLS itself is chosen by a rediss:// URL
         options["ssl_ca_certs"] = str(settings.redis_ssl_ca_certs)
-    return with_hiredis_packing(aioredis.Redis.from_url(settings.redis_url, **options))
+    return options
+
+
+def connect(settings: Settings) -> aioredis.Redis:
+    """The worker's asyncio client."""
+    return with_hiredis_packing(
+        aioredis.Redis.from_url(settings.redis_url, **client_options(settings))
+    )

@@ -40,7 +40,9 @@ def _build_wheel(tmp_path: Path) -> Path:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO_ROOT / name, source / name)
-    for package in pyproject["tool"]["setuptools"]["packages"]:
+    for package in (
+        p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    ):
         shutil.copytree(
             REPO_ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__")
         )
