@@ -1,9 +1,10 @@
 """Train the interest encoder: next-item cross-entropy at every position.
 
-Why cross-entropy over the catalogue: it is what makes SASRec reach 0.18 NDCG@10 on ml-1m (0.13
-with its original sampled BCE). The full softmax is used while an epoch's logits stay small;
-past that, a sampled softmax with popularity-drawn, logQ-corrected negatives estimates it at a
-fraction of the cost (on 2 CPU cores the output layer otherwise dominates an epoch). Batches are
+Why cross-entropy over the catalogue: published SASRec results gain most of their accuracy
+from it over the original sampled BCE (bench/quality.py compares with them). The full softmax
+is used while an epoch's logits stay small; past that, a sampled softmax with popularity-drawn,
+logQ-corrected negatives estimates it at a fraction of the cost (on a CPU the output layer
+otherwise dominates an epoch). Batches are
 bucketed by length and trimmed to their longest user, so short-history data sets (Beauty) do
 not pay for 200 padded positions."""
 
@@ -64,7 +65,7 @@ class TrainConfig:
     warmup_steps: int = 100
     decay_fraction: float = 0.5
     # validate on a fixed random subset of users per epoch (0 = all): large enough that the
-    # epoch-to-epoch noise (1,500 users: +-0.007 NDCG@10 on ml-1m) does not pick the checkpoint
+    # epoch-to-epoch noise of a small sample does not pick the checkpoint
     val_users: int = 10_000
     # train on every max_len window of long histories, not only the last one (data.train_batch)
     every_window: bool = True
@@ -286,8 +287,8 @@ def auto_depth(inter: Interactions) -> dict[str, int]:
 def auto_negatives(positions: int, n_items: int, logits_per_epoch: float) -> int:
     """Sampled-softmax size that keeps an epoch's logits near the budget; 0 = full softmax.
 
-    Why: on 2 CPU cores the output layer dominates an epoch (ml-1m: 0.65M positions x 3.4k
-    items; Beauty: 0.23M x 54.5k), and a 30-minute budget needs many epochs.
+    Why: on a CPU the output layer (positions x items per epoch) dominates an epoch, and a
+    time-boxed run needs many epochs.
     """
     k = max(512, int(logits_per_epoch / max(positions, 1)))
     return 0 if k >= n_items else k

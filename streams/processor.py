@@ -37,13 +37,13 @@ from streams.stages import (
     BatchResult,
     Prepared,
     Recommended,
-    apply_events,
+    apply_batch,
     carried_users,
     check_messages,
     finish,
     model_batch,
 )
-from streams.store import StaleStateError, StateStore, encode_offsets
+from streams.store import StaleStateError, StateStore
 from streams.window import WindowPolicy
 
 log = logging.getLogger(__name__)
@@ -97,29 +97,9 @@ class BatchProcessor:
             (event.user_id for event in checked.events if event.user_id not in carried),
             popular_n=self.settings.top_k + self.settings.window_length,
         )
-        users = read.users
-        for uid, index in carried.items():
-            users[uid] = earlier[index].user_after(uid)
-        epoch = read.popularity_epoch_ms
-        if epoch is None and earlier:  # the first batches: an earlier one sets it
-            epoch = earlier[-1].popularity_epoch_after()
-        states = {uid: user.state for uid, user in users.items()}
-        prior_windows = {uid: tuple(state.window) for uid, state in states.items()}
-        changes = apply_events(checked.events, states, self.policy)
-        return Applied(
-            checked=checked,
-            users=users,
-            carried_from=carried,
-            states=states,
-            changes=changes,
-            prior_windows=prior_windows,
-            # Stored offsets change with every applied event, whichever worker applied it.
-            prior_signatures={uid: user.raw_offsets or b"" for uid, user in users.items()},
-            final_signatures={uid: encode_offsets(state.offsets) for uid, state in states.items()},
-            popular=self.store.merge_popularity(read.popular, changes.new_items, epoch),
-            popularity_epoch_ms=epoch,
-            seconds=metrics.observe_stage("apply", started),
-        )
+        rank = self.store.merge_popularity
+        applied = apply_batch(checked, read, earlier, carried, self.policy, rank)
+        return replace(applied, seconds=metrics.observe_stage("apply", started))
 
     async def recommend(
         self, applied: Applied, carried_models: Mapping[str, StoredModelState]

@@ -13,7 +13,7 @@ class HiredisPacking:
     """Mixin for a redis.asyncio connection class: build commands with hiredis, in C.
 
     Why: redis-py's asyncio connections pack commands in Python, and a batch's write script
-    carries ~9 arguments per user: packing a large batch's call in Python was a visible share
+    carries ~9 arguments per user: packing a large batch's call in Python is a visible share
     of the worker's time, and hiredis packs the same bytes in C. The packer is redis-py's own,
     the one its sync connections use when hiredis is installed; a test compares its bytes with
     the asyncio one's.

@@ -8,7 +8,7 @@ batch N is recommended and finished and batch N-1 commits. Stage 3 runs in the e
 as the event loop is the busier thread.
 
 What keeps it equal to one batch at a time (`BatchProcessor.process`, its reference in
-tests/streams/test_pipeline.py): every stage runs in submission order (each waits for the batch
+tests/streams/test_scheduler.py): every stage runs in submission order (each waits for the batch
 before it to finish that stage), a user in an uncommitted batch is taken from it rather than
 from Redis, commits are serial, and each batch's messages are handed to ``on_committed``
 (acked) only after its own commit. One difference remains: the popularity ranking (cold-start

@@ -133,7 +133,7 @@ class Settings(BaseSettings):
     # How long a batch waits for the broker to acknowledge its output before it is retried.
     kafka_delivery_timeout_seconds: float = Field(default=30.0, gt=0)
     # Largest record batch the worker's producer builds per partition. aiokafka's default
-    # (16 KiB, a few dozen recommendations) split one micro-batch's output into many record
+    # (16 KiB, a few dozen recommendations) splits one micro-batch's output into many record
     # batches, and aiokafka sends one batch per partition per request, one request per broker
     # at a time: many round trips per micro-batch under load.
     # Keep it at or below the topics' max.message.bytes (Kafka's default: 1 MiB).

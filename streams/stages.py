@@ -4,14 +4,16 @@ Stage 1 checks the messages (bad ones become dead letters) and updates each user
 (`check_messages`, `apply_events`, gathered in `Applied`); stage 2 is the recommender, fed by
 `model_batch`; stage 3, `finish`, makes the payloads, the online hit rate and the state to
 write (`Prepared`). Each stage's result is frozen: later stages read it and never change it.
-`streams/processor.py` runs these with the I/O around them.
+`streams/processor.py` runs these with the I/O around them, and stamps each result with the
+seconds it measured (``seconds``, 0 as these functions return it).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -21,7 +23,7 @@ from streams.popularity import popularity_epoch
 from streams.recommend import Batch, Recommendation, Request, Result, StoredModelState
 from streams.recommend import recommendation_event as _payload
 from streams.settings import Settings
-from streams.store import StoredUser, UserWrite
+from streams.store import BatchRead, StoredUser, UserWrite, encode_offsets
 from streams.window import UserState, WindowEntry, WindowPolicy, apply_event
 
 
@@ -67,7 +69,7 @@ class Applied:
     # copy, updated by it (the same object as in `states`).
     users: Mapping[str, StoredUser]
     # Users whose state before this batch is an earlier, uncommitted batch's: the index of that
-    # batch in the ``earlier`` sequence `apply_batch` was given.
+    # batch in the ``earlier`` sequence `apply_batch` was given (`carried_users`).
     carried_from: Mapping[str, int]
     states: Mapping[str, UserState]  # after this batch
     changes: WindowChanges
@@ -77,7 +79,7 @@ class Applied:
     final_signatures: Mapping[str, bytes]
     popular: list[tuple[str, float]]  # best first, this batch's events included
     popularity_epoch_ms: int | None
-    seconds: float  # spent in stage 1
+    seconds: float = 0.0  # spent in stage 1
 
     def user_after(self, user_id: str) -> StoredUser:
         """The user as Redis will hold it once this batch is written: window and offsets
@@ -170,6 +172,44 @@ def carried_users(events: Sequence[Event], earlier: Sequence[Applied]) -> dict[s
     batch's index in ``earlier`` (Redis does not hold what it leaves yet)."""
     newest = {uid: i for i, batch in enumerate(earlier) for uid in batch.states}
     return {event.user_id: newest[event.user_id] for event in events if event.user_id in newest}
+
+
+def apply_batch(
+    checked: Checked,
+    read: BatchRead,
+    earlier: Sequence[Applied],
+    carried: Mapping[str, int],
+    policy: WindowPolicy,
+    rank_popular: Callable[[list[tuple[str, float]], list[tuple[str, int]], int | None], Any],
+) -> Applied:
+    """Stage 1 after the store's read: each user from Redis (``read``) or, where an earlier
+    uncommitted batch touched it (``carried``: `carried_users`), from that batch; their
+    windows updated; the popularity ranking with this batch's events (``rank_popular(stored,
+    new items, epoch)``).
+
+    Takes ``read.users`` over: their states become this batch's (updated in place)."""
+    users = read.users
+    for uid, index in carried.items():
+        users[uid] = earlier[index].user_after(uid)
+    epoch = read.popularity_epoch_ms
+    if epoch is None and earlier:  # the first batches: an earlier one sets it
+        epoch = earlier[-1].popularity_epoch_after()
+    states = {uid: user.state for uid, user in users.items()}
+    prior_windows = {uid: tuple(state.window) for uid, state in states.items()}
+    changes = apply_events(checked.events, states, policy)
+    return Applied(
+        checked=checked,
+        users=users,
+        carried_from=carried,
+        states=states,
+        changes=changes,
+        prior_windows=prior_windows,
+        # Stored offsets change with every applied event, whichever worker applied it.
+        prior_signatures={uid: user.raw_offsets or b"" for uid, user in users.items()},
+        final_signatures={uid: encode_offsets(state.offsets) for uid, state in states.items()},
+        popular=rank_popular(read.popular, changes.new_items, epoch),
+        popularity_epoch_ms=epoch,
+    )
 
 
 def apply_events(

@@ -24,9 +24,9 @@ guard a replayed batch changes nothing. The script first checks that every user'
 the popularity epoch) are still what the batch read and writes nothing otherwise: two workers
 that both think they own a user (a zombie during a rebalance) cannot interleave their writes.
 
-Why scripts and a list: with a hash per user written field by field, a batch of 500 events cost
-thousands of commands, and re-encoding every touched window (up to 200 entries each) dominated
-the worker. Now windows only grow by RPUSH of the new entries (LTRIM drops the oldest), and the
+Why scripts and a list: a hash per user written field by field costs thousands of commands
+per batch, and re-encoding every touched window (up to 200 entries each) would dominate the
+worker. Windows only grow by RPUSH of the new entries (LTRIM drops the oldest), and the
 worker keeps each user as it last read or wrote it in memory: a batch's read sends the `offsets`
 it holds per user and gets back `false` for each user nobody else wrote since (every write
 changes them), and the user's hash and window only where another worker, or a restart, applied

@@ -23,10 +23,9 @@ class WindowEntry(msgspec.Struct, frozen=True, gc=False):
     event_type, timestamp}.
 
     Why a msgspec Struct with gc=False: a worker caches ~200 of these per user for tens of
-    thousands of users, and as dataclasses they were millions of objects that CPython's cycle
-    collector rescanned again and again, a large share of a batch's time. With only
-    str and int fields an entry can never be part of a reference cycle, so it need not be
-    tracked at all; reference counting frees it as before.
+    thousands of users, millions of objects that CPython's cycle collector would rescan again
+    and again if it tracked them. With only str and int fields an entry can never be part of a
+    reference cycle, so it need not be tracked at all; reference counting still frees it.
     """
 
     event_id: str

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 
 import orjson
 
@@ -20,14 +21,14 @@ from streams.settings import Settings
 from streams.stages import (
     Applied,
     Recommended,
-    apply_events,
+    apply_batch,
     carried_users,
     check_messages,
     finish,
     model_batch,
 )
-from streams.store import StoredUser, encode_offsets
-from streams.window import UserState, WindowEntry, WindowPolicy
+from streams.store import BatchRead, StoredUser
+from streams.window import UserState, WindowPolicy
 
 SETTINGS = Settings(top_k=3, window_length=4)
 
@@ -40,27 +41,18 @@ def message(offset: int, user: str, item: str, ts: int, key: str | None = None) 
     return RawMessage(raw_key, json.dumps(event).encode(), Source("clicks", 0, offset))
 
 
-def applied_batch(messages: list[RawMessage], users: dict[str, StoredUser]) -> Applied:
+def applied_batch(
+    messages: list[RawMessage], users: dict[str, StoredUser], earlier: Sequence[Applied] = ()
+) -> Applied:
     """Stage 1 as `BatchProcessor.apply` runs it, with ``users`` standing in for the read."""
     checked = check_messages(messages, SETTINGS)
+    carried = carried_users(checked.events, earlier)
     for event in checked.events:
-        users.setdefault(event.user_id, StoredUser(UserState()))
-    states = {uid: user.state for uid, user in users.items()}
-    prior = {uid: tuple(state.window) for uid, state in states.items()}
-    changes = apply_events(checked.events, states, WindowPolicy(SETTINGS.window_length))
-    return Applied(
-        checked=checked,
-        users=users,
-        carried_from={},
-        states=states,
-        changes=changes,
-        prior_windows=prior,
-        prior_signatures={uid: user.raw_offsets or b"" for uid, user in users.items()},
-        final_signatures={uid: encode_offsets(s.offsets) for uid, s in states.items()},
-        popular=[("p1", 3.0), ("p2", 2.0), ("p3", 1.0), ("p4", 0.5)],
-        popularity_epoch_ms=None,
-        seconds=0.0,
-    )
+        if event.user_id not in carried:
+            users.setdefault(event.user_id, StoredUser(UserState()))
+    read = BatchRead(users, [("p1", 3.0), ("p2", 2.0), ("p3", 1.0), ("p4", 0.5)], None)
+    policy = WindowPolicy(SETTINGS.window_length)
+    return apply_batch(checked, read, earlier, carried, policy, lambda popular, _, __: popular)
 
 
 def test_a_bad_or_mis_keyed_message_becomes_a_dead_letter_and_nothing_else() -> None:
@@ -103,13 +95,18 @@ def test_apply_events_counts_replays_and_marks_out_of_order_users_for_rewrite() 
 
 def test_users_of_an_uncommitted_batch_are_carried_from_the_newest_one() -> None:
     first = applied_batch([message(0, "u1", "i1", 1_000)], {})
-    second = applied_batch([message(1, "u1", "i2", 2_000), message(2, "u2", "i2", 2_000)], {})
-    events = check_messages([message(3, "u1", "i3", 3_000)], SETTINGS).events
-    assert carried_users(events, [first, second]) == {"u1": 1}
-    carried = second.user_after("u1")
-    assert [e.item_id for e in carried.state.window] == ["i2"]
-    carried.state.window.append(WindowEntry("x", "i9", "click", 9))  # a copy of its own
-    assert [e.item_id for e in second.states["u1"].window] == ["i2"]
+    second = applied_batch([message(1, "u1", "i2", 2_000)], {}, earlier=[first])
+    assert second.carried_from == {"u1": 0}
+    assert [e.item_id for e in second.states["u1"].window] == ["i1", "i2"]
+    assert second.prior_signatures["u1"] == first.final_signatures["u1"]
+    third = applied_batch(
+        [message(2, "u1", "i3", 3_000), message(3, "u2", "i3", 3_000)], {}, [first, second]
+    )
+    assert third.carried_from == {"u1": 1}  # the newest batch that touched u1
+    assert [e.item_id for e in third.states["u1"].window] == ["i1", "i2", "i3"]
+    # Each batch changed a copy of its own: the earlier ones are as they were.
+    assert [e.item_id for e in first.states["u1"].window] == ["i1"]
+    assert [e.item_id for e in second.states["u1"].window] == ["i1", "i2"]
 
 
 def test_finish_publishes_one_recommendation_per_event_and_writes_each_touched_user() -> None:

@@ -57,6 +57,15 @@ def test_faust_still_has_the_internals_the_consumer_relies_on() -> None:
     assert not changed, f"faust changed code streams/transport.py relies on: {changed}"
 
 
+def test_aiokafka_still_reads_the_fetch_wait_the_consumer_thread_sets() -> None:
+    """ConsumerThread sets AIOKafkaConsumer._fetch_max_wait_ms, read when it starts."""
+    from aiokafka import AIOKafkaConsumer
+
+    assert "self._fetch_max_wait_ms" in inspect.getsource(AIOKafkaConsumer.start), (
+        "aiokafka no longer reads _fetch_max_wait_ms in start(): see streams/transport.py"
+    )
+
+
 def _sink(max_messages: int = 4000) -> FetchSink:
     app = faust.App("sink-test", broker="memory://")
     app.flow_control.resume()
