@@ -169,3 +169,39 @@ def test_the_worker_reports_ready_with_its_model_once_it_runs(
     assert json.loads(get(port, "/readyz")[1]) == {"ready": True, "model_version": "popularity-v1"}
     assert b'interest_model_info{version="popularity-v1"} 1.0' in get(port, "/metrics")[1]
     worker.stop()
+
+
+def test_lag_watch_redraws_the_same_numbers_in_the_terminal(settings: Settings) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    with InterestClient(settings) as client:
+        client.push(list(sample_events(users=3, events_per_user=2, items=10)))
+    command = ["lag", "--watch", "--interval", "0.5"]
+    watching = subprocess.Popen(
+        [sys.executable, "-c", "from interest.cli import main; main()", *command],
+        env={**os.environ, "COLUMNS": "160"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )
+    time.sleep(8)
+    watching.send_signal(signal.SIGINT)  # Ctrl-C: leaves quietly
+    out, err = watching.communicate(timeout=20)
+    assert watching.returncode == 0, err.decode()
+    text = out.decode()
+    collector = Collector(settings, [settings.group_id], interval_seconds=1)
+    try:
+        snapshot = collector.collect()
+    finally:
+        collector.close()
+    rows = table_rows(text)
+    for (topic, partition), p in partitions(snapshot).items():
+        expected = [topic, str(partition), "-", str(p["end"]), str(p["lag"])]
+        assert any(row[:5] == expected for row in rows), text[-3000:]
+    assert "STOP" in text or "STALL" in text or "OK" in text
+    assert "latency p50" in text
