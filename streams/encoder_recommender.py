@@ -106,6 +106,9 @@ class EncoderRecommender:
     def recommend(self, batch: Batch) -> Result:
         version = self.runtime.version
         per_user = requests_by_user(batch.requests)
+        # Forgotten users with events after the forget start afresh below (their prior
+        # signature matches no cached state); the others' states go now.
+        self.cache.forget(u for u in batch.forgotten if u not in per_user)
         users = list(per_user)
         cached_items = self.cache.hits(users, version, batch.prior_signatures)
         rows = self.cache.check_out(users)

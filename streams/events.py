@@ -18,6 +18,7 @@ EVENT_TYPES = ("click", "purchase", "view", "add_to_cart")
 MIN_TIMESTAMP_MS = 631_152_000_000
 MAX_TIMESTAMP_MS = 7_258_118_400_000
 TS = "bad_timestamp"
+CONTROL = "bad_control"
 
 
 # Why dead letters carry a reason code as well as the message: operators count them by code
@@ -30,7 +31,10 @@ DLQ_REASONS = (
     "bad_timestamp",
     "bad_event_type",
     "key_mismatch",
+    "bad_control",
 )
+# The control records the validator recognises (streams/forget.py makes them).
+FORGET = "forget"
 
 
 # The per-event records here and in streams/recommend.py and streams/messages.py are frozen
@@ -56,6 +60,14 @@ class Event(msgspec.Struct, frozen=True):
     timestamp_ms: int
     source: Source
     properties: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Forget(msgspec.Struct, frozen=True, gc=False):
+    """A control record: forget everything about ``user_id`` up to here (streams/forget.py)."""
+
+    user_id: str
+    forget_id: str
+    source: Source
 
 
 class Rejection(msgspec.Struct, frozen=True):
@@ -113,7 +125,7 @@ def parse_timestamp(value: object) -> int:
     return millis
 
 
-def _require_id(payload: dict[str, Any], name: str, max_length: int) -> str:
+def require_id(payload: dict[str, Any], name: str, max_length: int) -> str:
     value = payload.get(name)
     if not isinstance(value, str):
         raise InvalidEvent(f"{name} must be a string", "bad_field")
@@ -128,7 +140,9 @@ def _require_id(payload: dict[str, Any], name: str, max_length: int) -> str:
     return value
 
 
-def parse_event(raw: bytes, source: Source, *, max_id_length: int, max_event_bytes: int) -> Event:
+def parse_event(
+    raw: bytes, source: Source, *, max_id_length: int, max_event_bytes: int
+) -> Event | Forget:
     """Validate one message; raises InvalidEvent with a human-readable reason."""
     if len(raw) > max_event_bytes:
         raise InvalidEvent(f"event is {len(raw)} bytes, more than {max_event_bytes}", "too_large")
@@ -148,9 +162,11 @@ def parse_event(raw: bytes, source: Source, *, max_id_length: int, max_event_byt
         raise InvalidEvent(f"event is not JSON: {reason}", "not_json") from None
     if not isinstance(payload, dict):
         raise InvalidEvent("event must be a JSON object", "not_json")
+    if "control" in payload:
+        return parse_control(payload, source, max_id_length)
 
-    user_id = _require_id(payload, "user_id", max_id_length)
-    item_id = _require_id(payload, "item_id", max_id_length)
+    user_id = require_id(payload, "user_id", max_id_length)
+    item_id = require_id(payload, "item_id", max_id_length)
     event_type = payload.get("event_type")
     if event_type not in EVENT_TYPES:
         raise InvalidEvent(f"event_type must be one of {', '.join(EVENT_TYPES)}", "bad_event_type")
@@ -160,16 +176,28 @@ def parse_event(raw: bytes, source: Source, *, max_id_length: int, max_event_byt
     if payload.get("event_id") is None:
         event_id = f"{source.topic}/{source.partition}/{source.offset}"
     else:
-        event_id = _require_id(payload, "event_id", max_id_length)
+        event_id = require_id(payload, "event_id", max_id_length)
     properties = payload.get("properties") or {}
     if not isinstance(properties, dict):
         raise InvalidEvent("properties must be a JSON object", "bad_field")
     return Event(event_id, user_id, item_id, event_type, timestamp_ms, source, properties)
 
 
+def parse_control(payload: dict[str, Any], source: Source, max_id_length: int) -> Forget:
+    """A control record: the only kind is a forget request."""
+    if payload["control"] != FORGET:
+        raise InvalidEvent(f"unknown control record {str(payload['control'])[:40]!r}", CONTROL)
+    try:
+        user_id = require_id(payload, "user_id", max_id_length)
+        forget_id = require_id(payload, "forget_id", max_id_length)
+    except InvalidEvent as exc:
+        raise InvalidEvent(f"forget request: {exc}", CONTROL) from None
+    return Forget(user_id, forget_id, source)
+
+
 def validate(
     raw: bytes | None, source: Source, *, max_id_length: int, max_event_bytes: int
-) -> Event | Rejection:
+) -> Event | Forget | Rejection:
     if raw is None:
         return Rejection("event is empty (null value)", source, b"", "empty")
     try:

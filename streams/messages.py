@@ -20,4 +20,4 @@ class OutRecord(msgspec.Struct, frozen=True, gc=False):
 
     topic: str
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None: a tombstone (a forgotten user's recommendations are void)

@@ -70,6 +70,10 @@ def observe_stage(stage: str, started: float) -> float:
     return seconds
 
 
+FORGETS = Counter(
+    "interest_forgets_total",
+    "Forget requests applied: a user's history wiped (a second copy of one is not counted)",
+)
 MODEL_INFO = Gauge("interest_model_info", "1 for the model version this worker serves", ["version"])
 MODEL_ROLLOUT_FAILURES = Counter(
     "interest_model_rollout_failures_total",

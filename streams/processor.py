@@ -68,7 +68,9 @@ class BatchProcessor:
         self.executor = executor
         max_age = settings.window_max_age_seconds
         self.policy = WindowPolicy(
-            settings.window_length, int(max_age * 1000) if max_age is not None else None
+            settings.window_length,
+            int(max_age * 1000) if max_age is not None else None,
+            tuple(settings.input_topics),
         )
         self._inference = asyncio.Lock()  # one recommend call at a time
 
@@ -156,6 +158,9 @@ class BatchProcessor:
             prepared.online,
             prepared.requests,
         )
+        metrics.FORGETS.inc(len(prepared.forget_ids))
+        for forget_id in prepared.forget_ids:  # the request's id only: no user data in logs
+            log.info("forget request %s applied", forget_id)
         metrics.BATCH_SECONDS.observe(prepared.seconds + time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(prepared.requests) + prepared.result.rejected)
 

@@ -50,6 +50,9 @@ class Batch:
     final_signatures: Mapping[str, bytes]
     popular: Sequence[tuple[str, float]]  # best first
     k: int
+    # Users a forget request wiped in this batch: their requests (if any) start from nothing,
+    # and no cached state of theirs may remain.
+    forgotten: frozenset[str] = frozenset()
 
 
 class Recommendation(msgspec.Struct, frozen=True):

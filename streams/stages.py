@@ -12,19 +12,28 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from streams.events import Event, Rejection, validate
+from streams.events import Event, Forget, Rejection, validate
 from streams.messages import OutRecord, RawMessage
 from streams.popularity import popularity_epoch
 from streams.recommend import Batch, Recommendation, Request, Result, StoredModelState
 from streams.recommend import recommendation_event as _payload
 from streams.settings import Settings
-from streams.store import BatchRead, StoredUser, UserWrite, encode_offsets
-from streams.window import UserState, WindowEntry, WindowPolicy, apply_event
+from streams.store import FORGOTTEN, BatchRead, StoredUser, UserWrite, encode_offsets
+from streams.window import (
+    ForgetMark,
+    UserState,
+    WindowEntry,
+    WindowPolicy,
+    apply_event,
+    apply_forget,
+    sent_before_forget,
+    skip,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +51,7 @@ class BatchResult:
 class Checked:
     """The batch's messages split into valid events and dead letters, in arrival order."""
 
-    events: list[Event]
+    events: list[Event | Forget]  # events and control records (forget requests)
     dead_letters: list[OutRecord]
     rejected: Counter[tuple[str, str]]  # per (topic, reason code)
 
@@ -56,8 +65,15 @@ class WindowChanges:
     appended: dict[str, list[WindowEntry]]  # per user, entries added at the window's end
     rewritten: set[str]  # users whose window took an event out of time order
     touched: frozenset[str]  # users to write: a replay still advances their offsets
-    outcomes: Counter[tuple[str, str]]  # (topic, "applied" | "duplicate")
+    # (topic, "applied" | "duplicate" | "forgotten": sent before a forget | "forget")
+    outcomes: Counter[tuple[str, str]]
     duplicates: int
+    # Users whose history a forget request wiped in this batch, in order; their requests are
+    # the ones after it only (those before are answered by the tombstone instead).
+    forgotten: tuple[str, ...] = ()
+    # Users whose `ForgetMark` this batch changed, with the mark after it (None: all copies in).
+    marks: Mapping[str, ForgetMark | None] = field(default_factory=dict)
+    forget_ids: tuple[str, ...] = ()  # of the requests that wiped a user, for the log
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +139,7 @@ class Prepared:
     sources: Counter[str]  # recommendations per source
     requests: list[Request]
     last_recs: Mapping[str, list[str] | None]  # per user, after this batch
+    forget_ids: tuple[str, ...]  # forget requests that wiped a user in this batch
     seconds: float = 0.0  # spent in stages 1-3
 
     def recs_after(self, user_id: str) -> list[str] | None:
@@ -138,7 +155,7 @@ def check_message(message: RawMessage, settings: Settings) -> Event | Rejection:
         max_id_length=settings.max_id_length,
         max_event_bytes=settings.max_event_bytes,
     )
-    if isinstance(result, Event) and message.key != result.user_id.encode():
+    if isinstance(result, Event | Forget) and message.key != result.user_id.encode():
         # Keys route a user's events to one partition (and so one worker, in order); an
         # unkeyed or mis-keyed event could be applied by two workers at once.
         reason = "message has no key" if message.key is None else "message key"
@@ -197,6 +214,14 @@ def apply_batch(
     states = {uid: user.state for uid, user in users.items()}
     prior_windows = {uid: tuple(state.window) for uid, state in states.items()}
     changes = apply_events(checked.events, states, policy)
+    # Stored offsets change with every applied event, whichever worker applied it.
+    prior_signatures = {uid: user.raw_offsets or b"" for uid, user in users.items()}
+    for uid in changes.forgotten:
+        # After a forget the user starts from nothing: no stored model state, no last
+        # recommendation, no window before, and a signature no cached state matches.
+        users[uid] = StoredUser(states[uid], raw_offsets=users[uid].raw_offsets)
+        prior_windows[uid] = ()
+        prior_signatures[uid] = FORGOTTEN
     return Applied(
         checked=checked,
         users=users,
@@ -204,8 +229,7 @@ def apply_batch(
         states=states,
         changes=changes,
         prior_windows=prior_windows,
-        # Stored offsets change with every applied event, whichever worker applied it.
-        prior_signatures={uid: user.raw_offsets or b"" for uid, user in users.items()},
+        prior_signatures=prior_signatures,
         final_signatures={uid: encode_offsets(state.offsets) for uid, state in states.items()},
         popular=rank_popular(read.popular, changes.new_items, epoch),
         popularity_epoch_ms=epoch,
@@ -213,37 +237,88 @@ def apply_batch(
 
 
 def apply_events(
-    events: Sequence[Event], states: Mapping[str, UserState], policy: WindowPolicy
+    events: Sequence[Event | Forget], states: Mapping[str, UserState], policy: WindowPolicy
 ) -> WindowChanges:
-    """Window updates in arrival order. Changes ``states`` in place: they are the batch's own
-    copies, made for it by the store's read."""
-    requests: list[Request] = []
-    new_items: list[tuple[str, int]] = []
-    appended: dict[str, list[WindowEntry]] = {}
-    rewritten: set[str] = set()
-    touched: set[str] = set()
-    # Counted per batch and reported once: a labelled inc() per event costs.
-    outcomes: Counter[tuple[str, str]] = Counter()
-    duplicates = 0
+    """Window updates and forgets in arrival order. Changes ``states`` in place: they are the
+    batch's own copies, made for it by the store's read."""
+    changes = _Changes()
     for event in events:
         state = states[event.user_id]
-        touched.add(event.user_id)
-        if not apply_event(state, event, policy):
-            duplicates += 1
-            outcomes[(event.source.topic, "duplicate")] += 1
-            continue
-        outcomes[(event.source.topic, "applied")] += 1
-        window = state.window
-        at_end = bool(window) and window[-1].event_id == event.event_id
-        if at_end:
-            appended.setdefault(event.user_id, []).append(window[-1])
-        else:  # out of time order: inserted, so the stored window is rewritten
-            rewritten.add(event.user_id)
-        requests.append(Request(event, tuple(window), at_end))
-        new_items.append((event.item_id, event.timestamp_ms))
-    return WindowChanges(
-        requests, new_items, appended, rewritten, frozenset(touched), outcomes, duplicates
-    )
+        changes.touched.add(event.user_id)
+        if isinstance(event, Forget):
+            _forget(changes, state, event, policy)
+        elif sent_before_forget(state, event):
+            skip(state, event)
+            changes.outcomes[(event.source.topic, "forgotten")] += 1
+        elif apply_event(state, event, policy):
+            _applied(changes, state, event)
+        else:
+            changes.duplicates += 1
+            changes.outcomes[(event.source.topic, "duplicate")] += 1
+    return changes.result()
+
+
+@dataclass(slots=True)
+class _Changes:
+    """`WindowChanges` while `apply_events` builds it."""
+
+    requests: list[Request] = field(default_factory=list)
+    new_items: list[tuple[str, int]] = field(default_factory=list)
+    appended: dict[str, list[WindowEntry]] = field(default_factory=dict)
+    rewritten: set[str] = field(default_factory=set)
+    touched: set[str] = field(default_factory=set)
+    # Counted per batch and reported once: a labelled inc() per event costs.
+    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
+    duplicates: int = 0
+    forgotten: list[str] = field(default_factory=list)
+    marks: dict[str, ForgetMark | None] = field(default_factory=dict)
+    forget_ids: list[str] = field(default_factory=list)
+
+    def result(self) -> WindowChanges:
+        return WindowChanges(
+            self.requests,
+            self.new_items,
+            self.appended,
+            self.rewritten,
+            frozenset(self.touched),
+            self.outcomes,
+            self.duplicates,
+            tuple(self.forgotten),
+            self.marks,
+            tuple(self.forget_ids),
+        )
+
+
+def _applied(changes: _Changes, state: UserState, event: Event) -> None:
+    changes.outcomes[(event.source.topic, "applied")] += 1
+    window = state.window
+    at_end = bool(window) and window[-1].event_id == event.event_id
+    if at_end:
+        changes.appended.setdefault(event.user_id, []).append(window[-1])
+    else:  # out of time order: inserted, so the stored window is rewritten
+        changes.rewritten.add(event.user_id)
+    changes.requests.append(Request(event, tuple(window), at_end))
+    changes.new_items.append((event.item_id, event.timestamp_ms))
+
+
+def _forget(changes: _Changes, state: UserState, forget: Forget, policy: WindowPolicy) -> None:
+    """Apply a forget request's copy. A new request wipes the window (rewritten as what comes
+    after it) and drops the user's requests so far in this batch: their answer is the
+    tombstone. Their items stay in the popularity counts, which are not personal data."""
+    outcome = apply_forget(state, forget, policy.input_topics)
+    topic, user_id = forget.source.topic, forget.user_id
+    if outcome == "duplicate":
+        changes.duplicates += 1
+        changes.outcomes[(topic, "duplicate")] += 1
+        return
+    changes.outcomes[(topic, "forget")] += 1
+    changes.marks[user_id] = state.forgetting
+    if outcome == "wiped":
+        changes.forgotten.append(user_id)
+        changes.forget_ids.append(forget.forget_id)
+        changes.requests = [r for r in changes.requests if r.event.user_id != user_id]
+        changes.appended.pop(user_id, None)
+        changes.rewritten.add(user_id)
 
 
 def model_batch(applied: Applied, carried_models: Mapping[str, StoredModelState], k: int) -> Batch:
@@ -255,6 +330,8 @@ def model_batch(applied: Applied, carried_models: Mapping[str, StoredModelState]
         else StoredModelState(user.vector, user.memory, user.model_version)
         for uid, user in applied.users.items()
     }
+    for uid in applied.changes.forgotten:  # whatever an earlier batch left
+        stored[uid] = StoredModelState()
     return Batch(
         requests=applied.changes.requests,
         prior_windows=applied.prior_windows,
@@ -263,6 +340,7 @@ def model_batch(applied: Applied, carried_models: Mapping[str, StoredModelState]
         final_signatures=applied.final_signatures,
         popular=applied.popular,
         k=k,
+        forgotten=frozenset(applied.changes.forgotten),
     )
 
 
@@ -279,6 +357,12 @@ def finish(
     online: Counter[str] = Counter()
     sources: Counter[str] = Counter()
     out = list(applied.checked.dead_letters)
+    for uid in applied.changes.forgotten:
+        last_recs[uid] = None
+        # A tombstone: consumers drop the user's recommendations, and a compacted topic
+        # deletes them. It goes before the batch's recommendations, which all come after the
+        # forget for this user.
+        out.append(OutRecord(topic, uid.encode(), None))
     requests = applied.changes.requests
     recommendations = recommended.result.recommendations
     for request, recommendation in zip(requests, recommendations, strict=True):
@@ -310,6 +394,7 @@ def finish(
         sources=sources,
         requests=requests,
         last_recs=last_recs,
+        forget_ids=changes.forget_ids,
     )
 
 
@@ -331,6 +416,7 @@ def user_writes(
 ) -> dict[str, UserWrite]:
     """Each touched user's state after the batch, as the store writes it."""
     changes = applied.changes
+    forgotten = set(changes.forgotten)
     writes: dict[str, UserWrite] = {}
     for uid in changes.touched:
         update = result.updates.get(uid)
@@ -344,5 +430,7 @@ def user_writes(
             memory=update.memory if update else None,
             model_version=update.model_version if update else None,
             recs=last_recs.get(uid),
+            wipe=uid in forgotten,
+            mark_changed=uid in changes.marks,
         )
     return writes

@@ -7,7 +7,7 @@ in place and checks them back in.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -105,6 +105,18 @@ class StateSlab:
         while len(self.rows) > self.max_users:
             _, (row, *_) = self.rows.popitem(last=False)
             self.free.append(row)
+
+    def forget(self, users: Iterable[str]) -> None:
+        """Drop these users' states, their rows zeroed: a forgotten user's state must not stay
+        in memory until its row happens to be reused."""
+        for user_id in users:
+            entry = self.rows.pop(user_id, None)
+            if entry is not None:
+                row = entry[0]
+                for a in self.states.arrays.values():
+                    a[row] = 0
+                self.states.vectors[row] = 0
+                self.free.append(row)
 
     def release(self, rows: np.ndarray) -> None:
         """Return checked-out rows without caching them (the batch failed)."""

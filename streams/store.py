@@ -9,6 +9,8 @@ Key layout (pinned by tests/streams/test_store.py; change it only with a migrati
         memory        float32 bytes, the encoder's long-term memory after the newest event
         model_version the bundle version that produced `vector` and `memory`
         recs          JSON list of the item ids last recommended (for online hit rate)
+        forget        JSON {"forget_id", "topics"} while a forget request's copies are
+                      still arriving (streams/window.py ForgetMark); absent otherwise
     {prefix}:window:{<user_id>}        list, the rolling window, oldest first; each element a
                                        JSON {event_id, item_id, event_type, timestamp}
     {prefix}:popularity                zset item_id -> exponentially decayed event count
@@ -43,6 +45,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import msgpack
 import msgspec
@@ -52,7 +55,7 @@ import redis.asyncio as aioredis
 from streams.popularity import Decay, popularity_epoch
 from streams.settings import Settings
 from streams.user_cache import CachedUser, UserCache
-from streams.window import UserState, WindowEntry
+from streams.window import ForgetMark, UserState, WindowEntry
 
 
 def lua_script(name: str) -> str:
@@ -124,6 +127,10 @@ class UserWrite:
     memory: bytes | None = None
     model_version: str | None = None
     recs: list[str] | None = None
+    # A forget request wiped the user in this batch: the stored model state and last
+    # recommendation go (what the batch wrote after the forget replaces them).
+    wipe: bool = False
+    mark_changed: bool = False  # `state.forgetting` is written (set, or deleted when None)
 
 
 _entry_encoder = msgspec.json.Encoder()
@@ -149,17 +156,37 @@ def _pack_for_lua(value: object) -> bytes:
     return msgpack.packb(value, use_bin_type=False)
 
 
+# The prior signature of a user a forget request wiped: no cached state matches it.
+FORGOTTEN = b"\x00forgotten"
+_mark_encoder = msgspec.json.Encoder()
+_mark_decoder = msgspec.json.Decoder(ForgetMark)
+
+
+def decode_mark(raw: bytes | None) -> ForgetMark | None:
+    return _mark_decoder.decode(raw) if raw else None
+
+
+def _mark_arg(write: UserWrite) -> bytes | str:
+    """The write script's forget-mark argument: "" unchanged, "-" delete, else the mark."""
+    if not write.mark_changed:
+        return ""
+    mark = write.state.forgetting
+    return "-" if mark is None else _mark_encoder.encode(mark)
+
+
 def _text(value: bytes | None) -> str | None:
     return value.decode() if value is not None else None
 
 
 def _decode_row(row: list) -> CachedUser:  # type: ignore[type-arg]
     """A user as the read script returns it on a cache miss."""
-    offsets_raw, vector, memory, version, recs, window_raw = row
+    offsets_raw, vector, memory, version, recs, window_raw, mark = row
     return CachedUser(
         raw_offsets=offsets_raw or b"",
         state=UserState(
-            decode_window(window_raw), orjson.loads(offsets_raw) if offsets_raw else {}
+            decode_window(window_raw),
+            orjson.loads(offsets_raw) if offsets_raw else {},
+            forgetting=decode_mark(mark),
         ),
         vector=vector,
         memory=memory,
@@ -170,11 +197,12 @@ def _decode_row(row: list) -> CachedUser:  # type: ignore[type-arg]
 
 def _decode_fresh(fields: list, window: list) -> StoredUser:  # type: ignore[type-arg]
     """A user as `read_user`'s HMGET and LRANGE return it."""
-    offsets_raw, vector, memory, version, recs, updated = fields
+    offsets_raw, vector, memory, version, recs, updated, mark = fields
     return StoredUser(
         state=UserState(
             decode_window(window),
             orjson.loads(offsets_raw) if offsets_raw else {},
+            forgetting=decode_mark(mark),
         ),
         vector=vector,
         memory=memory,
@@ -274,7 +302,7 @@ class StateStore:
         for name, increment in online.items():
             args += [name, increment]
         signatures: dict[str, bytes] = {}
-        users: list[tuple[bytes, str, list[bytes], int, bytes, bytes, bytes, str, bytes]] = []
+        users: list[tuple[Any, ...]] = []
         for user_id, write in writes.items():
             keys += [self.keys.user(user_id), self.keys.window(user_id)]
             entries = write.state.window if write.replace else write.new_entries
@@ -291,6 +319,8 @@ class StateStore:
                     write.memory if write.memory is not None else b"",
                     write.model_version or "",
                     orjson.dumps(write.recs) if write.recs is not None else b"",
+                    "1" if write.wipe else "",
+                    _mark_arg(write),
                 )
             )
         args.append(_pack_for_lua(users))
@@ -320,7 +350,7 @@ class StateStore:
         pipe = self.client.pipeline(transaction=False)
         pipe.hmget(
             self.keys.user(user_id),
-            ["offsets", "vector", "memory", "model_version", "recs", "updated_ms"],
+            ["offsets", "vector", "memory", "model_version", "recs", "updated_ms", "forget"],
         )
         pipe.lrange(self.keys.window(user_id), 0, -1)
         fields, window = await pipe.execute()

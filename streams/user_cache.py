@@ -62,6 +62,10 @@ class UserCache:
         prior = self.entries.pop(user_id, None)
         if prior is not None and prior.raw_offsets != (write.read_offsets or b""):
             prior = None
+        if write.wipe:
+            # A forget: nothing from before it survives, only what the write itself holds.
+            self.put(user_id, _as_written(offsets, write))
+            return
         keeps_model = write.vector is None
         if (keeps_model or write.recs is None) and prior is None:
             return
@@ -78,3 +82,9 @@ class UserCache:
                 prior.recs if write.recs is None and prior is not None else write.recs,
             ),
         )
+
+
+def _as_written(offsets: bytes, write: UserWrite) -> CachedUser:
+    return CachedUser(
+        offsets, write.state, write.vector, write.memory, write.model_version, write.recs
+    )

@@ -10,12 +10,13 @@ log gives the same windows as the first run.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from streams.events import Event
+from streams.events import Event, Forget
 
 
 class WindowEntry(msgspec.Struct, frozen=True, gc=False):
@@ -50,6 +51,18 @@ class WindowEntry(msgspec.Struct, frozen=True, gc=False):
         return cls(event.event_id, event.item_id, event.event_type, event.timestamp_ms)
 
 
+class ForgetMark(msgspec.Struct, frozen=True, gc=False):
+    """A forget request being applied: its id and the input topics whose copy has arrived.
+
+    Each input topic carries a copy of the request (streams/forget.py). Until every topic's
+    copy has arrived, the user's events from the other topics were sent before the request:
+    they are dropped, never applied to the history that starts after the forget.
+    """
+
+    forget_id: str
+    topics: tuple[str, ...]
+
+
 @dataclass(slots=True)
 class UserState:
     """What the store keeps per user: the window (oldest first) and applied offsets."""
@@ -62,11 +75,12 @@ class UserState:
     # set, and a batch's copy of it. Not stored: rebuilt after a read. Left
     # out of equality: two states with the same window are equal whether it is built or not.
     event_ids: set[str] | None = field(default=None, compare=False, repr=False)
+    forgetting: ForgetMark | None = None  # a forget whose copies have not all arrived
 
     def copy(self) -> UserState:
         """A state of its own, for a batch to change (and perhaps never write)."""
         ids = None if self.event_ids is None else self.event_ids.copy()
-        return UserState(list(self.window), dict(self.offsets), ids)
+        return UserState(list(self.window), dict(self.offsets), ids, self.forgetting)
 
     def seen_items(self) -> set[str]:
         return {entry.item_id for entry in self.window}
@@ -76,13 +90,16 @@ class UserState:
 class WindowPolicy:
     length: int
     max_age_ms: int | None = None
+    # The topics a user's events come from: a forget request is applied in full once its copy
+    # on each of them has arrived (`ForgetMark`).
+    input_topics: tuple[str, ...] = ()
 
 
 def offset_key(topic: str, partition: int) -> str:
     return f"{topic}/{partition}"
 
 
-def is_applied(state: UserState, event: Event) -> bool:
+def is_applied(state: UserState, event: Event | Forget) -> bool:
     """True when this exact message was applied before (a replay)."""
     applied = state.offsets.get(offset_key(event.source.topic, event.source.partition))
     return applied is not None and event.source.offset <= applied
@@ -129,3 +146,41 @@ def apply_event(state: UserState, event: Event, policy: WindowPolicy) -> bool:
 
 def _timestamp(entry: WindowEntry) -> int:
     return entry.timestamp_ms
+
+
+def sent_before_forget(state: UserState, event: Event) -> bool:
+    """True for an event from a topic whose copy of the forget being applied has not arrived:
+    it was sent before the request (module `ForgetMark`)."""
+    mark = state.forgetting
+    return mark is not None and event.source.topic not in mark.topics
+
+
+def skip(state: UserState, event: Event) -> None:
+    """Record an event as handled without applying it (dropped: sent before a forget), so that
+    a replay of it is recognised too."""
+    state.offsets[offset_key(event.source.topic, event.source.partition)] = event.source.offset
+
+
+def apply_forget(state: UserState, forget: Forget, input_topics: Sequence[str]) -> str:
+    """Apply one copy of a forget request in place: "wiped" (the history is gone: a new
+    request), "copy" (another topic's copy of the request being applied) or "duplicate" (a
+    replay). The offsets stay: they are the replay guard, not history."""
+    if is_applied(state, forget):
+        return "duplicate"
+    source = forget.source
+    state.offsets[offset_key(source.topic, source.partition)] = source.offset
+    mark = state.forgetting
+    if mark is not None and mark.forget_id == forget.forget_id:
+        state.forgetting = _mark(forget.forget_id, {*mark.topics, source.topic}, input_topics)
+        return "copy"
+    state.window = []
+    state.event_ids = set()
+    state.forgetting = _mark(forget.forget_id, {source.topic}, input_topics)
+    return "wiped"
+
+
+def _mark(forget_id: str, seen: set[str], input_topics: Sequence[str]) -> ForgetMark | None:
+    """The mark while some input topic's copy is still to come; None once all have arrived."""
+    if seen >= set(input_topics):
+        return None
+    return ForgetMark(forget_id, tuple(sorted(seen)))

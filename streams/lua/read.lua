@@ -2,7 +2,7 @@
 -- KEYS[1] popularity zset, KEYS[2] popularity epoch, then per user (hash, window list).
 -- ARGV[1] popular_n, then per user the offsets JSON this worker holds it with ("" if none).
 -- Returns {popular (flat item, score), epoch, then per user false or {offsets, vector, memory,
--- model_version, recs, window}}: false where the stored offsets are the ones in ARGV (the
+-- model_version, recs, window, forget}}: false where the stored offsets are the ones in ARGV (the
 -- worker's copy of the user is current: every write changes them), the whole user otherwise.
 local out = {}
 out[1] = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
@@ -13,9 +13,9 @@ for u = 1, (#KEYS - 2) / 2 do
   if offsets and offsets == ARGV[u + 1] then
     out[u + 2] = false
   else
-    local row = redis.call('HMGET', hash, 'vector', 'memory', 'model_version', 'recs')
+    local row = redis.call('HMGET', hash, 'vector', 'memory', 'model_version', 'recs', 'forget')
     out[u + 2] = {offsets or false, row[1], row[2], row[3], row[4],
-                  redis.call('LRANGE', list, 0, -1)}
+                  redis.call('LRANGE', list, 0, -1), row[5]}
   end
 end
 return out

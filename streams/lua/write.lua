@@ -4,9 +4,12 @@
 -- ARGV[1] ttl_ms, ARGV[2] now_ms, ARGV[3] the epoch the weights are relative to ("" = none),
 -- ARGV[4] n_items, ARGV[5] n_online, then n_items (item, weight) pairs, n_online (counter,
 -- increment) pairs, then the users: one MessagePack array with, per user in KEYS order, an
--- array of 9 values: the offsets JSON read before the batch ("" = none), mode ("append" or
+-- array of 11 values: the offsets JSON read before the batch ("" = none), mode ("append" or
 -- "replace"), the new window entries (an array of JSON strings), the window length after the
--- batch, offsets, vector ("" = unchanged), memory, model_version, recs ("" = unchanged).
+-- batch, offsets, vector ("" = unchanged), memory, model_version, recs ("" = unchanged),
+-- wipe ("1": a forget request: delete the stored vector, memory, model_version and recs
+-- before writing what came after it), forget mark ("" = unchanged, "-" = delete, else the
+-- JSON to store).
 -- Why one argument for the users: packing nine arguments per user into the command was a
 -- visible share of the worker's GIL time; MessagePack of the same values is one C call, and
 -- Lua's cmsgpack unpacks it (it has no bin type: bytes arrive as strings).
@@ -47,6 +50,7 @@ for u = 1, #users do
   elseif length < 0 or length > keep then
     redis.call('LTRIM', list, -keep, -1)
   end
+  if user[10] == '1' then redis.call('HDEL', hash, 'vector', 'memory', 'model_version', 'recs') end
   -- One HSET per user: each redis.call costs the script more than the command itself.
   local fields = {'offsets', user[5], 'updated_ms', now}
   if user[6] ~= '' then
@@ -58,7 +62,12 @@ for u = 1, #users do
     fields[#fields + 1] = 'recs'
     fields[#fields + 1] = user[9]
   end
+  if user[11] ~= '' and user[11] ~= '-' then
+    fields[#fields + 1] = 'forget'
+    fields[#fields + 1] = user[11]
+  end
   redis.call('HSET', hash, unpack(fields))
+  if user[11] == '-' then redis.call('HDEL', hash, 'forget') end
   if ttl > 0 then
     redis.call('PEXPIRE', hash, ttl)
     if keep > 0 then redis.call('PEXPIRE', list, ttl) end

@@ -42,7 +42,10 @@ def message(offset: int, user: str, item: str, ts: int, key: str | None = None) 
 
 
 def applied_batch(
-    messages: list[RawMessage], users: dict[str, StoredUser], earlier: Sequence[Applied] = ()
+    messages: list[RawMessage],
+    users: dict[str, StoredUser],
+    earlier: Sequence[Applied] = (),
+    topics: tuple[str, ...] = (),
 ) -> Applied:
     """Stage 1 as `BatchProcessor.apply` runs it, with ``users`` standing in for the read."""
     checked = check_messages(messages, SETTINGS)
@@ -51,7 +54,7 @@ def applied_batch(
         if event.user_id not in carried:
             users.setdefault(event.user_id, StoredUser(UserState()))
     read = BatchRead(users, [("p1", 3.0), ("p2", 2.0), ("p3", 1.0), ("p4", 0.5)], None)
-    policy = WindowPolicy(SETTINGS.window_length)
+    policy = WindowPolicy(SETTINGS.window_length, input_topics=topics)
     return apply_batch(checked, read, earlier, carried, policy, lambda popular, _, __: popular)
 
 

@@ -373,3 +373,63 @@ def test_window_entries_round_trip_in_the_documented_json(
     }
     assert decode_window([raw, raw]) == [entry, entry]
     assert decode_window([]) == []
+
+
+async def _forget(settings: Settings) -> None:
+    from streams.window import ForgetMark
+
+    client = connect(settings)
+    store = StateStore(client, settings)
+    raw = redis.Redis.from_url(settings.redis_url)
+    keys = KeyLayout(settings.redis_key_prefix)
+    old = UserState([WindowEntry("e1", "i1", "click", 1)], {"clicks/0": 4})
+    await store.write_batch(
+        {
+            "bob": UserWrite(
+                old,
+                new_entries=old.window,
+                vector=b"v",
+                memory=b"m",
+                model_version="m1",
+                recs=["i2"],
+            )
+        },
+        [],
+        None,
+    )
+    read = (await store.read_batch(["bob"], popular_n=1)).users["bob"]
+    # The forget, then one event after it; the copy on the other topic is still to come.
+    after = UserState(
+        [WindowEntry("e9", "i9", "click", 9)],
+        {"clicks/0": 6},
+        forgetting=ForgetMark("f1", ("clicks",)),
+    )
+    write = UserWrite(
+        after, read_offsets=read.raw_offsets, replace=True, wipe=True, mark_changed=True
+    )
+    await store.write_batch({"bob": write}, [], None)
+    fields = {k.decode(): v for k, v in raw.hgetall(keys.user("bob")).items()}
+    assert set(fields) == {"offsets", "updated_ms", "forget"}
+    assert json.loads(fields["forget"]) == {"forget_id": "f1", "topics": ["clicks"]}
+    assert raw.lrange(keys.window("bob"), 0, -1) == [encode_entry(after.window[0])]
+    for user in (
+        (await store.read_batch(["bob"], popular_n=1)).users["bob"],
+        await StateStore(client, settings).read_user("bob"),
+    ):  # cached, then fresh
+        assert user is not None
+        assert (user.vector, user.memory, user.model_version, user.recs) == (None,) * 4
+        assert user.state.forgetting == ForgetMark("f1", ("clicks",))
+    # The other topic's copy arrives: the mark goes, nothing else changes.
+    read = (await store.read_batch(["bob"], popular_n=1)).users["bob"]
+    done = UserState(after.window, {"clicks/0": 6, "purchases/0": 2})
+    await store.write_batch(
+        {"bob": UserWrite(done, read_offsets=read.raw_offsets, mark_changed=True)}, [], None
+    )
+    fields = {k.decode() for k in raw.hgetall(keys.user("bob"))}
+    assert fields == {"offsets", "updated_ms"}
+    raw.close()
+    await client.aclose()
+
+
+def test_a_forget_leaves_only_offsets_and_what_came_after(settings: Settings) -> None:
+    run(_forget(settings))
