@@ -144,6 +144,25 @@ def subscribe(
 
 
 @app.command()
+def forget(
+    user: Annotated[str, typer.Option(help="user id")],
+    forget_id: Annotated[
+        str | None, typer.Option(help="retry a request: the forget_id it printed")
+    ] = None,
+) -> None:
+    """Ask the worker to forget a user (in order with their events); prints {"forget_id": ...}
+    once the broker acknowledged the request. An unknown user is not an error."""
+    from streams.client import InterestClient
+
+    with InterestClient(_settings()) as client:
+        try:
+            sent = client.forget(user, forget_id)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    print(json.dumps({"forget_id": sent}))
+
+
+@app.command()
 def inspect(user: Annotated[str, typer.Option(help="user id")]) -> None:
     """Print one user's state (window oldest first, model version, update time) as JSON."""
     import asyncio

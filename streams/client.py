@@ -1,4 +1,5 @@
-"""The Python client apps use: `push()` events, iterate `subscribe()` for recommendations.
+"""The Python client apps use: `push()` events, iterate `subscribe()` for recommendations,
+`forget()` a user.
 
     from streams.client import InterestClient
     with InterestClient() as client:
@@ -6,6 +7,7 @@
                       "timestamp": 1700000000000}])
         for rec in client.subscribe(user="u1", limit=1, timeout=30):
             print(rec["items"])
+        forget_id = client.forget("u1")  # again with forget_id=forget_id to retry
 
 Events are sent as given: the worker is the one validator, and sends what it rejects to the
 dead letter topic with the reason. Each event is keyed by its user_id, so a user's events stay in
@@ -22,6 +24,8 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.partitioner.default import murmur2
 
+from streams.events import InvalidEvent, require_id
+from streams.forget import forget_record
 from streams.settings import Settings, load_settings
 
 PURCHASE_TYPES = frozenset({"purchase"})
@@ -52,6 +56,28 @@ def encode_event(event: dict[str, Any] | str | bytes) -> bytes:
     if isinstance(event, str):
         return event.encode()
     return json.dumps(event, separators=(",", ":")).encode()
+
+
+def forget_request(
+    settings: Settings, user_id: str, forget_id: str | None = None
+) -> tuple[bytes, bytes, str]:
+    """(key, value, forget_id) of a forget request the worker will apply; ValueError if not.
+
+    Checked here as the worker will check it, because a request the worker dead-letters would
+    still have been acknowledged to the caller: the user id and a given forget_id like an
+    event's ids, and the record's size against the event size limit.
+    """
+    if forget_id is not None:
+        try:
+            require_id({"forget_id": forget_id}, "forget_id", settings.max_id_length)
+        except InvalidEvent as exc:
+            raise ValueError(str(exc)) from None
+    key, value, forget_id = forget_record(user_id, forget_id, max_id_length=settings.max_id_length)
+    if len(value) > settings.max_event_bytes:
+        raise ValueError(
+            f"forget request is {len(value)} bytes, more than {settings.max_event_bytes}"
+        )
+    return key, value, forget_id
 
 
 def partition_for_key(key: bytes, partitions: int) -> int:
@@ -99,6 +125,23 @@ class InterestClient:
         for future in futures:
             future.get(timeout=30)  # raises if any send failed
         return len(futures)
+
+    def forget(self, user_id: str, forget_id: str | None = None) -> str:
+        """Ask the worker to forget a user; returns the forget_id once acknowledged.
+
+        A copy goes to every input topic, keyed by the user, so it is in order with the user's
+        events on each. Returns only when the broker acknowledged every copy; a retry passes the
+        returned forget_id. Nothing is looked up: an unknown user is not an error. ValueError
+        for a bad id.
+        """
+        key, value, forget_id = forget_request(self.settings, user_id, forget_id)
+        futures = [
+            self.producer.send(topic, value=value, key=key) for topic in self.settings.input_topics
+        ]
+        self.producer.flush()
+        for future in futures:
+            future.get(timeout=30)  # raises if any copy was not acknowledged
+        return forget_id
 
     def subscribe(
         self,

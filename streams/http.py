@@ -1,4 +1,5 @@
-"""HTTP ingest: `POST /events` puts apps' events on the input topics, `GET /healthz` for probes.
+"""HTTP ingest: `POST /events` puts apps' events on the input topics, `DELETE /users/{user_id}`
+asks for a user to be forgotten, `GET /healthz` for probes.
 
     curl -X POST http://127.0.0.1:8088/events -H 'Content-Type: application/json' \\
          -H "Authorization: Bearer $INTEREST_HTTP_TOKEN" \\
@@ -17,6 +18,11 @@ retries a request after a timeout or a 503 thus sends the same ids again, and th
 drops an event_id it already holds, so a retry is not applied twice. The price: two events that
 are identical in every field (same user, item, type, millisecond and properties) count once;
 apps that need both send their own `event_id`.
+
+Forgetting: `DELETE /users/{user_id}` (same token rules) answers 202 {"forget_id": ...} once the
+broker acknowledged the request's copy on every input topic (streams/forget.py). Nothing is
+looked up, so an unknown user is 202 too. A retry after a timeout or a 503 passes
+`?forget_id=<the id>`, so both attempts are one request.
 """
 
 from __future__ import annotations
@@ -28,13 +34,14 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from streams.client import route
-from streams.events import InvalidEvent, Source, parse_event
+from streams.client import forget_request, route
+from streams.events import Event, InvalidEvent, Source, parse_event
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -97,6 +104,9 @@ def prepare_events(payload: object, settings: Settings) -> list[tuple[str, bytes
             )
         except InvalidEvent as exc:
             raise BadEvent(index, str(exc)) from None
+        if not isinstance(parsed, Event):
+            # One copy on one topic would not be a forget request: DELETE sends one per topic.
+            raise BadEvent(index, "control records are not events; use DELETE /users/{user_id}")
         prepared.append((parsed.event_id, raw))
     return prepared
 
@@ -110,12 +120,16 @@ def _authorized(request: web.Request, settings: Settings) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), expected)
 
 
+def _unauthorized() -> web.Response:
+    response = _error(401, "missing or wrong bearer token")
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
 async def post_events(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
     if not _authorized(request, settings):
-        response = _error(401, "missing or wrong bearer token")
-        response.headers["WWW-Authenticate"] = "Bearer"
-        return response
+        return _unauthorized()
     if request.content_type != "application/json":
         return _error(415, "Content-Type must be application/json")
     limit = settings.http_max_body_bytes
@@ -155,6 +169,51 @@ async def post_events(request: web.Request) -> web.Response:
         {"accepted": len(prepared), "event_ids": [event_id for event_id, _ in prepared]},
         status=202,
     )
+
+
+def forget_target(request: web.Request) -> tuple[str, str | None]:
+    """(user_id, forget_id or None) of a DELETE, percent-decoded strictly; ValueError if not UTF-8.
+
+    Read from the raw URL because aiohttp keeps an undecodable escape such as %FF as literal
+    text, and forgetting the user "%FF" instead of refusing would forget someone else.
+    """
+    path, _, query = request.raw_path.partition("?")
+    try:
+        user_id = unquote_to_bytes(path.rsplit("/", 1)[1]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("user_id is not valid Unicode (UTF-8)") from None
+    try:
+        params = dict(parse_qsl(query, keep_blank_values=True, errors="strict"))
+    except UnicodeDecodeError:
+        raise ValueError("query is not valid Unicode (UTF-8)") from None
+    return user_id, params.get("forget_id")
+
+
+async def delete_user(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS_KEY]
+    if not _authorized(request, settings):
+        return _unauthorized()
+    try:
+        key, value, forget_id = forget_request(settings, *forget_target(request))
+    except ValueError as exc:
+        return _error(400, str(exc))
+
+    producer = request.app[PRODUCER_KEY]
+    try:
+        futures = [
+            await producer.send(topic, value=value, key=key) for topic in settings.input_topics
+        ]
+        await asyncio.wait_for(asyncio.gather(*futures), SEND_TIMEOUT_SECONDS)
+    except (KafkaError, TimeoutError) as exc:
+        # The user id stays out of the log: it is what the caller asked to have erased.
+        log.warning("sending forget request %s failed: %r", forget_id, exc)
+        return _error(
+            503,
+            f"broker did not acknowledge the forget request ({exc!r}); "
+            f"retry with ?forget_id={forget_id}",
+            forget_id=forget_id,
+        )
+    return web.json_response({"forget_id": forget_id}, status=202)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -216,6 +275,8 @@ def create_http_app(settings: Settings) -> web.Application:
     app.on_startup.append(start_producer)
     app.on_cleanup.append(stop_producer)
     app.router.add_post("/events", post_events)
+    app.router.add_delete("/users/{user_id}", delete_user)
+    app.router.add_delete("/users/", delete_user)  # an empty id: 400 saying so, not 404
     app.router.add_get("/healthz", healthz)
     return app
 

@@ -8,9 +8,10 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from streams.client import InterestClient
 from streams.settings import Settings
 from streams.stack import StackInfo, _pid_alive
-from tests.conftest import WorkerProcess, interest, wait_for
+from tests.conftest import WorkerProcess, interest, read_records, wait_for
 
 
 def test_up_prints_addresses_records_them_and_down_leaves_no_process(tmp_path: Path) -> None:
@@ -115,3 +116,51 @@ def test_push_subscribe_inspect_and_lag(
     wait_for(lag_is_zero, timeout=30, what="committed offsets to catch up", interval=1)
     table = interest("lag").stdout.decode()
     assert settings.topic_clicks in table and settings.topic_purchases in table
+
+
+def test_forget_prints_the_forget_id_and_sends_a_copy_per_input_topic(settings: Settings) -> None:
+    with InterestClient(settings) as client:
+        client.push(
+            [
+                {"user_id": "ana", "item_id": "i1", "event_type": kind, "timestamp": 1}
+                for kind in ("click", "purchase")
+            ]
+        )
+    first = interest("forget", "--user", "ana")
+    assert first.returncode == 0, first.stderr.decode()
+    forget_id = json.loads(first.stdout)["forget_id"]
+    assert first.stdout.decode() == json.dumps({"forget_id": forget_id}) + "\n"
+    retry = interest("forget", "--user", "ana", "--forget-id", forget_id)
+    assert retry.returncode == 0, retry.stderr.decode()
+    assert json.loads(retry.stdout) == {"forget_id": forget_id}
+
+    for topic in settings.input_topics:
+        records = read_records(settings, topic, 3)
+        event, *forgets = sorted(records, key=lambda r: r.offset)
+        assert [(r.key, r.partition) for r in forgets] == [(b"ana", event.partition)] * 2
+        values = [json.loads(r.value) for r in forgets]
+        assert [(v["control"], v["user_id"], v["forget_id"]) for v in values] == [
+            ("forget", "ana", forget_id)
+        ] * 2
+
+
+def test_forget_with_a_bad_id_is_a_one_line_error_and_sends_nothing(settings: Settings) -> None:
+    short = {"INTEREST_MAX_ID_LENGTH": "8"}
+    cases = {
+        ("--user", "  "): "error: user_id must not be empty",
+        ("--user", "x" * 9): "error: user_id is longer than 8 characters",
+        # An argument that is not UTF-8 arrives as a lone surrogate (surrogateescape).
+        ("--user", "\udcff"): "error: user_id is not valid Unicode",
+        ("--user", "ana", "--forget-id", ""): "error: forget_id must not be empty",
+    }
+    for args, message in cases.items():
+        result = interest("forget", *args, env=short)
+        assert (result.returncode, result.stderr.decode(), result.stdout) == (
+            2,
+            message + "\n",
+            b"",
+        ), args
+    with InterestClient(settings) as client:
+        client.forget("marker")  # once the marker is on the topics, anything sent would be too
+    for topic in settings.input_topics:
+        assert [r.key for r in read_records(settings, topic, 1)] == [b"marker"]

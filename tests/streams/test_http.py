@@ -1,18 +1,22 @@
 """HTTP ingest against the real embedded broker: what is accepted lands keyed by user on the
-right topic, and what is refused (bad event, too big, no token, not JSON) sends nothing."""
+right topic, and what is refused (bad event, too big, no token, not JSON) sends nothing.
+DELETE /users/{id} puts one forget request per input topic on the user's partition."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 from pydantic import SecretStr
+from yarl import URL
 
-from streams.http import content_event_id, create_http_app
+from streams.client import InterestClient
+from streams.http import PRODUCER_KEY, content_event_id, create_http_app
 from streams.settings import Settings
 from tests.conftest import read_records
 
@@ -93,6 +97,10 @@ def test_one_bad_event_refuses_the_whole_request(settings: Settings) -> None:
         assert (response.status, (await response.json())["index"]) == (400, 0)
         response = await post(client, [])
         assert response.status == 400
+        control = {"control": "forget", "user_id": "u1", "forget_id": "f1"}
+        response = await post(client, [event("u1", "i1"), control])
+        assert (response.status, (await response.json())["index"]) == (400, 1)
+        assert "DELETE /users/" in (await response.json())["error"]
         # A marker after the refusals: once it is on the topic, anything refused would be too.
         response = await post(client, event("marker", "i9"))
         assert response.status == 202
@@ -174,3 +182,131 @@ def test_malformed_requests_get_a_reason(settings: Settings) -> None:
     serve(settings, scenario)
     records = read_records(settings, settings.topic_clicks, 1)
     assert [json.loads(r.value)["user_id"] for r in records] == ["marker"]
+
+
+async def delete(client: TestClient, path: str, **headers: str) -> ClientResponse:
+    """DELETE `path` as written: percent escapes reach the server as they are."""
+    return await client.delete(URL(path, encoded=True), headers=headers)
+
+
+def forget_copies(settings: Settings, per_topic: int) -> list[tuple[str, Any]]:
+    """(topic, record) of every forget request on the input topics, each of which holds at least
+    `per_topic` records (events included) once all that was sent has landed."""
+    found = []
+    for topic in settings.input_topics:
+        for record in read_records(settings, topic, per_topic):
+            if json.loads(record.value).get("control") == "forget":
+                found.append((topic, record))
+    return found
+
+
+def test_delete_user_sends_a_forget_per_input_topic_on_the_users_partition(
+    settings: Settings,
+) -> None:
+    users = ["ana", "bo", "cy", "dee", "é/ü"]  # the last one percent-encoded in the path
+    paths = ["/users/ana", "/users/bo", "/users/cy", "/users/dee", "/users/%C3%A9%2F%C3%BC"]
+    with InterestClient(settings) as pusher:
+        pusher.push([event(u, "i1", kind) for u in users for kind in ("click", "purchase")])
+    since_ms = int(time.time() * 1000)
+    answers: list[str] = []
+
+    async def scenario(client: TestClient) -> None:
+        for path in paths:
+            response = await delete(client, path)
+            assert response.status == 202, await response.text()
+            answers.append((await response.json())["forget_id"])
+        response = await delete(client, f"/users/ana?forget_id={answers[0]}")  # a retry
+        assert (response.status, await response.json()) == (202, {"forget_id": answers[0]})
+
+    serve(settings, scenario)
+
+    assert len(set(answers)) == len(users) and all(len(f) == 32 for f in answers)
+    # One copy per input topic per request; the retry is one more copy of ana's request.
+    requests = [*zip(users, answers, strict=True), ("ana", answers[0])]
+    expected = sorted((topic, u, f) for topic in settings.input_topics for u, f in requests)
+    pushed_to = {
+        (topic, json.loads(r.value)["user_id"]): r.partition
+        for topic in settings.input_topics
+        for r in read_records(settings, topic, len(users))
+        if "control" not in json.loads(r.value)
+    }
+    assert len(set(pushed_to.values())) > 1  # users spread, so a fixed partition would show
+    copies = forget_copies(settings, len(users) + len(requests))
+    seen = []
+    for topic, record in copies:
+        value = json.loads(record.value)
+        user = value["user_id"]
+        assert record.key == user.encode()
+        assert record.partition == pushed_to[(topic, user)], (topic, user)
+        assert value["control"] == "forget" and set(value) == {
+            "control",
+            "user_id",
+            "forget_id",
+            "requested_at",
+        }
+        assert since_ms <= value["requested_at"] <= int(time.time() * 1000)
+        seen.append((topic, user, value["forget_id"]))
+    assert sorted(seen) == expected
+
+
+def test_delete_user_refuses_bad_ids_and_sends_nothing(settings: Settings) -> None:
+    short = settings.model_copy(update={"max_id_length": 8})
+
+    async def scenario(client: TestClient) -> None:
+        refused = {
+            "/users/": "user_id must not be empty",
+            "/users/%20%20": "user_id must not be empty",
+            "/users/xxxxxxxxx": "user_id is longer than 8 characters",
+            "/users/%FF": "user_id is not valid Unicode (UTF-8)",
+            "/users/%ED%A0%80": "user_id is not valid Unicode (UTF-8)",  # a lone surrogate
+            "/users/ana?forget_id=": "forget_id must not be empty",
+            "/users/ana?forget_id=+": "forget_id must not be empty",
+            "/users/ana?forget_id=fffffffff": "forget_id is longer than 8 characters",
+            "/users/ana?forget_id=%FF": "query is not valid Unicode (UTF-8)",
+        }
+        for path, reason in refused.items():
+            response = await delete(client, path)
+            assert (response.status, await response.json()) == (400, {"error": reason}), path
+        # A marker after the refusals: once it is on the topics, anything refused would be too.
+        assert (await delete(client, "/users/marker")).status == 202
+
+    serve(short, scenario)
+    copies = forget_copies(short, 1)
+    assert sorted((topic, r.key) for topic, r in copies) == [
+        (topic, b"marker") for topic in sorted(short.input_topics)
+    ]
+
+
+def test_delete_user_requires_the_bearer_token_when_configured(settings: Settings) -> None:
+    guarded = settings.model_copy(update={"http_token": SecretStr("s3cret")})
+
+    async def scenario(client: TestClient) -> None:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+            response = await delete(client, "/users/ana", **headers)
+            assert response.status == 401
+            assert response.headers["WWW-Authenticate"] == "Bearer"
+        # The token is checked first: a bad id without it is 401 too, revealing nothing.
+        assert (await delete(client, "/users/%20")).status == 401
+        response = await delete(client, "/users/bo", Authorization="Bearer s3cret")
+        assert response.status == 202
+
+    serve(guarded, scenario)
+    copies = forget_copies(guarded, 1)
+    assert sorted((topic, r.key) for topic, r in copies) == [
+        (topic, b"bo") for topic in sorted(guarded.input_topics)
+    ]
+
+
+def test_delete_user_is_503_with_the_forget_id_when_the_broker_does_not_acknowledge(
+    settings: Settings,
+) -> None:
+    async def scenario(client: TestClient) -> None:
+        await client.app[PRODUCER_KEY].stop()  # nothing can reach the broker any more
+        response = await delete(client, "/users/ana?forget_id=retry-me")
+        assert response.status == 503
+        body = await response.json()
+        assert body["forget_id"] == "retry-me"
+        assert "forget_id=retry-me" in body["error"]
+
+    serve(settings, scenario)
+    assert forget_copies(settings, 0) == []
