@@ -183,7 +183,9 @@ def read_records(
 def read_json(
     settings: Settings, topic: str, expected: int = 0, timeout: float = 10.0
 ) -> list[dict[str, Any]]:
-    return [json.loads(r.value) for r in read_records(settings, topic, expected, timeout)]
+    """The JSON records of `topic` (tombstones, a forgotten user's, left out)."""
+    records = read_records(settings, topic, expected, timeout)
+    return [json.loads(r.value) for r in records if r.value is not None]
 
 
 def shared_data(name: str) -> Path:
