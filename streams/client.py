@@ -150,7 +150,8 @@ class InterestClient:
         timeout: float | None = None,
         from_beginning: bool = False,
     ) -> Iterator[dict[str, Any]]:
-        """Recommendation events as dicts; new ones only unless from_beginning.
+        """Recommendation events as dicts, new ones only unless from_beginning; a forgotten
+        user's tombstone as ``{"user_id": ..., "forgotten": true}``.
 
         Stops after `limit` events or `timeout` seconds. With `user`, reads only the partition
         that user's key maps to.
@@ -184,7 +185,7 @@ class InterestClient:
                 batches = consumer.poll(timeout_ms=min(wait_ms, 500))
                 for records in batches.values():
                     for record in records:
-                        event = json.loads(record.value)
+                        event = _recommendation(record.key, record.value)
                         if user is not None and event.get("user_id") != user:
                             continue
                         yield event
@@ -193,3 +194,11 @@ class InterestClient:
                             return
         finally:
             consumer.close()
+
+
+def _recommendation(key: bytes | None, value: bytes | None) -> dict[str, Any]:
+    """A record of the recommendations topic as a dict; a tombstone (a forgotten user's: drop
+    everything you kept of theirs) as ``{"user_id": ..., "forgotten": true}``."""
+    if value is None:
+        return {"user_id": (key or b"").decode(errors="replace"), "forgotten": True}
+    return json.loads(value)

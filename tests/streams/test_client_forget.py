@@ -112,3 +112,15 @@ def test_a_bad_id_raises_and_sends_nothing(settings: Settings) -> None:
         client.forget("marker")  # once the marker is on the topics, anything sent would be too
     for topic in settings.input_topics:
         assert [r.key for r in read_records(settings, topic, 1)] == [b"marker"]
+
+
+def test_subscribers_see_a_forgotten_users_tombstone(settings: Settings) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    producer.send(settings.topic_recommendations, key=b"gone", value=None)
+    producer.flush()
+    producer.close()
+    with InterestClient(settings) as client:
+        seen = list(client.subscribe(user="gone", limit=1, timeout=20, from_beginning=True))
+    assert seen == [{"user_id": "gone", "forgotten": True}]
