@@ -63,6 +63,10 @@ class EncoderRecommender:
     def model_version(self) -> str:
         return self.runtime.version
 
+    def drop_cache(self) -> None:
+        """Forget every cached state (their rows zeroed)."""
+        self.cache.forget(list(self.cache.rows))
+
     # ------------------------------------------------------------------ features
 
     def _features(self, window: Sequence[WindowEntry]) -> tuple[np.ndarray, ...]:

@@ -74,6 +74,11 @@ class BatchProcessor:
         )
         self._inference = asyncio.Lock()  # one recommend call at a time
 
+    def drop_caches(self) -> None:
+        """Forget every user this worker holds in memory; call with no batch in flight."""
+        self.store.drop_cache()
+        self.recommender.drop_cache()
+
     async def process(self, messages: Sequence[RawMessage]) -> BatchResult:
         """The whole batch, one stage after the other: the plain reference `BatchPipeline`
         is tested against."""

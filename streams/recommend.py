@@ -92,6 +92,9 @@ class Recommender(Protocol):
 
     def recommend(self, batch: Batch) -> Result: ...
 
+    def drop_cache(self) -> None:
+        """Forget every per-user state held in memory (after a rebalance)."""
+
 
 def popular_unseen(
     popular: Sequence[tuple[str, float]], seen: set[str], k: int
@@ -110,6 +113,9 @@ class PopularityRecommender:
     """Most popular recent items the user has not interacted with in its window."""
 
     model_version = "popularity-v1"
+
+    def drop_cache(self) -> None:
+        """Nothing is cached per user."""
 
     def recommend(self, batch: Batch) -> Result:
         # Seen items grow per user event by event: the cost per event does not depend on the

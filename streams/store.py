@@ -341,6 +341,10 @@ class StateStore:
         )
         return new_epoch
 
+    def drop_cache(self) -> None:
+        """Forget every user held in memory (after a rebalance): the next read fetches them."""
+        self._cache.entries.clear()
+
     async def online_counters(self) -> dict[str, int]:
         raw = await self.client.hgetall(self.keys.online)
         return {name.decode(): int(value) for name, value in raw.items()}

@@ -74,6 +74,7 @@ class FetchSink:
         self._arrived = asyncio.Event()  # set while something is buffered
         self._room = asyncio.Event()  # set while below max_messages
         self._room.set()
+        self._rebalanced = False
         app.flow_control.manage_queue(self)  # type: ignore[arg-type]  # needs only clear()
 
     @property
@@ -99,6 +100,14 @@ class FetchSink:
         self._buffered = 0
         self._arrived.clear()
         self._room.set()
+        self._rebalanced = True
+
+    def rebalanced(self) -> bool:
+        """Whether partitions were revoked or assigned since the last call. The worker then
+        drops its per-user caches: users of partitions it gave up may be forgotten by their
+        new owner, and no copy of theirs may stay in this worker's memory."""
+        rebalanced, self._rebalanced = self._rebalanced, False
+        return rebalanced
 
     async def take(
         self, max_messages: int, within: float, flush: asyncio.Event | None = None

@@ -122,6 +122,10 @@ def create_app(
                 # Room first, then take: what arrives while the pipeline is full joins the next
                 # batch. While no batch is being computed, take what is there at once rather
                 # than wait for a batch to fill.
+                if sink.rebalanced():
+                    # Partitions moved: drop every cached user once no batch uses the caches.
+                    await pipeline.drain()
+                    processor.drop_caches()
                 await pipeline.wait_for_room()
                 messages = await sink.take(
                     settings.batch_size,

@@ -68,3 +68,16 @@ def test_a_batch_with_more_users_than_rows_grows_the_slab_keeping_the_states() -
     assert (slab.states.vectors[more[2:]] == 0.0).all()
     slab.check_in(["a", "b", "c", "d"], more, "v", [b""] * 4, [items()] * 4)
     assert len(slab) == 2 and len(slab.free) == 2  # over max_users: rows back to the free list
+
+
+def test_a_forgotten_users_row_is_zeroed_and_freed_and_others_keep_theirs() -> None:
+    slab = StateSlab(template(), max_users=4)
+    rows = slab.check_out(["a", "b"])
+    slab.put(rows, template(7.0))
+    slab.check_in(["a", "b"], rows, "v1", [b"a1", b"b1"], [items(1), items(2)])
+    slab.forget(["a", "unknown"])
+    assert slab.lookup("a", "v1", b"a1") is None and len(slab) == 1
+    row_a, row_b = rows.tolist()
+    assert not slab.states.arrays["keys_0"][row_a].any() and not slab.states.vectors[row_a].any()
+    assert slab.states.arrays["keys_0"][row_b].all()
+    assert row_a in slab.free

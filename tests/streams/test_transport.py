@@ -172,7 +172,9 @@ def test_a_rebalance_drops_what_was_fetched_but_not_taken() -> None:
         await sink.put([1, 2, 3])  # type: ignore[list-item]
         await sink.put([4])  # type: ignore[list-item]
         assert await sink.take(2, within=0.0) == [1, 2]  # 3 kept for the next batch
+        assert not sink.rebalanced()
         sink.app.flow_control.clear()  # what faust does when partitions are revoked
+        assert sink.rebalanced() and not sink.rebalanced()  # told once: the worker drops caches
         await sink.put([9])  # type: ignore[list-item]  # re-fetched after the rebalance
         assert await sink.take(10, within=0.0) == [9]
 
