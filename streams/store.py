@@ -178,20 +178,22 @@ def _text(value: bytes | None) -> str | None:
     return value.decode() if value is not None else None
 
 
+def _decode_state(window: list, offsets_raw: bytes | None, mark: bytes | None) -> UserState:  # type: ignore[type-arg]
+    """A user's window, offsets and forget mark as Redis holds them."""
+    offsets = orjson.loads(offsets_raw) if offsets_raw else {}
+    return UserState(decode_window(window), offsets, forgetting=decode_mark(mark))
+
+
 def _decode_row(row: list) -> CachedUser:  # type: ignore[type-arg]
     """A user as the read script returns it on a cache miss."""
     offsets_raw, vector, memory, version, recs, window_raw, mark = row
     return CachedUser(
-        raw_offsets=offsets_raw or b"",
-        state=UserState(
-            decode_window(window_raw),
-            orjson.loads(offsets_raw) if offsets_raw else {},
-            forgetting=decode_mark(mark),
-        ),
-        vector=vector,
-        memory=memory,
-        model_version=_text(version),
-        recs=orjson.loads(recs) if recs else None,
+        offsets_raw or b"",
+        _decode_state(window_raw, offsets_raw, mark),
+        vector,
+        memory,
+        _text(version),
+        orjson.loads(recs) if recs else None,
     )
 
 
@@ -199,11 +201,7 @@ def _decode_fresh(fields: list, window: list) -> StoredUser:  # type: ignore[typ
     """A user as `read_user`'s HMGET and LRANGE return it."""
     offsets_raw, vector, memory, version, recs, updated, mark = fields
     return StoredUser(
-        state=UserState(
-            decode_window(window),
-            orjson.loads(offsets_raw) if offsets_raw else {},
-            forgetting=decode_mark(mark),
-        ),
+        _decode_state(window, offsets_raw, mark),
         vector=vector,
         memory=memory,
         model_version=_text(version),
