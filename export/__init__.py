@@ -9,6 +9,7 @@ Modules, lowest first (each imports only those above it):
     scoring         top-k items by dot product with seen items excluded (an ONNX graph)
     staged_step     the worker's step: the stage graphs around the in-place attention
     runtime         EncoderRuntime, what the streaming worker imports (no torch)
+    explain         which events of a window drove an item's score: exact leave-one-out (no torch)
     graphs          the torch modules the exporter traces into the graphs (torch)
     bundle          the exporter: model directory -> graphs, parity check, sealed bundle (torch)
 
@@ -35,6 +36,8 @@ form is compared with a plain reference by a named test (fast path <- reference:
   tests/export/test_slab_attention.py::test_kernel_matches_plain_reference
 * scoring.TopKScorer (EncoderRuntime.top_k) <- scoring.top_k_reference:
   tests/export/test_scoring.py::test_matches_reference
+* explain.leave_one_out <- encoder/explain.leave_one_out (torch, one variant at a time):
+  tests/export/test_explain.py::test_runtime_matches_torch_reference
 
 The exporter also measures full.onnx, step.onnx and the staged step against the torch model on
 random input before it seals a bundle (``bundle.check_parity``, recorded in the manifest).
