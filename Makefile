@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test lint bench bench-quality bench-incremental bench-stream bench-batch bench-softmax clean
+.PHONY: setup demo test lint bench bench-quality bench-incremental bench-stream bench-batch bench-softmax bench-explain clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,9 @@ bench-stream: setup
 
 bench-batch: setup
 	$(PY) bench/batch.py
+
+bench-explain: setup
+	$(PY) bench/explain.py
 
 bench-softmax: setup
 	$(PY) bench/softmax.py --data ml-1m
