@@ -115,15 +115,18 @@ def push(
         )
         sent = 0
         batch: list[bytes] = []
-        for line in stream:
-            progress.update(len(line))
-            line = line.strip()
-            if line:
-                batch.append(line)
-            if len(batch) >= 5000:
-                sent += client.push(batch)
-                batch.clear()
-        sent += client.push(batch)
+        try:
+            for line in stream:
+                progress.update(len(line))
+                line = line.strip()
+                if line:
+                    batch.append(line)
+                if len(batch) >= 5000:
+                    sent += client.push(batch)
+                    batch.clear()
+            sent += client.push(batch)
+        except ValueError as exc:  # a control record: nothing of its batch was sent
+            raise UserError(f"{exc} (after {sent} events were pushed)") from None
         progress.close()
     print(f"pushed {sent} events", file=sys.stderr)
 
@@ -152,12 +155,12 @@ def forget(
 ) -> None:
     """Ask the worker to forget a user (in order with their events); prints {"forget_id": ...}
     once the broker acknowledged the request. An unknown user is not an error."""
-    from streams.client import InterestClient
+    from streams.client import ForgetNotAcknowledged, InterestClient
 
     with InterestClient(_settings()) as client:
         try:
             sent = client.forget(user, forget_id)
-        except ValueError as exc:
+        except (ValueError, ForgetNotAcknowledged) as exc:
             raise UserError(str(exc)) from None
     print(json.dumps({"forget_id": sent}))
 

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 from kafka.partitioner.default import murmur2
 
 from streams.events import InvalidEvent, require_id
@@ -29,6 +30,18 @@ from streams.forget import forget_record
 from streams.settings import Settings, load_settings
 
 PURCHASE_TYPES = frozenset({"purchase"})
+
+
+class ForgetNotAcknowledged(Exception):
+    """The broker did not acknowledge every copy of a forget request: retry with its id (a
+    new id would be a second request, and the copies already sent would wait for theirs)."""
+
+    def __init__(self, forget_id: str, cause: BaseException) -> None:
+        super().__init__(
+            f"the broker did not acknowledge forget request {forget_id} "
+            f"({type(cause).__name__}); retry with that forget_id"
+        )
+        self.forget_id = forget_id
 
 
 def route(settings: Settings, raw: bytes) -> tuple[str, bytes | None]:
@@ -43,6 +56,9 @@ def route(settings: Settings, raw: bytes) -> tuple[str, bytes | None]:
         return settings.topic_clicks, None
     if not isinstance(payload, dict):
         return settings.topic_clicks, None
+    if "control" in payload:
+        # A forget needs a copy on every input topic, in one acknowledged request: forget().
+        raise ValueError("a control record is not an event: use `interest forget` or forget()")
     user = payload.get("user_id")
     key = user.encode() if isinstance(user, str) and user else None
     if payload.get("event_type") in PURCHASE_TYPES:
@@ -116,11 +132,12 @@ class InterestClient:
 
     def push(self, events: Iterable[dict[str, Any] | str | bytes]) -> int:
         """Send events and wait until the broker acknowledged all of them; returns the count."""
-        futures = []
-        for event in events:
-            raw = encode_event(event)
-            topic, key = route(self.settings, raw)
-            futures.append(self.producer.send(topic, value=raw, key=key))
+        encoded = [encode_event(event) for event in events]
+        routes = [route(self.settings, raw) for raw in encoded]  # refuses before sending any
+        futures = [
+            self.producer.send(topic, value=raw, key=key)
+            for (topic, key), raw in zip(routes, encoded, strict=True)
+        ]
         self.producer.flush()
         for future in futures:
             future.get(timeout=30)  # raises if any send failed
@@ -139,8 +156,11 @@ class InterestClient:
             self.producer.send(topic, value=value, key=key) for topic in self.settings.input_topics
         ]
         self.producer.flush()
-        for future in futures:
-            future.get(timeout=30)  # raises if any copy was not acknowledged
+        try:
+            for future in futures:
+                future.get(timeout=30)
+        except KafkaError as exc:
+            raise ForgetNotAcknowledged(forget_id, exc) from exc
         return forget_id
 
     def subscribe(

@@ -38,9 +38,11 @@ class PartitionLag:
     # offset; None when nothing is waiting or it could not be read.
     oldest_waiting_ms: int | None = None
 
+    start: int = 0  # where the lag counts from without a commit: the oldest record kept
+
     @property
     def lag(self) -> int:
-        return max(0, self.end - (self.committed or 0))
+        return max(0, self.end - (self.committed if self.committed is not None else self.start))
 
     def lag_seconds(self, now_ms: int) -> float | None:
         """Age of the oldest unprocessed event: 0 with no lag, None where it is unknown."""
@@ -63,12 +65,16 @@ class OffsetReader:
             "bootstrap_timeout_ms": 5_000,
             **settings.kafka_client_options(),
         }
+        admin = None
         try:
-            self._admin = KafkaAdminClient(**options)
+            admin = KafkaAdminClient(**options)
             self._consumer = KafkaConsumer(
                 enable_auto_commit=False, auto_offset_reset="earliest", **options
             )
+            self._admin = admin
         except KafkaError as exc:
+            if admin is not None:
+                admin.close()
             raise KafkaUnreachable(
                 f"cannot reach Kafka at {settings.bootstrap_servers} ({type(exc).__name__})"
             ) from None
@@ -144,10 +150,16 @@ class OffsetReader:
         partitions = self.partitions(topics)
         ends = self.end_offsets(partitions)
         committed = self.committed(group)
-        waiting = {tp: committed.get(tp, 0) for tp in partitions if ends[tp] > committed.get(tp, 0)}
+        # Where nothing is committed, the group starts at the oldest record still kept (a
+        # cluster's retention may have deleted the first ones).
+        starts = self._consumer.beginning_offsets([tp for tp in partitions if tp not in committed])
+        base = {tp: committed.get(tp, starts.get(tp, 0)) for tp in partitions}
+        waiting = {tp: base[tp] for tp in partitions if ends[tp] > base[tp]}
         oldest = self.oldest_waiting(waiting)
         return [
-            PartitionLag(tp.topic, tp.partition, committed.get(tp), ends[tp], oldest.get(tp))
+            PartitionLag(
+                tp.topic, tp.partition, committed.get(tp), ends[tp], oldest.get(tp), base[tp]
+            )
             for tp in partitions
         ]
 

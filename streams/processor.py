@@ -165,7 +165,7 @@ class BatchProcessor:
         )
         metrics.FORGETS.inc(len(prepared.forget_ids))
         for forget_id in prepared.forget_ids:  # the request's id only: no user data in logs
-            log.info("forget request %s applied", forget_id)
+            log.warning("forget request %s applied", forget_id)
         metrics.BATCH_SECONDS.observe(prepared.seconds + time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(prepared.requests) + prepared.result.rejected)
 

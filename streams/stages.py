@@ -31,6 +31,7 @@ from streams.window import (
     WindowPolicy,
     apply_event,
     apply_forget,
+    is_applied,
     sent_before_forget,
     skip,
 )
@@ -247,7 +248,7 @@ def apply_events(
         changes.touched.add(event.user_id)
         if isinstance(event, Forget):
             _forget(changes, state, event, policy)
-        elif sent_before_forget(state, event):
+        elif sent_before_forget(state, event) and not is_applied(state, event):
             skip(state, event)
             changes.outcomes[(event.source.topic, "forgotten")] += 1
         elif apply_event(state, event, policy):

@@ -9,8 +9,8 @@ Key layout (pinned by tests/streams/test_store.py; change it only with a migrati
         memory        float32 bytes, the encoder's long-term memory after the newest event
         model_version the bundle version that produced `vector` and `memory`
         recs          JSON list of the item ids last recommended (for online hit rate)
-        forget        JSON {"forget_id", "topics"} while a forget request's copies are
-                      still arriving (streams/window.py ForgetMark); absent otherwise
+        forget        JSON {"pending": [[forget_id, [topic, ...]], ...], "done": [ids]}: the
+                      user's forget requests (streams/window.py ForgetMark); absent if none
     {prefix}:window:{<user_id>}        list, the rolling window, oldest first; each element a
                                        JSON {event_id, item_id, event_type, timestamp}
     {prefix}:popularity                zset item_id -> exponentially decayed event count

@@ -52,15 +52,25 @@ class WindowEntry(msgspec.Struct, frozen=True, gc=False):
 
 
 class ForgetMark(msgspec.Struct, frozen=True, gc=False):
-    """A forget request being applied: its id and the input topics whose copy has arrived.
+    """The user's forget requests: those whose copies are still arriving, and the last few
+    completed.
 
-    Each input topic carries a copy of the request (streams/forget.py). Until every topic's
-    copy has arrived, the user's events from the other topics were sent before the request:
-    they are dropped, never applied to the history that starts after the forget.
+    Each input topic carries a copy of a request (streams/forget.py). Until a request's copy
+    on a topic has arrived, the user's events from that topic were sent before the request:
+    they are dropped, never applied to the history that starts after it. A request sent after
+    another also stands for the earlier one's copy on each topic where its own arrives (both
+    predate everything after it there), so a copy that never comes is closed by the next
+    request. A late copy of a completed request (a retry, a producer's duplicate) is
+    recognised by its id among ``done`` and changes nothing.
     """
 
-    forget_id: str
-    topics: tuple[str, ...]
+    # (forget_id, topics whose copy arrived), oldest request first.
+    pending: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    done: tuple[str, ...] = ()  # the last completed request ids, newest last
+
+
+# Completed request ids a mark remembers, for late copies of them.
+DONE_KEPT = 8
 
 
 @dataclass(slots=True)
@@ -149,38 +159,55 @@ def _timestamp(entry: WindowEntry) -> int:
 
 
 def sent_before_forget(state: UserState, event: Event) -> bool:
-    """True for an event from a topic whose copy of the forget being applied has not arrived:
-    it was sent before the request (module `ForgetMark`)."""
+    """True for an event from a topic where some pending forget request's copy has not
+    arrived: it was sent before that request (`ForgetMark`)."""
     mark = state.forgetting
-    return mark is not None and event.source.topic not in mark.topics
+    return mark is not None and any(event.source.topic not in topics for _, topics in mark.pending)
 
 
 def skip(state: UserState, event: Event) -> None:
     """Record an event as handled without applying it (dropped: sent before a forget), so that
     a replay of it is recognised too."""
-    state.offsets[offset_key(event.source.topic, event.source.partition)] = event.source.offset
+    key = offset_key(event.source.topic, event.source.partition)
+    state.offsets[key] = max(state.offsets.get(key, -1), event.source.offset)
 
 
 def apply_forget(state: UserState, forget: Forget, input_topics: Sequence[str]) -> str:
     """Apply one copy of a forget request in place: "wiped" (the history is gone: a new
-    request), "copy" (another topic's copy of the request being applied) or "duplicate" (a
-    replay). The offsets stay: they are the replay guard, not history."""
+    request), "copy" (another copy of a request already applied) or "duplicate" (a replay).
+    The offsets stay: they are the replay guard, not history."""
     if is_applied(state, forget):
         return "duplicate"
     source = forget.source
     state.offsets[offset_key(source.topic, source.partition)] = source.offset
-    mark = state.forgetting
-    if mark is not None and mark.forget_id == forget.forget_id:
-        state.forgetting = _mark(forget.forget_id, {*mark.topics, source.topic}, input_topics)
+    mark = state.forgetting or ForgetMark()
+    known = forget.forget_id in mark.done or any(fid == forget.forget_id for fid, _ in mark.pending)
+    pending = mark.pending if known else (*mark.pending, (forget.forget_id, ()))
+    state.forgetting = _arrived(pending, mark.done, forget.forget_id, source.topic, input_topics)
+    if known:
         return "copy"
     state.window = []
     state.event_ids = set()
-    state.forgetting = _mark(forget.forget_id, {source.topic}, input_topics)
     return "wiped"
 
 
-def _mark(forget_id: str, seen: set[str], input_topics: Sequence[str]) -> ForgetMark | None:
-    """The mark while some input topic's copy is still to come; None once all have arrived."""
-    if seen >= set(input_topics):
-        return None
-    return ForgetMark(forget_id, tuple(sorted(seen)))
+def _arrived(
+    pending: tuple[tuple[str, tuple[str, ...]], ...],
+    done: tuple[str, ...],
+    forget_id: str,
+    topic: str,
+    input_topics: Sequence[str],
+) -> ForgetMark | None:
+    """The mark after request ``forget_id``'s copy on ``topic``: that copy counts for the
+    request and every earlier pending one; requests with every topic's copy move to done."""
+    ids = [fid for fid, _ in pending]
+    upto = ids.index(forget_id) if forget_id in ids else -1
+    still: list[tuple[str, tuple[str, ...]]] = []
+    finished = list(done)
+    for i, (fid, topics) in enumerate(pending):
+        seen = set(topics) | ({topic} if i <= upto else set())
+        if seen >= set(input_topics):
+            finished.append(fid)
+        else:
+            still.append((fid, tuple(sorted(seen))))
+    return ForgetMark(tuple(still), tuple(finished[-DONE_KEPT:]))

@@ -174,7 +174,9 @@ class Collector:
             (group, row.topic, row.partition),
             deque(maxlen=max(self.window * 4, 2)),
         )
-        history.append(Sample(now_ms, row.committed, row.end))
+        # Without a commit the group would start at the oldest record kept: its position.
+        position = row.committed if row.committed is not None else row.start
+        history.append(Sample(now_ms, position, row.end))
         verdict = evaluate(list(history), self.window, members)
         lag_seconds = row.lag_seconds(now_ms)
         return {
@@ -193,7 +195,8 @@ class Collector:
         tail.poll(now_ms)
 
     def _rates(self) -> dict[str, Any]:
-        span = RATE_SECONDS * 1000
+        # At least two intervals, so a slow interval still has an earlier sample in the span.
+        span = max(RATE_SECONDS, 2.5 * self.interval_seconds) * 1000
         letters = Counter(reason for _, reason in (self._tail.dead_letters if self._tail else ()))
         window = self._tail.window_ms / 1000 if self._tail else 60.0
         return {

@@ -31,7 +31,6 @@ def render(snapshot: dict[str, Any]) -> Group:
             "lag",
             "lag s",
             "status",
-            "reason",
             title=f"{group['group']}  members {_text(group['members'])}  {group['status']}",
         )
         for p in group["partitions"]:

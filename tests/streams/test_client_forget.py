@@ -124,3 +124,14 @@ def test_subscribers_see_a_forgotten_users_tombstone(settings: Settings) -> None
     with InterestClient(settings) as client:
         seen = list(client.subscribe(user="gone", limit=1, timeout=20, from_beginning=True))
     assert seen == [{"user_id": "gone", "forgotten": True}]
+
+
+def test_push_refuses_a_control_record_and_sends_nothing_of_its_batch(settings: Settings) -> None:
+    from streams.forget import forget_record
+
+    _, value, _ = forget_record("u1")
+    event = {"user_id": "u1", "item_id": "i", "event_type": "click", "timestamp": 1_767_225_600_000}
+    before = len(read_records(settings, settings.topic_clicks))
+    with InterestClient(settings) as client, pytest.raises(ValueError, match="control record"):
+        client.push([event, value])
+    assert len(read_records(settings, settings.topic_clicks)) == before

@@ -84,7 +84,7 @@ def test_a_forget_wipes_history_and_answers_earlier_events_with_a_tombstone() ->
     assert changes.forgotten == ("u1",) and changes.forget_ids == ("f1",)
     assert [e.item_id for e in applied.states["u1"].window] == ["z"]
     assert applied.states["u1"].offsets == {"clicks/0": 13}  # the replay guard stays
-    assert applied.states["u1"].forgetting == ForgetMark("f1", ("clicks",))
+    assert applied.states["u1"].forgetting == ForgetMark(pending=(("f1", ("clicks",)),))
     assert [r.event.event_id for r in changes.requests] == ["clicks-11", "clicks-13"]
     assert applied.prior_windows["u1"] == () and applied.prior_signatures["u1"] == FORGOTTEN
     # Popularity counts are not personal data: every applied event still counts.
@@ -120,9 +120,9 @@ def test_events_sent_before_the_forget_on_the_other_topic_are_dropped_until_its_
     )
     state = applied.states["u1"]
     assert [e.item_id for e in state.window] == ["new", "later"]
-    assert state.forgetting is None  # every copy arrived
+    assert state.forgetting == ForgetMark(done=("f1",))  # every copy arrived
     assert state.offsets == {"clicks/0": 6, "purchases/0": 9}
-    assert applied.changes.marks == {"u1": None}
+    assert applied.changes.marks == {"u1": ForgetMark(done=("f1",))}
     assert applied.changes.outcomes[("purchases", "forgotten")] == 1
     assert applied.changes.outcomes[("purchases", "forget")] == 1
 
@@ -142,3 +142,56 @@ def test_a_forget_for_an_unknown_user_is_applied_and_harmless() -> None:
     _, prepared = prepared_for(applied)
     assert [(r.key, r.value) for r in prepared.out] == [(b"nobody", None)]
     assert prepared.writes["nobody"].state.window == []
+
+
+def test_two_requests_and_a_late_retry_never_leave_a_topic_dropped() -> None:
+    """Copies in the order a batch of whole fetches gives them: both requests' clicks copies,
+    then both purchases copies, then a retry of the first (its id, on both topics)."""
+    applied = applied_batch(
+        [
+            forget("clicks", 1, "u1", "f1"),
+            forget("clicks", 2, "u1", "f2"),
+            event("purchases", 3, "u1", "old", 1),  # before both requests: dropped
+            forget("purchases", 4, "u1", "f1"),
+            event("purchases", 5, "u1", "still-old", 2),  # before f2 on purchases: dropped
+            forget("purchases", 6, "u1", "f2"),
+            event("clicks", 7, "u1", "new", 3),
+            forget("clicks", 8, "u1", "f1"),  # the retry: already done, changes nothing
+            forget("purchases", 9, "u1", "f1"),
+            event("purchases", 10, "u1", "newer", 4),
+        ],
+        {},
+        topics=TOPICS,
+    )
+    state = applied.states["u1"]
+    assert [e.item_id for e in state.window] == ["new", "newer"]
+    assert state.forgetting == ForgetMark(done=("f1", "f2"))
+    assert applied.changes.forgotten == ("u1", "u1")
+    assert applied.changes.outcomes[("purchases", "forgotten")] == 2
+
+
+def test_a_copy_that_never_comes_is_closed_by_the_next_request() -> None:
+    applied = applied_batch(
+        [
+            forget("clicks", 1, "u1", "f1"),  # f1's purchases copy is lost
+            forget("clicks", 2, "u1", "f2"),
+            forget("purchases", 3, "u1", "f2"),  # sent after f1: stands for it there too
+            event("purchases", 4, "u1", "new", 1),
+        ],
+        {},
+        topics=TOPICS,
+    )
+    state = applied.states["u1"]
+    assert state.forgetting == ForgetMark(done=("f1", "f2"))
+    assert [e.item_id for e in state.window] == ["new"]
+
+
+def test_a_replayed_event_is_a_duplicate_not_a_forgotten_one() -> None:
+    state = UserState([], {"purchases/0": 9}, forgetting=ForgetMark(pending=(("f1", ("clicks",)),)))
+    applied = applied_batch(
+        [event("purchases", 7, "u1", "old", 1)],
+        {"u1": StoredUser(state, raw_offsets=b"{}")},
+        topics=TOPICS,
+    )
+    assert applied.changes.duplicates == 1
+    assert applied.states["u1"].offsets == {"purchases/0": 9}  # never moved back

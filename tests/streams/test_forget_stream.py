@@ -44,33 +44,54 @@ def test_forget_mid_stream_across_a_worker_kill(
     others_later = [e for e in rest if e["user_id"] != FORGOTTEN]
     new = [e for e in rest if e["user_id"] == FORGOTTEN]  # the user's history after the request
     assert len(new) == 4 and any(e["user_id"] == FORGOTTEN for e in old)
+    # Both input topics: a purchase sent just before the request (in flight on `purchases`
+    # while the request's `clicks` copy may be applied first) and one after it.
+    in_flight = {**old[-1], "event_id": "in-flight", "user_id": FORGOTTEN, "event_type": "purchase"}
+    # (the last one, pushed once the others are answered: a purchase that overtook an earlier
+    # click would be inserted out of time order, which rebuilds only approximately)
+    new[-1] = {**new[-1], "event_type": "purchase"}
+
+    def answered(expected: list[dict]) -> bool:  # type: ignore[type-arg]
+        recs = read_json(settings, settings.topic_recommendations, timeout=2)
+        return {e["event_id"] for e in expected} <= {r["trigger_event_id"] for r in recs}
 
     worker = start_worker(**env)
     with InterestClient(settings) as client:
         client.push(old)
         read_json(settings, settings.topic_recommendations, len(old), timeout=60)
-        client.push(others_later[:6])
-        client.forget(FORGOTTEN)
+        client.push([*others_later[:6], in_flight])
+        forget_id = client.forget(FORGOTTEN)
         client.push(others_later[6:10])
         worker.kill()  # wherever the request is: applied, written, committed or not
         worker = start_worker(**env)
-        client.push(others_later[10:] + new)
+        client.push(others_later[10:] + new[:-1])
+        wait_for(lambda: answered(new[:-1]), 90, "the first new events to be answered")
+        client.push(new[-1:])
 
-    def all_answered() -> bool:
-        answered = read_json(settings, settings.topic_recommendations, timeout=2)
-        return {e["event_id"] for e in events} <= {r["trigger_event_id"] for r in answered}
-
-    wait_for(all_answered, 90, "every event to be answered")
+    wait_for(lambda: answered(old + others_later + new), 90, "every event to be answered")
     store = redis.Redis.from_url(settings.redis_url)
     keys = KeyLayout(settings.redis_key_prefix)
-    # Both copies of the request (clicks and purchases) applied: the mark is gone.
-    wait_for(lambda: not store.hexists(keys.user(FORGOTTEN), "forget"), 60, "both copies")
+
+    # Both copies of the request (clicks and purchases) applied: none pending.
+    def both_copies() -> bool:
+        mark = store.hget(keys.user(FORGOTTEN), "forget")
+        return mark is not None and json.loads(mark) == {"pending": [], "done": [forget_id]}
+
+    wait_for(both_copies, 60, "both copies of the request to be applied")
 
     # Redis: only what came after the request.
     state = windows(settings)
     assert [w["event_id"] for w in state[FORGOTTEN]] == [e["event_id"] for e in new]
     fields = {k.decode() for k in store.hgetall(keys.user(FORGOTTEN))}
-    assert fields <= {"offsets", "updated_ms", "vector", "memory", "model_version", "recs"}
+    assert fields <= {
+        "offsets",
+        "updated_ms",
+        "vector",
+        "memory",
+        "model_version",
+        "recs",
+        "forget",
+    }
     vector = np.frombuffer(store.hget(keys.user(FORGOTTEN), "vector"), np.float32)
     expected = offline_vectors(model, new, tmp_path, model.cfg.n_time_buckets)[FORGOTTEN]
     np.testing.assert_allclose(vector, expected, atol=1e-4)  # as if the user were new

@@ -402,7 +402,7 @@ async def _forget(settings: Settings) -> None:
     after = UserState(
         [WindowEntry("e9", "i9", "click", 9)],
         {"clicks/0": 6},
-        forgetting=ForgetMark("f1", ("clicks",)),
+        forgetting=ForgetMark(pending=(("f1", ("clicks",)),)),
     )
     write = UserWrite(
         after, read_offsets=read.raw_offsets, replace=True, wipe=True, mark_changed=True
@@ -410,7 +410,7 @@ async def _forget(settings: Settings) -> None:
     await store.write_batch({"bob": write}, [], None)
     fields = {k.decode(): v for k, v in raw.hgetall(keys.user("bob")).items()}
     assert set(fields) == {"offsets", "updated_ms", "forget"}
-    assert json.loads(fields["forget"]) == {"forget_id": "f1", "topics": ["clicks"]}
+    assert json.loads(fields["forget"]) == {"pending": [["f1", ["clicks"]]], "done": []}
     assert raw.lrange(keys.window("bob"), 0, -1) == [encode_entry(after.window[0])]
     for user in (
         (await store.read_batch(["bob"], popular_n=1)).users["bob"],
@@ -418,15 +418,25 @@ async def _forget(settings: Settings) -> None:
     ):  # cached, then fresh
         assert user is not None
         assert (user.vector, user.memory, user.model_version, user.recs) == (None,) * 4
-        assert user.state.forgetting == ForgetMark("f1", ("clicks",))
-    # The other topic's copy arrives: the mark goes, nothing else changes.
+        assert user.state.forgetting == ForgetMark(pending=(("f1", ("clicks",)),))
+    # The other topic's copy arrives: the request is done, nothing else changes.
     read = (await store.read_batch(["bob"], popular_n=1)).users["bob"]
-    done = UserState(after.window, {"clicks/0": 6, "purchases/0": 2})
+    done = UserState(
+        after.window, {"clicks/0": 6, "purchases/0": 2}, forgetting=ForgetMark(done=("f1",))
+    )
     await store.write_batch(
         {"bob": UserWrite(done, read_offsets=read.raw_offsets, mark_changed=True)}, [], None
     )
-    fields = {k.decode() for k in raw.hgetall(keys.user("bob"))}
-    assert fields == {"offsets", "updated_ms"}
+    fields = {k.decode(): v for k, v in raw.hgetall(keys.user("bob")).items()}
+    assert set(fields) == {"offsets", "updated_ms", "forget"}
+    assert json.loads(fields["forget"]) == {"pending": [], "done": ["f1"]}
+    # A mark cleared altogether is deleted.
+    read = (await store.read_batch(["bob"], popular_n=1)).users["bob"]
+    cleared = UserState(after.window, done.offsets)
+    await store.write_batch(
+        {"bob": UserWrite(cleared, read_offsets=read.raw_offsets, mark_changed=True)}, [], None
+    )
+    assert {k.decode() for k in raw.hgetall(keys.user("bob"))} == {"offsets", "updated_ms"}
     raw.close()
     await client.aclose()
 
