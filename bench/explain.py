@@ -128,7 +128,7 @@ def rank_of(emb: np.ndarray, vector: np.ndarray, target: int, excluded: np.ndarr
 
 
 def pick_events(
-    emb: np.ndarray, window: np.ndarray, target: int, weights: np.ndarray, rng
+    emb: np.ndarray, window: np.ndarray, target: int, weights: np.ndarray, rng: np.random.Generator
 ) -> dict[str, int]:
     """Window position each strategy takes out."""
     items = emb[window]
@@ -142,7 +142,7 @@ def pick_events(
 
 
 def run_batch(
-    rt: EncoderRuntime, emb: np.ndarray, cases: list[UserCase], rng
+    rt: EncoderRuntime, emb: np.ndarray, cases: list[UserCase], rng: np.random.Generator
 ) -> tuple[list[dict[str, Removal]], list[tuple[int, np.ndarray]]]:
     """One rebuild for the windows and variants of ``cases``; per user, each strategy's
     removal, and (target, leave-one-out weights) for the check against leave_one_out.
