@@ -20,11 +20,14 @@ Numpy and ONNX Runtime only: this module never imports torch.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import msgspec
 import numpy as np
 
-from encoder.features import DEFAULT_EVENT_TYPE, time_gap_bucket
+from encoder.features import time_gap_bucket
 from export.runtime import EncoderRuntime, EncoderStates
+from streams.explain import POPULAR, ModelInputs, explain_window
 from streams.recommend import (
     Batch,
     ModelUpdate,
@@ -45,19 +48,19 @@ RoundEvents = list[tuple[int, int]]
 class EncoderRecommender:
     source = "encoder"
 
-    def __init__(self, runtime: EncoderRuntime, cache_users: int = 10_000) -> None:
+    def __init__(
+        self, runtime: EncoderRuntime, cache_users: int = 10_000, explain_events: int = 0
+    ) -> None:
         self.runtime = runtime
+        # > 0: each recommended item carries the user's events that drove it (streams/explain.py)
+        self.explain_events = explain_events
+        self.inputs = ModelInputs.of(runtime)
         self._empty = runtime.initial_state(1)
         self.cache = StateSlab(self._empty, cache_users)
         self._item_names = np.array(runtime.item_ids, dtype=object)  # index -> id, 0 -> None
-        config = runtime.manifest.get("config", {})
-        # A model trained without types/timestamps saw only the defaults: feed it the same.
-        self._use_types = bool(config.get("uses_event_types", True))
-        self._use_gaps = bool(config.get("uses_time_gaps", True))
-        self._type_index = {
-            name: (i if self._use_types else DEFAULT_EVENT_TYPE)
-            for i, name in enumerate(runtime.event_types)
-        }
+        # How the model reads events (a model trained without types/timestamps gets defaults).
+        self._type_index = self.inputs.type_index
+        self._use_gaps = self.inputs.use_gaps
 
     @property
     def model_version(self) -> str:
@@ -142,11 +145,13 @@ class EncoderRecommender:
         others = [u for u in users if u not in cached_items]
         event_items = rt.index_of([r.event.item_id for r in requests])  # once per batch
         self._start_states(batch, others, row_of)
-        vectors = self._step_rounds(requests, per_user, row_of, event_items)
+        vectors, memories = self._step_rounds(requests, per_user, row_of, event_items)
         prior_items = prior_window_items(rt, users, others, cached_items, batch.prior_windows)
         request_user, rank = request_ranks(requests, users)
         exclude, known = seen_matrix(prior_items, request_user, rank, per_user, event_items)
         recommendations = self._recommendations(batch, vectors, exclude, known)
+        if self.explain_events:
+            recommendations = self._explained(requests, recommendations, memories)
         final_items = window_items_after(rt, requests, per_user, prior_items, event_items)
         updates = model_updates(users, self.cache.states, rows, rt.version)
         return Result(recommendations, updates), final_items
@@ -172,12 +177,14 @@ class EncoderRecommender:
         per_user: Mapping[str, list[int]],
         row_of: Mapping[str, int],
         event_items: np.ndarray,
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """One step per event, in place in the slab rows, batched across users round by round
         (a user's events must go in order, so round r takes each user's r-th event of the
-        batch). Returns the vector after each request."""
+        batch). Returns the vector after each request, and the memory after it where
+        explanations need it (else None)."""
         slab = self.cache.states
         vectors = np.zeros((len(requests), self.runtime.d_model), np.float32)
+        memories = np.zeros_like(slab.memory[: len(requests)]) if self.explain_events else None
         rounds = max((len(indices) for indices in per_user.values()), default=0)
         for r in range(rounds):
             stepping, inserted, unknown = round_events(requests, per_user, row_of, event_items, r)
@@ -189,7 +196,10 @@ class EncoderRecommender:
                 )
             if inserted:
                 vectors[[i for _, i in inserted]] = self._reinsert(slab, inserted, requests)
-        return vectors
+            if memories is not None:
+                done = stepping + inserted + unknown
+                memories[[i for _, i in done]] = slab.memory[[w for w, _ in done]]
+        return vectors, memories
 
     def _step(
         self,
@@ -243,6 +253,32 @@ class EncoderRecommender:
             else:
                 recommendations.append(popular_fallback(batch, request, popular_seen, version))
         return recommendations
+
+    def _explained(
+        self,
+        requests: Sequence[Request],
+        recommendations: list[Recommendation],
+        memories: np.ndarray | None,
+    ) -> list[Recommendation]:
+        """Each recommendation with what drove each item: the request's window and the memory
+        after its event, through the model's leave-one-out (one rebuild per request)."""
+        assert memories is not None
+        out = []
+        for i, (request, rec) in enumerate(zip(requests, recommendations, strict=True)):
+            if rec.source != "encoder":
+                because: list[Any] = [POPULAR] * len(rec.item_ids)
+            else:
+                targets = self.runtime.index_of(rec.item_ids)
+                _, because = explain_window(
+                    self.runtime,
+                    self.inputs,
+                    request.window,
+                    memories[i],
+                    targets,
+                    self.explain_events,
+                )
+            out.append(msgspec.structs.replace(rec, because=because))
+        return out
 
 
 def requests_by_user(requests: Sequence[Request]) -> dict[str, list[int]]:

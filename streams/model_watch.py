@@ -63,7 +63,11 @@ def load_recommender(settings: Settings) -> Recommender:
             f"user's state but INTEREST_WINDOW_LENGTH is {settings.window_length}"
         )
     log.info("serving model %s on %s", runtime.version, runtime.provider)
-    return EncoderRecommender(runtime, cache_users=settings.state_cache_users)
+    return EncoderRecommender(
+        runtime,
+        cache_users=settings.state_cache_users,
+        explain_events=settings.explain_events if settings.explain else 0,
+    )
 
 
 class ModelWatcher:

@@ -62,6 +62,9 @@ class Recommendation(msgspec.Struct, frozen=True):
     scores: list[float]
     model_version: str
     source: str  # "encoder" or "popularity" (cold start / baseline)
+    # Per item, what drove it (INTEREST_EXPLAIN): the user's events with their weights
+    # (streams/explain.py), or "popular" for an item of the popularity fallback.
+    because: list[Any] | None = None
 
     @classmethod
     def of(
@@ -160,10 +163,7 @@ def recommendation_event(event: Event, recommendation: Recommendation) -> dict[s
     return {
         "recommendation_id": recommendation_id(event.event_id, recommendation.model_version),
         "user_id": event.user_id,
-        "items": [
-            {"item_id": item, "score": score}
-            for item, score in zip(recommendation.item_ids, recommendation.scores, strict=True)
-        ],
+        "items": _items(recommendation),
         "model_version": recommendation.model_version,
         "source": recommendation.source,
         "trigger_event_id": event.event_id,
@@ -173,3 +173,14 @@ def recommendation_event(event: Event, recommendation: Recommendation) -> dict[s
         "received_at": event.source.timestamp_ms,
         "generated_at": int(time.time() * 1000),
     }
+
+
+def _items(recommendation: Recommendation) -> list[dict[str, Any]]:
+    items = [
+        {"item_id": item, "score": score}
+        for item, score in zip(recommendation.item_ids, recommendation.scores, strict=True)
+    ]
+    if recommendation.because is not None:
+        for item, because in zip(items, recommendation.because, strict=True):
+            item["because"] = because
+    return items

@@ -98,6 +98,12 @@ class Settings(BaseSettings):
     # Threads for inference off the event loop.
     inference_threads: int = Field(default=1, ge=1)
 
+    # Recommendation events carry, per item, the user's events that drove it with the model's
+    # weights (streams/explain.py): the top `explain_events` of them. Off by default: it costs
+    # a rebuild of the user's window per event (bench/stream.py measures it).
+    explain: bool = False
+    explain_events: int = Field(default=3, ge=1, le=20)
+
     # Longest a fetch waits on the broker when there is no new data (faust hard-codes 1500 ms).
     # Kafka answers as soon as data arrives, so this only paces empty polls there; the embedded
     # broker holds a fetch for the whole wait, adding it to latency.
