@@ -16,7 +16,9 @@ import typer
 from common.errors import UserError
 
 if TYPE_CHECKING:
+    from export.runtime import EncoderRuntime
     from streams.settings import Settings
+    from streams.store import StoredUser
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -165,37 +167,90 @@ def forget(
     print(json.dumps({"forget_id": sent}))
 
 
-@app.command()
-def inspect(user: Annotated[str, typer.Option(help="user id")]) -> None:
-    """Print one user's state (window oldest first, model version, update time) as JSON."""
+def _read_user(settings: Settings, user: str) -> StoredUser | None:
+    """One user's state as Redis holds it now."""
     import asyncio
 
     from streams.redis_client import connect
     from streams.store import StateStore
 
-    settings = _settings()
-
-    async def read() -> dict[str, object] | None:
+    async def read() -> StoredUser | None:
         client = connect(settings)
         try:
-            stored = await StateStore(client, settings).read_user(user)
+            return await StateStore(client, settings).read_user(user)
         finally:
             await client.aclose()
-        if stored is None:
-            return None
-        return {
-            "user_id": user,
-            "window": [entry.to_json() for entry in stored.state.window],
-            "offsets": stored.state.offsets,
-            "model_version": stored.model_version,
-            "has_vector": stored.vector is not None,
-            "updated_at": stored.updated_ms,
-        }
 
-    state = asyncio.run(read())
-    if state is None:
+    return asyncio.run(read())
+
+
+@app.command()
+def inspect(user: Annotated[str, typer.Option(help="user id")]) -> None:
+    """Print one user's state (window oldest first, model version, update time) as JSON."""
+    stored = _read_user(_settings(), user)
+    if stored is None:
         raise UserError(f"no state for user {user!r}")
+    state = {
+        "user_id": user,
+        "window": [entry.to_json() for entry in stored.state.window],
+        "offsets": stored.state.offsets,
+        "model_version": stored.model_version,
+        "has_vector": stored.vector is not None,
+        "updated_at": stored.updated_ms,
+    }
     print(json.dumps(state))
+
+
+@app.command()
+def explain(
+    user: Annotated[str, typer.Option(help="user id")],
+    item: Annotated[
+        str | None, typer.Option(help="explain this item (default: the --k the model ranks first)")
+    ] = None,
+    k: Annotated[int, typer.Option("--k", help="how many recommended items to explain")] = 10,
+    top: Annotated[int, typer.Option(help="events shown per item")] = 3,
+    titles: Annotated[
+        Path | None,
+        typer.Option(
+            help="item catalogue: MovieLens movies.dat (id::title::genres) or id<TAB>title"
+        ),
+    ] = None,
+    item_map: Annotated[
+        Path | None,
+        typer.Option(help="lines 'model_item_id catalogue_id' where the catalogue's ids differ"),
+    ] = None,
+) -> None:
+    """Which events of a user's window drove each recommendation, weighed by the model
+    (INTEREST_MODEL) itself: how much the item's score drops without the event. Times in UTC."""
+    from streams.explain import explain_user
+    from streams.titles import load_titles, render_explanations
+
+    settings = _settings()
+    if settings.model is None:
+        raise UserError("interest explain needs a model: set INTEREST_MODEL to a bundle directory")
+    _at_least_one(k, "--k")
+    _at_least_one(top, "--top")
+    if item_map is not None and titles is None:
+        raise UserError("--item-map maps ids to a catalogue's: give the catalogue with --titles")
+    names = load_titles(titles, item_map) if titles is not None else {}
+    stored = _read_user(settings, user)
+    explained = explain_user(_runtime(settings.model), user, stored, item, k, top)
+    window = stored.state.window if stored is not None else []
+    print(render_explanations(explained, window, names, item))
+
+
+def _runtime(bundle: Path) -> EncoderRuntime:
+    from export.runtime import BundleError, EncoderRuntime
+
+    try:
+        return EncoderRuntime.load(bundle)
+    except (BundleError, OSError) as exc:
+        raise UserError(f"cannot load INTEREST_MODEL={bundle}: {exc}") from None
+
+
+def _at_least_one(value: int, name: str) -> None:
+    if value < 1:
+        raise UserError(f"{name} must be at least 1, not {value}")
 
 
 @app.command()

@@ -23,6 +23,13 @@ Forgetting: `DELETE /users/{user_id}` (same token rules) answers 202 {"forget_id
 broker acknowledged the request's copy on every input topic (streams/forget.py). Nothing is
 looked up, so an unknown user is 202 too. A retry after a timeout or a 503 passes
 `?forget_id=<the id>`, so both attempts are one request.
+
+Explanations: `GET /users/{user_id}/explanations[?item=I&k=10&top=3]` (same token rules)
+answers streams/explain.py's `explain_user` for the user's state in Redis: the `k` items the
+model ranks first now (or just `item`), each with the `top` events of the user's window that
+drove it. 404 for an unknown user or item, 503 while no model is configured (INTEREST_MODEL)
+or it cannot be loaded. The model is loaded by the first request that needs it, not at
+startup, so a server that only takes events needs no model and never imports ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -33,16 +40,25 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from redis.exceptions import RedisError
 
+from common.errors import UserError
 from streams.client import forget_request, route
 from streams.events import Event, InvalidEvent, Source, parse_event
+from streams.redis_client import connect
 from streams.settings import Settings
+from streams.store import StateStore, StoredUser
+
+if TYPE_CHECKING:
+    from export.runtime import EncoderRuntime
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +70,13 @@ SEND_TIMEOUT_SECONDS = 30.0
 HEALTH_TIMEOUT_SECONDS = 2.0
 SHUTDOWN_TIMEOUT_SECONDS = 5.0
 
+# What one explanation request may ask for at most (k items, top events each): it bounds the
+# work and the answer a request can cause.
+MAX_EXPLAINED = 1000
+
 SETTINGS_KEY = web.AppKey("settings", Settings)
 PRODUCER_KEY = web.AppKey("producer", AIOKafkaProducer)
+STORE_KEY = web.AppKey("store", StateStore)
 
 
 class BadEvent(Exception):
@@ -171,21 +192,28 @@ async def post_events(request: web.Request) -> web.Response:
     )
 
 
-def forget_target(request: web.Request) -> tuple[str, str | None]:
-    """(user_id, forget_id or None) of a DELETE, percent-decoded strictly; ValueError if not UTF-8.
+def user_target(request: web.Request, from_end: int = 1) -> tuple[str, dict[str, str]]:
+    """(user_id, query parameters) of a /users/... request, percent-decoded strictly; the user
+    id is the path's segment ``from_end`` from the end. ValueError if not UTF-8.
 
     Read from the raw URL because aiohttp keeps an undecodable escape such as %FF as literal
     text, and forgetting the user "%FF" instead of refusing would forget someone else.
     """
     path, _, query = request.raw_path.partition("?")
     try:
-        user_id = unquote_to_bytes(path.rsplit("/", 1)[1]).decode("utf-8")
+        user_id = unquote_to_bytes(path.rsplit("/", from_end)[1]).decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError("user_id is not valid Unicode (UTF-8)") from None
     try:
         params = dict(parse_qsl(query, keep_blank_values=True, errors="strict"))
     except UnicodeDecodeError:
         raise ValueError("query is not valid Unicode (UTF-8)") from None
+    return user_id, params
+
+
+def forget_target(request: web.Request) -> tuple[str, str | None]:
+    """(user_id, forget_id or None) of a DELETE; ValueError if not UTF-8 (`user_target`)."""
+    user_id, params = user_target(request)
     return user_id, params.get("forget_id")
 
 
@@ -214,6 +242,109 @@ async def delete_user(request: web.Request) -> web.Response:
             forget_id=forget_id,
         )
     return web.json_response({"forget_id": forget_id}, status=202)
+
+
+class ModelUnavailable(Exception):
+    """The configured bundle cannot be loaded (a 503: it may be fixed or copied in)."""
+
+
+class ExplainModel:
+    """The bundle explanations run on, loaded by the first request that needs it.
+
+    One thread of its own both loads the bundle (seconds of CPU) and runs every explanation,
+    so neither holds the event loop, a second request that arrives during the load waits for
+    that load instead of starting another, and the ONNX sessions are used by one thread.
+    A bundle that failed to load is tried again by the next request.
+    """
+
+    def __init__(self, bundle: Path) -> None:
+        self.bundle = bundle
+        self._runtime: EncoderRuntime | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="explain")
+
+    async def explain(
+        self, user_id: str, user: StoredUser | None, item_id: str | None, k: int, top: int
+    ) -> dict[str, Any]:
+        """`explain_user`'s answer; UserError for an unknown user or item, ModelUnavailable
+        if the bundle does not load."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._thread, self._explain, user_id, user, item_id, k, top
+        )
+
+    def _explain(
+        self, user_id: str, user: StoredUser | None, item_id: str | None, k: int, top: int
+    ) -> dict[str, Any]:
+        from streams.explain import explain_user
+
+        return explain_user(self._loaded(), user_id, user, item_id, k, top)
+
+    def _loaded(self) -> EncoderRuntime:
+        if self._runtime is None:
+            from export.runtime import BundleError, EncoderRuntime
+
+            try:
+                self._runtime = EncoderRuntime.load(self.bundle)
+            except (BundleError, OSError) as exc:
+                raise ModelUnavailable(f"cannot load INTEREST_MODEL={self.bundle}: {exc}") from None
+            log.info("explaining with model %s", self._runtime.version)
+        return self._runtime
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+EXPLAIN_MODEL_KEY = web.AppKey("explain_model", ExplainModel)
+
+
+def explain_query(params: dict[str, str]) -> tuple[str | None, int, int]:
+    """(item or None, k, top) of an explanations request; ValueError naming a bad value."""
+    unknown = sorted(set(params) - {"item", "k", "top"})
+    if unknown:
+        raise ValueError(f"unknown query parameter {unknown[0]!r} (known: item, k, top)")
+    item = params.get("item")
+    if item is not None and not item.strip():
+        raise ValueError("item must not be empty")
+    return item, _count(params, "k", 10), _count(params, "top", 3)
+
+
+def _count(params: dict[str, str], name: str, default: int) -> int:
+    raw = params.get(name)
+    if raw is None:
+        return default
+    # isascii: str.isdigit also accepts digits int() would read from other scripts ("٣").
+    value = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 6 else 0
+    if not 1 <= value <= MAX_EXPLAINED:
+        shown = raw if len(raw) <= 20 else raw[:20] + "..."
+        raise ValueError(f"{name} must be a whole number from 1 to {MAX_EXPLAINED}, not {shown!r}")
+    return value
+
+
+async def get_explanations(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS_KEY]
+    if not _authorized(request, settings):
+        return _unauthorized()
+    try:
+        user_id, params = user_target(request, from_end=2)
+        item_id, k, top = explain_query(params)
+    except ValueError as exc:
+        return _error(400, str(exc))
+    model = request.app.get(EXPLAIN_MODEL_KEY)
+    if model is None:
+        return _error(503, "no model configured: explanations need INTEREST_MODEL")
+    try:
+        user = await request.app[STORE_KEY].read_user(user_id)
+    except RedisError as exc:
+        log.warning("reading a user's state for an explanation failed: %r", exc)
+        return _error(503, f"state store unreachable ({exc!r}); retry the request")
+    try:
+        explained = await model.explain(user_id, user, item_id, k, top)
+    except UserError as exc:
+        return _error(404, str(exc))
+    except ModelUnavailable as exc:
+        log.warning("%s", exc)
+        return _error(503, str(exc))
+    return web.json_response(explained)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -272,11 +403,26 @@ def create_http_app(settings: Settings) -> web.Application:
                 SHUTDOWN_TIMEOUT_SECONDS,
             )
 
-    app.on_startup.append(start_producer)
-    app.on_cleanup.append(stop_producer)
+    async def open_store(app: web.Application) -> None:
+        # No connection is made until the first explanation reads a user.
+        app[STORE_KEY] = StateStore(connect(settings), settings)
+
+    async def close_explaining(app: web.Application) -> None:
+        model = app.get(EXPLAIN_MODEL_KEY)
+        if model is not None:
+            model.close()
+        store = app.get(STORE_KEY)
+        if store is not None:
+            await store.client.aclose()
+
+    if settings.model is not None:
+        app[EXPLAIN_MODEL_KEY] = ExplainModel(settings.model)
+    app.on_startup.extend([start_producer, open_store])
+    app.on_cleanup.extend([stop_producer, close_explaining])
     app.router.add_post("/events", post_events)
     app.router.add_delete("/users/{user_id}", delete_user)
     app.router.add_delete("/users/", delete_user)  # an empty id: 400 saying so, not 404
+    app.router.add_get("/users/{user_id}/explanations", get_explanations)
     app.router.add_get("/healthz", healthz)
     return app
 

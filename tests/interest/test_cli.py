@@ -8,10 +8,15 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from common.errors import UserError
 from streams.client import InterestClient
 from streams.settings import Settings
 from streams.stack import StackInfo, _pid_alive
+from streams.titles import load_titles, render_explanations
 from tests.conftest import WorkerProcess, interest, read_records, wait_for
+from tests.streams.test_http import explained_here, history, store_user
 
 
 def test_up_prints_addresses_records_them_and_down_leaves_no_process(tmp_path: Path) -> None:
@@ -164,3 +169,81 @@ def test_forget_with_a_bad_id_is_a_one_line_error_and_sends_nothing(settings: Se
         client.forget("marker")  # once the marker is on the topics, anything sent would be too
     for topic in settings.input_topics:
         assert [r.key for r in read_records(settings, topic, 1)] == [b"marker"]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny exported model over item-0 .. item-29 (tests/streams/test_encoder_stream.py)."""
+    pytest.importorskip("torch", reason="needs the training extra (pip install -e .[train])")
+    from tests.streams.test_encoder_stream import make_bundle
+
+    return make_bundle(tmp_path_factory.mktemp("explain"), seed=4)[1]
+
+
+def test_explain_prints_each_items_events_with_titles(
+    settings: Settings, bundle: Path, tmp_path: Path
+) -> None:
+    window = history(6)
+    store_user(settings, "ana", window)
+    # A MovieLens catalogue (latin-1) under ids of its own, and the map from the model's ids.
+    catalogue = tmp_path / "movies.dat"
+    catalogue.write_bytes(
+        "".join(f"{100 + i}::Café {i} ({1990 + i})::Drama\n" for i in range(30)).encode("latin-1")
+    )
+    item_map = tmp_path / "items.txt"
+    item_map.write_text("".join(f"item-{i} {100 + i}\n" for i in range(30)))
+    env = {"INTEREST_MODEL": str(bundle)}
+    titles = load_titles(catalogue, item_map)
+
+    shown = interest(
+        "explain", "--user", "ana", "--k", "4", "--top", "2",
+        "--titles", str(catalogue), "--item-map", str(item_map), env=env,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr.decode()
+    explained = explained_here(settings, bundle, "ana", None, 4, 2)
+    text = shown.stdout.decode()
+    assert text == render_explanations(explained, window, titles) + "\n"
+    lines = text.splitlines()
+    assert lines[0] == f"user ana, model {explained['model_version']}: top 4 now"
+    number = int(explained["items"][0]["item_id"].removeprefix("item-"))
+    assert lines[1].startswith(f"1. Café {number} ({1990 + number}) [item-{number}]  score ")
+    assert re.fullmatch(
+        r"     because: Café \d+ \(\d{4}\) \[item-\d+\] (clicked|viewed|purchased) "
+        r"2026-01-01 00:0\d  [+-]\d\.\d{3}",
+        lines[2],
+    ), lines[2]
+
+    one = interest("explain", "--user", "ana", "--item", "item-3", "--top", "1", env=env)
+    assert one.returncode == 0, one.stderr.decode()
+    explained = explained_here(settings, bundle, "ana", "item-3", 10, 1)
+    assert one.stdout.decode() == render_explanations(explained, window, {}, "item-3") + "\n"
+
+
+def test_explain_bad_input_is_a_one_line_error(
+    settings: Settings, bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("INTEREST_MODEL", raising=False)
+    store_user(settings, "ana", history(3))
+    with pytest.raises(UserError) as unknown_user:
+        explained_here(settings, bundle, "nobody", None, 10, 3)
+    model = {"INTEREST_MODEL": str(bundle)}
+    cases = [
+        (("--user", "nobody"), model, f"error: {unknown_user.value}"),
+        (("--user", "ana", "--item", "nope"), model, "error: unknown item 'nope': the model "),
+        (("--user", "ana"), {}, "error: interest explain needs a model: set INTEREST_MODEL"),
+        (("--user", "ana", "--k", "0"), model, "error: --k must be at least 1, not 0"),
+        (("--user", "ana", "--top", "-2"), model, "error: --top must be at least 1, not -2"),
+        (("--user", "ana", "--item-map", "m.txt"), model, "error: --item-map maps ids"),
+        (("--user", "ana", "--titles", str(tmp_path / "none")), model, "error: cannot read"),
+        (
+            ("--user", "ana"),
+            {"INTEREST_MODEL": str(tmp_path)},
+            f"error: cannot load INTEREST_MODEL={tmp_path}",
+        ),
+    ]
+    for args, env, message in cases:
+        result = interest("explain", *args, env=env)
+        stderr = result.stderr.decode()
+        assert result.returncode == 2, (args, stderr)
+        assert stderr.startswith(message) and stderr.count("\n") == 1, (args, stderr)
+        assert result.stdout == b"", args

@@ -1,23 +1,31 @@
 """HTTP ingest against the real embedded broker: what is accepted lands keyed by user on the
 right topic, and what is refused (bad event, too big, no token, not JSON) sends nothing.
-DELETE /users/{id} puts one forget request per input topic on the user's partition."""
+DELETE /users/{id} puts one forget request per input topic on the user's partition.
+GET /users/{id}/explanations answers what `explain_user` makes of the user's state in Redis."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 from pydantic import SecretStr
 from yarl import URL
 
+from common.errors import UserError
 from streams.client import InterestClient
 from streams.http import PRODUCER_KEY, content_event_id, create_http_app
+from streams.redis_client import connect
 from streams.settings import Settings
+from streams.store import StateStore, UserWrite
+from streams.window import UserState, WindowEntry
 from tests.conftest import read_records
 
 Scenario = Callable[[TestClient], Awaitable[None]]
@@ -310,3 +318,190 @@ def test_delete_user_is_503_with_the_forget_id_when_the_broker_does_not_acknowle
 
     serve(settings, scenario)
     assert forget_copies(settings, 0) == []
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny exported model over item-0 .. item-29 (tests/streams/test_encoder_stream.py)."""
+    pytest.importorskip("torch", reason="needs the training extra (pip install -e .[train])")
+    from tests.streams.test_encoder_stream import make_bundle
+
+    return make_bundle(tmp_path_factory.mktemp("explain"), seed=3)[1]
+
+
+def store_user(
+    settings: Settings,
+    user_id: str,
+    window: Sequence[WindowEntry],
+    memory: bytes | None = None,
+    model_version: str | None = None,
+) -> None:
+    """Write a user's state as the worker would (one write_batch), without running one."""
+
+    async def write() -> None:
+        client = connect(settings)
+        try:
+            state = UserState(window=list(window), offsets={"clicks/0": len(window)})
+            write = UserWrite(
+                state, new_entries=state.window, memory=memory, model_version=model_version
+            )
+            await StateStore(client, settings).write_batch({user_id: write}, [], None)
+        finally:
+            await client.aclose()
+
+    asyncio.run(write())
+
+
+def explained_here(
+    settings: Settings, bundle: Path, user_id: str, item_id: str | None, k: int, top: int
+) -> dict[str, Any]:
+    """What streams/explain.py answers in this process for the state Redis holds now."""
+    from export.runtime import EncoderRuntime
+    from streams.explain import explain_user
+
+    async def read() -> Any:
+        client = connect(settings)
+        try:
+            return await StateStore(client, settings).read_user(user_id)
+        finally:
+            await client.aclose()
+
+    user = asyncio.run(read())
+    return explain_user(EncoderRuntime.load(bundle), user_id, user, item_id, k, top)
+
+
+def history(n: int) -> list[WindowEntry]:
+    kinds = ("click", "view", "purchase")
+    return [
+        WindowEntry(f"e{i}", f"item-{(7 * i) % 30}", kinds[i % 3], 1_767_225_600_000 + i * 60_000)
+        for i in range(n)
+    ]
+
+
+def test_explanations_answer_what_explain_user_makes_of_the_stored_state(
+    settings: Settings, bundle: Path
+) -> None:
+    guarded = settings.model_copy(update={"http_token": SecretStr("s3cret"), "model": bundle})
+    version = json.loads((bundle / "manifest.json").read_text())["version"]
+    memory = np.random.default_rng(0).normal(size=16).astype(np.float32).tobytes()
+    window = [*history(8), WindowEntry("x1", "not-in-the-model", "click", 1_767_300_000_000)]
+    store_user(guarded, "ana", window, memory, version)
+    store_user(guarded, "é/ü", history(3))
+    queries = {
+        "": ("ana", None, 10, 3),
+        "?item=item-3&top=2": ("ana", "item-3", 10, 2),
+        "?k=4&top=1": ("ana", None, 4, 1),
+    }
+    expected = {q: explained_here(guarded, bundle, *args) for q, args in queries.items()}
+    other = explained_here(guarded, bundle, "é/ü", None, 10, 3)
+    answers: dict[str, Any] = {}
+    token = {"Authorization": "Bearer s3cret"}
+
+    async def scenario(client: TestClient) -> None:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            response = await client.get("/users/ana/explanations", headers=headers)
+            assert response.status == 401
+            assert response.headers["WWW-Authenticate"] == "Bearer"
+        for query in queries:
+            response = await client.get(f"/users/ana/explanations{query}", headers=token)
+            assert response.status == 200, await response.text()
+            answers[query] = await response.json()
+        path = URL("/users/%C3%A9%2F%C3%BC/explanations", encoded=True)
+        response = await client.get(path, headers=token)
+        assert response.status == 200, await response.text()
+        answers["other"] = await response.json()
+
+    serve(guarded, scenario)
+    assert answers == {**expected, "other": other}
+    top = answers[""]
+    assert (top["user_id"], top["model_version"], len(top["items"])) == ("ana", version, 10)
+    seen = {entry.item_id for entry in window}
+    for item in top["items"]:
+        assert item["item_id"] not in seen
+        assert len(item["because"]) == 3
+        assert {r["event_id"] for r in item["because"]} <= {e.event_id for e in window}
+    assert [i["item_id"] for i in answers["?item=item-3&top=2"]["items"]] == ["item-3"]
+    assert [len(i["because"]) for i in answers["?k=4&top=1"]["items"]] == [1] * 4
+
+
+def test_explanations_refuse_unknown_users_and_items_and_bad_queries(
+    settings: Settings, bundle: Path
+) -> None:
+    served = settings.model_copy(update={"model": bundle})
+    store_user(served, "ana", history(5))
+    with pytest.raises(UserError) as unknown_user:
+        explained_here(served, bundle, "nobody", None, 10, 3)
+
+    async def scenario(client: TestClient) -> None:
+        response = await client.get("/users/nobody/explanations")
+        assert (response.status, await response.json()) == (
+            404,
+            {"error": str(unknown_user.value)},
+        )
+        response = await client.get("/users/ana/explanations?item=no-such-item")
+        assert response.status == 404
+        assert "unknown item 'no-such-item'" in (await response.json())["error"]
+        refused = {
+            "?k=0": "k must be a whole number from 1 to 1000, not '0'",
+            "?k=-1": "k must be a whole number from 1 to 1000, not '-1'",
+            "?k=abc": "k must be a whole number from 1 to 1000, not 'abc'",
+            "?k=1.5": "k must be a whole number from 1 to 1000, not '1.5'",
+            "?k=": "k must be a whole number from 1 to 1000, not ''",
+            "?k=1001": "k must be a whole number from 1 to 1000, not '1001'",
+            "?k=%D9%A3": "k must be a whole number from 1 to 1000, not '\u0663'",
+            "?top=0": "top must be a whole number from 1 to 1000, not '0'",
+            "?top=" + "9" * 5000: f"top must be a whole number from 1 to 1000, not '{'9' * 20}...'",
+            "?item=": "item must not be empty",
+            "?items=item-3": "unknown query parameter 'items' (known: item, k, top)",
+            "?item=%FF": "query is not valid Unicode (UTF-8)",
+        }
+        for query, reason in refused.items():
+            response = await client.get(URL(f"/users/ana/explanations{query}", encoded=True))
+            assert (response.status, await response.json()) == (400, {"error": reason}), query
+        response = await client.get(URL("/users/%FF/explanations", encoded=True))
+        assert (response.status, await response.json()) == (
+            400,
+            {"error": "user_id is not valid Unicode (UTF-8)"},
+        )
+        response = await client.post("/users/ana/explanations")
+        assert response.status == 405
+        # After all that, the same server still explains.
+        assert (await client.get("/users/ana/explanations?k=2")).status == 200
+
+    serve(served, scenario)
+
+
+def test_explanations_are_503_without_a_usable_model_and_events_need_none(
+    settings: Settings, tmp_path: Path
+) -> None:
+    missing = settings.model_copy(update={"model": tmp_path / "no-bundle-here"})
+    no_redis = missing.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+
+    async def without_model(client: TestClient) -> None:
+        response = await client.get("/users/ana/explanations")
+        assert (response.status, await response.json()) == (
+            503,
+            {"error": "no model configured: explanations need INTEREST_MODEL"},
+        )
+        assert (await post(client, event("u1", "i1"))).status == 202
+
+    async def unloadable(client: TestClient) -> None:
+        # The server started and takes events although the bundle is not there: it is loaded
+        # by the first explanation, and tried again by the next.
+        assert (await post(client, event("u2", "i2"))).status == 202
+        for _ in range(2):
+            response = await client.get("/users/ana/explanations")
+            assert response.status == 503
+            error = (await response.json())["error"]
+            assert error.startswith(f"cannot load INTEREST_MODEL={tmp_path / 'no-bundle-here'}")
+
+    async def store_down(client: TestClient) -> None:
+        response = await client.get("/users/ana/explanations")
+        assert response.status == 503
+        assert "state store unreachable" in (await response.json())["error"]
+
+    serve(settings, without_model)
+    serve(missing, unloadable)
+    serve(no_redis, store_down)
+    records = read_records(settings, settings.topic_clicks, 2)
+    assert sorted(json.loads(r.value)["user_id"] for r in records) == ["u1", "u2"]
