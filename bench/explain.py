@@ -37,7 +37,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.stream import DATA, find_bundle  # noqa: E402
+from bench.stream import DATA, find_bundle, load_histories  # noqa: E402
 from export.explain import _memories_without, _variants, leave_one_out  # noqa: E402
 from export.runtime import EncoderRuntime  # noqa: E402
 
@@ -65,17 +65,6 @@ class Removal:
     @property
     def rank_drop(self) -> int:
         return self.rank_after - self.rank_before
-
-
-def load_histories(path: Path) -> dict[str, list[str]]:
-    """Each user's items in file order (SASRec's files are time-ordered per user)."""
-    per_user: dict[str, list[str]] = {}
-    with path.open() as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 2:
-                per_user.setdefault(parts[0], []).append(parts[1])
-    return per_user
 
 
 def training_histories(

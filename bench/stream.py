@@ -54,14 +54,20 @@ DATA = REPO_ROOT.parent / "shared" / "data" / "ml-1m.txt"
 BASE_TS_MS = 1_700_000_000_000
 
 
-def load_events(path: Path, n: int) -> list[tuple[str, str, int]]:
-    """(user, item, rank) for the first n events in user-interleaved order."""
+def load_histories(path: Path) -> dict[str, list[str]]:
+    """Each user's items in file order (SASRec's files are time-ordered per user)."""
     per_user: dict[str, list[str]] = {}
     with path.open() as f:
         for line in f:
             parts = line.split()
             if len(parts) >= 2:
                 per_user.setdefault(parts[0], []).append(parts[1])
+    return per_user
+
+
+def load_events(path: Path, n: int) -> list[tuple[str, str, int]]:
+    """(user, item, rank) for the first n events in user-interleaved order."""
+    per_user = load_histories(path)
     rows = [
         (rank, user, item) for user, items in per_user.items() for rank, item in enumerate(items)
     ]
