@@ -87,7 +87,11 @@ def leave_one_out(
     v_items, v_types, v_gaps = _variants(
         items, types, gaps, timestamps_ms, dropped, n_buckets, use_gaps
     )
-    memories = None if memory is None else _memories_without(rt, items, memory, dropped)
+    memories = (
+        None
+        if memory is None
+        else _no_history_left(_memories_without(rt, items, memory, dropped), len(dropped))
+    )
     # row 0 the window, row 1 + r the window without event dropped[r]
     vectors, _ = rt.rebuild([items, *v_items], [types, *v_types], [gaps, *v_gaps], memory=memories)
     # float64: a weight is a difference of two nearly equal scores
@@ -127,6 +131,19 @@ def _variants(
         if j < width:  # j's successor is now at position j
             v_gaps[row, j] = _gap(ts[j + 1] - ts[j - 1], n_buckets) if j and use_gaps else 0
     return v_items, v_types, v_gaps
+
+
+def _no_history_left(memories: np.ndarray, known: int) -> list[np.ndarray | None]:
+    """The memories per row, None where a variant keeps nothing of the user: its only known
+    event dropped and a memory that is zero but for rounding (no older history). Such a user
+    is one without events, as rebuild with no memory gives it, not one with an all-zero memory
+    (which the memory's mix would still turn into a vector)."""
+    rows: list[np.ndarray | None] = list(memories)
+    if known == 1:
+        scale = float(np.abs(memories[0]).max(initial=0.0))
+        if float(np.abs(memories[1]).max(initial=0.0)) <= 1e-5 * max(scale, 1.0):
+            rows[1] = None
+    return rows
 
 
 def _memories_without(

@@ -184,7 +184,11 @@ class EncoderRecommender:
         explanations need it (else None)."""
         slab = self.cache.states
         vectors = np.zeros((len(requests), self.runtime.d_model), np.float32)
-        memories = np.zeros_like(slab.memory[: len(requests)]) if self.explain_events else None
+        memories = (
+            np.zeros((len(requests), *slab.memory.shape[1:]), slab.memory.dtype)
+            if self.explain_events
+            else None
+        )
         rounds = max((len(indices) for indices in per_user.values()), default=0)
         for r in range(rounds):
             stepping, inserted, unknown = round_events(requests, per_user, row_of, event_items, r)

@@ -244,3 +244,47 @@ def test_a_batch_that_fails_half_way_leaves_no_stale_cached_state(
     got, want = cached.recommend(failing), reference.recommend(failing)  # the batch retried
     assert_same_vectors(got, want, windows, atol=1e-5)
     assert len(cached.cache) == 2
+
+
+def test_explanations_follow_each_event_of_a_user_within_one_batch(tmp_path: Path) -> None:
+    """INTEREST_EXPLAIN: a user with several events in a batch (more requests than cached
+    users) gets, for each, the weights of the window and memory right after that event."""
+    from streams.explain import POPULAR, ModelInputs, explain_window
+
+    _, bundle = make_bundle(tmp_path, seed=3)
+    rt = EncoderRuntime.load(bundle, device="cpu")
+    recommender = EncoderRecommender(rt, cache_users=1, explain_events=2)
+    window: list[WindowEntry] = []
+    requests = []
+    for offset, item in enumerate([ITEMS[4], ITEMS[9], "unknown-item", ITEMS[1]]):
+        event = Event(
+            f"e{offset}", "u1", item, "click", 2_000 + 60_000 * offset, Source("t", 0, offset)
+        )
+        window.append(WindowEntry.from_event(event))
+        requests.append(Request(event, tuple(window)))
+    cold = Event("c0", "u2", "never-seen", "click", 5_000, Source("t", 0, 9))
+    requests.append(Request(cold, (WindowEntry.from_event(cold),)))
+    batch = Batch(
+        requests=requests,
+        prior_windows={"u1": (), "u2": ()},
+        stored={},
+        prior_signatures={"u1": b"", "u2": b""},
+        final_signatures={"u1": b"a", "u2": b"b"},
+        popular=[(ITEMS[i], float(100 - i)) for i in range(20)],
+        k=3,
+    )
+    recs = recommender.recommend(batch).recommendations
+    assert recs[-1].source == "popularity" and recs[-1].because == [POPULAR] * len(
+        recs[-1].item_ids
+    )
+    # Each u1 event against its own window, rebuilt from scratch (the window is the history).
+    for request, rec in zip(requests[:-1], recs[:-1], strict=True):
+        targets = rt.index_of(rec.item_ids)
+        _, because = explain_window(rt, ModelInputs.of(rt), request.window, None, targets, 2)
+        assert [[b["event_id"] for b in row] for row in rec.because] == [
+            [b["event_id"] for b in row] for row in because
+        ]
+        for got, want in zip(rec.because, because, strict=True):
+            np.testing.assert_allclose(
+                [b["weight"] for b in got], [b["weight"] for b in want], atol=1e-4
+            )
