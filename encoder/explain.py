@@ -75,7 +75,10 @@ def _without(
     if m is None or model.memory is None:
         return m
     older = m - _decayed_sum(model, items[j:])  # gamma^(n+1) (memory before j)
-    return older / model.memory.gamma + _decayed_sum(model, items[j + 1 :])
+    without = older / model.memory.gamma + _decayed_sum(model, items[j + 1 :])
+    if sum(i > 0 for i in items) == 1 and without.abs().max() <= 1e-5 * max(m.abs().max(), 1.0):
+        return None  # nothing of the user left: the user without events (export/explain.py)
+    return without
 
 
 def _decayed_sum(model: InterestEncoder, items: list[int]) -> torch.Tensor:

@@ -181,7 +181,14 @@ def _read_user(settings: Settings, user: str) -> StoredUser | None:
         finally:
             await client.aclose()
 
-    return asyncio.run(read())
+    from redis.exceptions import RedisError
+
+    try:
+        return asyncio.run(read())
+    except (RedisError, OSError) as exc:
+        raise UserError(
+            f"cannot read Redis at {settings.redis_url} ({type(exc).__name__})"
+        ) from None
 
 
 @app.command()

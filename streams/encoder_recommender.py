@@ -27,8 +27,9 @@ import numpy as np
 
 from encoder.features import time_gap_bucket
 from export.runtime import EncoderRuntime, EncoderStates
-from streams.explain import POPULAR, ModelInputs, explain_window
+from streams.explain import ModelInputs, explain_window
 from streams.recommend import (
+    POPULAR,
     Batch,
     ModelUpdate,
     Recommendation,

@@ -22,9 +22,6 @@ from export.runtime import UNKNOWN, EncoderRuntime
 from streams.store import StoredUser
 from streams.window import WindowEntry
 
-# What a popularity-sourced item carries instead of events: nothing of the user's drove it.
-POPULAR = "popular"
-
 
 @dataclass(frozen=True, slots=True)
 class ModelInputs:

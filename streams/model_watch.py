@@ -47,7 +47,7 @@ def _manifest_stamp(bundle: Path) -> tuple[int, int, int] | None:
 def load_recommender(settings: Settings) -> Recommender:
     """The encoder when INTEREST_MODEL names a bundle, else the popularity baseline."""
     if settings.model is None:
-        return PopularityRecommender()
+        return PopularityRecommender(explain=settings.explain)
     from export.runtime import BundleError, EncoderRuntime
     from streams.encoder_recommender import EncoderRecommender
 

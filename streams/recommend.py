@@ -19,6 +19,10 @@ import msgspec
 from streams.events import Event
 from streams.window import WindowEntry
 
+# What an item of the popularity baseline carries as its explanation: nothing of the user's
+# drove it (INTEREST_EXPLAIN).
+POPULAR = "popular"
+
 
 class Request(msgspec.Struct, frozen=True):
     """Recommend for `event.user_id` right after `event`, given the window at that moment."""
@@ -117,6 +121,10 @@ class PopularityRecommender:
 
     model_version = "popularity-v1"
 
+    def __init__(self, explain: bool = False) -> None:
+        # INTEREST_EXPLAIN: every item says it is popular, not driven by the user's events.
+        self.explain = explain
+
     def drop_cache(self) -> None:
         """Nothing is cached per user."""
 
@@ -134,7 +142,10 @@ class PopularityRecommender:
                 seen = per_user[user_id] = {entry.item_id for entry in prior}
             seen.add(request.event.item_id)
             items = popular_unseen(batch.popular, seen, batch.k)
-            recommendations.append(Recommendation.of(items, self.model_version, "popularity"))
+            rec = Recommendation.of(items, self.model_version, "popularity")
+            if self.explain:
+                rec = msgspec.structs.replace(rec, because=[POPULAR] * len(items))
+            recommendations.append(rec)
         return Result(recommendations)
 
 

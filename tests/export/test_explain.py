@@ -239,3 +239,20 @@ def test_reference_memory_is_the_model_memory_without_the_event(model: InterestE
     for j in (0, 3, 9):
         without = memory(torch.cat([items[:, : 6 + j], items[:, 7 + j :]], dim=1))
         assert torch.allclose(reference._without(model, whole, window, j), without, atol=1e-6)
+
+
+def test_one_known_event_with_its_own_memory_is_the_user_without_events(
+    models: dict[str, tuple[InterestEncoder, EncoderRuntime]],
+) -> None:
+    """The worker's memory after a user's first event is that event's share alone: without it
+    nothing is left, in the runtime and in the torch reference alike (a vector of zeros)."""
+    model, rt = models["memory"]
+    items = np.array([5, UNKNOWN])
+    memory = rt.item_embeddings[5].astype(np.float32)  # gamma^0 e(item 5), from zero
+    targets = np.array([1, 2, 3])
+    args = (items, np.zeros(2, np.int64), np.array([1_000, 61_000]), memory, targets)
+    scores, weights = explain.leave_one_out(rt, *args)
+    ref_scores, ref_weights = reference.leave_one_out(model, *args)
+    np.testing.assert_allclose(scores, ref_scores, atol=TOL)
+    np.testing.assert_allclose(weights, ref_weights, atol=TOL)
+    np.testing.assert_allclose(weights[:, 0], scores, atol=TOL)  # the whole score is its

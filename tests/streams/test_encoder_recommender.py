@@ -249,7 +249,8 @@ def test_a_batch_that_fails_half_way_leaves_no_stale_cached_state(
 def test_explanations_follow_each_event_of_a_user_within_one_batch(tmp_path: Path) -> None:
     """INTEREST_EXPLAIN: a user with several events in a batch (more requests than cached
     users) gets, for each, the weights of the window and memory right after that event."""
-    from streams.explain import POPULAR, ModelInputs, explain_window
+    from streams.explain import ModelInputs, explain_window
+    from streams.recommend import POPULAR
 
     _, bundle = make_bundle(tmp_path, seed=3)
     rt = EncoderRuntime.load(bundle, device="cpu")
