@@ -133,6 +133,28 @@ def _variants(
     return v_items, v_types, v_gaps
 
 
+def memory_with(
+    rt: EncoderRuntime, items: np.ndarray, position: int, memory: np.ndarray
+) -> np.ndarray:
+    """The persisted memory once the window's event at ``position`` (oldest first; an event
+    that arrived out of time order) is counted in it, from the memory without it: its share
+    gamma^n e(item) joins (n the known events after it), and every older event, the ones
+    before the window included, decays one step more. The exact inverse of what
+    ``_memories_without`` takes out: m' = gamma (m - later) + share + later."""
+    m = np.asarray(memory, np.float32).reshape(rt.d_model)
+    items = np.asarray(items, np.int64).reshape(-1)
+    config = rt.manifest["config"]
+    if items[position] <= 0 or not config.get("use_memory", True):
+        return m  # an event the model does not know neither decays nor adds
+    gamma = float(config["memory_decay"])
+    known = items > 0
+    after = np.cumsum(known[::-1])[::-1] - known  # known events after each position
+    emb = rt.item_embeddings[np.where(known, items, 0)].astype(np.float64)
+    share = np.power(gamma, after)[:, None] * emb * known[:, None]  # (T, d)
+    later = share[position + 1 :].sum(axis=0)
+    return (gamma * (m - later) + share[position] + later).astype(np.float32)
+
+
 def _no_history_left(memories: np.ndarray, known: int) -> list[np.ndarray | None]:
     """The memories per row, None where a variant keeps nothing of the user: its only known
     event dropped and a memory that is zero but for rounding (no older history). Such a user

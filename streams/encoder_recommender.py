@@ -26,6 +26,7 @@ import msgspec
 import numpy as np
 
 from encoder.features import time_gap_bucket
+from export.explain import memory_with
 from export.runtime import EncoderRuntime, EncoderStates
 from streams.explain import ModelInputs, explain_window
 from streams.recommend import (
@@ -227,13 +228,18 @@ class EncoderRecommender:
         self, slab: EncoderStates, inserted: RoundEvents, requests: Sequence[Request]
     ) -> np.ndarray:
         """Rebuild the users of events that arrived out of time order from their windows, into
-        their rows: the new vectors. The persisted memory is that of the events before, so the
-        long-term part is approximate for this event."""
+        their rows: the new vectors. Each memory (the events before, without this one) gets
+        the event's share where it belongs in time (`export.explain.memory_with`)."""
         inserted_rows = np.array([w for w, _ in inserted], np.int64)
-        rebuilt = self._rebuild(
-            [requests[i].window for _, i in inserted],
-            list(slab.memory[inserted_rows][:, None]),
-        )
+        memories = []
+        for row, i in inserted:
+            window = requests[i].window
+            position = next(
+                p for p, e in enumerate(window) if e.event_id == requests[i].event.event_id
+            )
+            items = self.runtime.index_of([entry.item_id for entry in window])
+            memories.append(memory_with(self.runtime, items, position, slab.memory[row])[None])
+        rebuilt = self._rebuild([requests[i].window for _, i in inserted], memories)
         self.cache.put(inserted_rows, rebuilt)
         return rebuilt.vectors
 

@@ -289,3 +289,45 @@ def test_explanations_follow_each_event_of_a_user_within_one_batch(tmp_path: Pat
             np.testing.assert_allclose(
                 [b["weight"] for b in got], [b["weight"] for b in want], atol=1e-4
             )
+
+
+def test_an_event_inserted_out_of_time_order_gives_the_exact_vector_and_explanation(
+    tmp_path: Path,
+) -> None:
+    """Its share joins the memory where it belongs in time (export.explain.memory_with): the
+    user is as if the events had come in order, rebuilt from scratch."""
+    from streams.explain import ModelInputs, explain_window
+
+    _, bundle = make_bundle(tmp_path, seed=4)
+    rt = EncoderRuntime.load(bundle, device="cpu")
+    recommender = EncoderRecommender(rt, cache_users=10, explain_events=3)
+    timed = [(ITEMS[3], 1_000), (ITEMS[8], 181_000), (ITEMS[6], 61_000)]  # the last one is late
+    window: list[WindowEntry] = []
+    requests = []
+    for offset, (item, at) in enumerate(timed):
+        event = Event(f"e{offset}", "u1", item, "click", at, Source("t", 0, offset))
+        window = sorted([*window, WindowEntry.from_event(event)], key=lambda e: e.timestamp_ms)
+        requests.append(Request(event, tuple(window), appended=offset < 2))
+    batch = Batch(
+        requests=requests,
+        prior_windows={"u1": ()},
+        stored={},
+        prior_signatures={"u1": b""},
+        final_signatures={"u1": b"a"},
+        popular=[],
+        k=5,
+    )
+    result = recommender.recommend(batch)
+    inputs = ModelInputs.of(rt)
+    items, types, gaps = recommender._features(window)
+    vector, _ = rt.rebuild([items], [types], [gaps], memory=None)
+    stored = np.frombuffer(result.updates["u1"].vector, np.float32)
+    np.testing.assert_allclose(stored, vector[0], atol=1e-5)
+    last = result.recommendations[-1]
+    _, because = explain_window(rt, inputs, window, None, rt.index_of(last.item_ids), 3)
+    assert last.because is not None
+    for got, want in zip(last.because, because, strict=True):
+        assert [b["event_id"] for b in got] == [b["event_id"] for b in want]
+        np.testing.assert_allclose(
+            [b["weight"] for b in got], [b["weight"] for b in want], atol=1e-4
+        )
