@@ -18,16 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from encoder.features import time_gap_bucket
+from encoder.features import window_gaps
 from encoder.model import InterestEncoder
-
-
-def window_gaps(timestamps_ms: list[int], n_buckets: int, use_gaps: bool) -> list[int]:
-    """Gap buckets of a window as the worker feeds them: the first one unknown (0)."""
-    gaps = [0] * len(timestamps_ms)
-    for i in range(1, len(timestamps_ms) if use_gaps else 0):
-        gaps[i] = time_gap_bucket((timestamps_ms[i] - timestamps_ms[i - 1]) / 1000, n_buckets)
-    return gaps
 
 
 @torch.no_grad()

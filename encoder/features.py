@@ -7,6 +7,7 @@ model was trained on without importing the training stack.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 # Index order is part of the model contract: a trained model's type embedding rows follow it.
 EVENT_TYPES: tuple[str, ...] = ("click", "purchase", "view", "add_to_cart")
@@ -35,3 +36,13 @@ def time_gap_bucket(gap_seconds: float | None, n_buckets: int = DEFAULT_TIME_BUC
     if gap_seconds is None or gap_seconds < 0 or math.isnan(gap_seconds):
         return UNKNOWN_GAP_BUCKET
     return 1 + min(n_buckets - 2, int(math.log2(1.0 + gap_seconds)))
+
+
+def window_gaps(timestamps_ms: Sequence[int], n_buckets: int, use_gaps: bool = True) -> list[int]:
+    """The gap buckets of a window (oldest first) as the worker feeds them: the first event's
+    is unknown (0), every other one measured from its predecessor in the window; all 0 for a
+    model trained without timestamps."""
+    gaps = [UNKNOWN_GAP_BUCKET] * len(timestamps_ms)
+    for i in range(1, len(timestamps_ms) if use_gaps else 0):
+        gaps[i] = time_gap_bucket((timestamps_ms[i] - timestamps_ms[i - 1]) / 1000, n_buckets)
+    return gaps

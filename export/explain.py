@@ -35,24 +35,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from encoder.features import time_gap_bucket
+from encoder import features
 from export.runtime import EncoderRuntime
 
 __all__ = ["leave_one_out", "top_events", "window_gaps"]
 
 
 def window_gaps(timestamps_ms: np.ndarray, n_buckets: int, use_gaps: bool = True) -> np.ndarray:
-    """Time-gap buckets of a window (oldest first), as the worker feeds them: the first event's
-    gap is unknown (0), every other one is measured from its predecessor in the window."""
+    """`encoder.features.window_gaps` as an array."""
     ts = np.asarray(timestamps_ms).tolist()
-    gaps = np.zeros(len(ts), np.int64)
-    for i in range(1, len(ts) if use_gaps else 0):
-        gaps[i] = _gap(ts[i] - ts[i - 1], n_buckets)
-    return gaps
+    return np.array(features.window_gaps(ts, n_buckets, use_gaps), np.int64)
 
 
 def _gap(milliseconds: int, n_buckets: int) -> int:
-    return time_gap_bucket(milliseconds / 1000, n_buckets)
+    return features.time_gap_bucket(milliseconds / 1000, n_buckets)
 
 
 def leave_one_out(
@@ -147,10 +143,7 @@ def memory_with(
     if items[position] <= 0 or not config.get("use_memory", True):
         return m  # an event the model does not know neither decays nor adds
     gamma = float(config["memory_decay"])
-    known = items > 0
-    after = np.cumsum(known[::-1])[::-1] - known  # known events after each position
-    emb = rt.item_embeddings[np.where(known, items, 0)].astype(np.float64)
-    share = np.power(gamma, after)[:, None] * emb * known[:, None]  # (T, d)
+    share = _shares(rt, items, gamma)
     later = share[position + 1 :].sum(axis=0)
     return (gamma * (m - later) + share[position] + later).astype(np.float32)
 
@@ -186,11 +179,17 @@ def _memories_without(
     gamma = float(config["memory_decay"])
     if gamma <= 0:
         raise ValueError("leave_one_out needs a memory decay > 0")
-    known = items > 0
-    after = np.cumsum(known[::-1])[::-1] - known  # known events after each position
-    emb = rt.item_embeddings[np.where(known, items, 0)].astype(np.float64)  # row 0 is zeros
-    share = np.power(gamma, after)[:, None] * emb * known[:, None]  # (T, d)
+    share = _shares(rt, items, gamma)
     from_j = np.cumsum(share[::-1], axis=0)[::-1][dropped]  # (J, d): j's share + later
     later = from_j - share[dropped]
     without = (m.astype(np.float64) - from_j) / gamma + later
     return np.concatenate([m, without.astype(np.float32)])
+
+
+def _shares(rt: EncoderRuntime, items: np.ndarray, gamma: float) -> np.ndarray:
+    """(T, d) float64: each window event's share of the memory after the window's last event,
+    gamma^n e(item) (n the known events after it); zero for an event the model does not know."""
+    known = items > 0
+    after = np.cumsum(known[::-1])[::-1] - known  # known events after each position
+    emb = rt.item_embeddings[np.where(known, items, 0)].astype(np.float64)  # row 0 is zeros
+    return np.power(gamma, after)[:, None] * emb * known[:, None]

@@ -25,10 +25,10 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from encoder.features import time_gap_bucket
+from encoder.features import time_gap_bucket, window_gaps
 from export.explain import memory_with
 from export.runtime import EncoderRuntime, EncoderStates
-from streams.explain import ModelInputs, explain_window
+from streams.explain import ModelInputs, explain_window, features
 from streams.recommend import (
     POPULAR,
     Batch,
@@ -76,14 +76,9 @@ class EncoderRecommender:
 
     def _features(self, window: Sequence[WindowEntry]) -> tuple[np.ndarray, ...]:
         """(items, types, gaps) of a window, oldest first, as the model was trained on them."""
-        rt = self.runtime
-        items = rt.index_of([entry.item_id for entry in window])
-        types = np.fromiter((self._type_index[e.event_type] for e in window), np.int64, len(window))
-        gaps = np.zeros(len(window), np.int64)
-        for i in range(1, len(window) if self._use_gaps else 0):
-            seconds = (window[i].timestamp_ms - window[i - 1].timestamp_ms) / 1000
-            gaps[i] = time_gap_bucket(seconds, rt.n_time_buckets)
-        return items, types, gaps
+        items, types, stamps = features(self.runtime, self.inputs, window)
+        buckets = window_gaps(stamps.tolist(), self.runtime.n_time_buckets, self._use_gaps)
+        return items, types, np.array(buckets, np.int64)
 
     def _event_features(self, request: Request, item: int) -> tuple[int, int, int]:
         window = request.window

@@ -140,8 +140,8 @@ class Collector:
     def _groups(self, now_ms: int, errors: list[str]) -> list[dict[str, Any]]:
         reader, _ = self._kafka()
         out = [self._group(reader, group, now_ms, errors) for group in self.groups]
-        inputs = reader.end_offsets(reader.partitions(self.settings.input_topics))
-        self._events_in.add(now_ms, sum(inputs.values()))
+        # Every group reads the input topics' end offsets already: the first group's serve.
+        self._events_in.add(now_ms, sum(p["end"] for p in out[0]["partitions"]) if out else 0)
         outputs = reader.end_offsets(reader.partitions([self.settings.topic_recommendations]))
         self._recs_out.add(now_ms, sum(outputs.values()))
         return out
