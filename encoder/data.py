@@ -340,6 +340,19 @@ def train_batch(
     return _build(inter, rows, end, max_len, prefix_len, next_item_targets=True)
 
 
+def training_counts(inter: Interactions) -> np.ndarray:
+    """(n_items + 1,) int64 events per item in the training part of the log: each user's
+    events but the last two (validation and test) when it has three or more. Index 0 is the
+    padding. The popularity baseline, the long-tail split and the popularity penalty all read
+    these counts, and the bundle carries them to the worker."""
+    counts = np.zeros(inter.n_items + 1, dtype=np.int64)
+    for s in inter.sequences:
+        n = len(s.items)
+        np.add.at(counts, s.items[: n - 2 if n >= 3 else n], 1)
+    counts[0] = 0
+    return counts
+
+
 def eval_batch(inter: Interactions, split: str, max_len: int, prefix_len: int) -> SequenceBatch:
     """Leave-one-out: 'valid' predicts the second to last event, 'test' the last one."""
     if split not in ("valid", "test"):

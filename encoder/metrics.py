@@ -16,14 +16,46 @@ def target_rank(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (scores > t).sum(dim=1)
 
 
+def hits(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Per user: 1.0 when the target is in the top k, else 0.0."""
+    return (np.asarray(ranks) < k).astype(np.float64)
+
+
+def gains(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Per user NDCG@k: with one relevant item the ideal DCG is 1, so it is
+    1/log2(rank + 2) inside the top k, else 0."""
+    r = np.asarray(ranks, dtype=np.float64)
+    return np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0)
+
+
 def hit_rate(ranks: np.ndarray, k: int) -> float:
-    return float(np.mean(ranks < k))
+    return float(np.mean(hits(ranks, k)))
 
 
 def ndcg(ranks: np.ndarray, k: int) -> float:
-    """With one relevant item the ideal DCG is 1, so NDCG = 1/log2(rank + 2) inside the top k."""
-    r = np.asarray(ranks, dtype=np.float64)
-    return float(np.mean(np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0)))
+    return float(np.mean(gains(ranks, k)))
+
+
+def bootstrap_interval(
+    values: np.ndarray, resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-user values: users are resampled with
+    replacement, so the interval says how much the mean owes to which users were evaluated
+    (what matters when comparing groups of a few hundred users)."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 4_000_000 // len(x))  # bounds the (chunk, n) index matrix
+    means = np.concatenate(
+        [
+            x[rng.integers(0, len(x), size=(min(chunk, resamples - start), len(x)))].mean(axis=1)
+            for start in range(0, resamples, chunk)
+        ]
+    )
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return (float(low), float(high))
 
 
 def average_precision(ranks: np.ndarray, k: int) -> float:

@@ -30,10 +30,12 @@ from encoder.data import (
     load_interactions,
     memory_horizon,
     train_batch,
+    training_counts,
 )
 from encoder.evaluate import rank_split
 from encoder.features import DEFAULT_EVENT_TYPE, EVENT_TYPES
 from encoder.model import EncoderConfig, InterestEncoder
+from encoder.popularity import VOCAB_COUNTS_KEY
 
 SCHEDULES = ("constant", "cosine", "wsd")
 DENSE_EVENTS_PER_USER = 20  # ml-1m has 165 events per user, Amazon Beauty 9
@@ -394,7 +396,11 @@ def train(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    vocab = {"items": inter.item_ids, "event_types": list(EVENT_TYPES)}
+    vocab = {
+        "items": inter.item_ids,
+        "event_types": list(EVENT_TYPES),
+        VOCAB_COUNTS_KEY: training_counts(inter)[1:].tolist(),
+    }
     (out / "vocab.json").write_text(json.dumps(vocab))
 
     (out / "history.jsonl").write_text("")

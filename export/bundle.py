@@ -27,10 +27,12 @@ import torch
 from common.errors import UserError
 from encoder.features import EVENT_TYPES
 from encoder.model import EncoderConfig, InterestEncoder
+from encoder.popularity import VOCAB_COUNTS_KEY, counts_from_vocab
 from export.bundle_format import (
     ATTENTION_BIAS_FILE,
     FULL_GRAPH_FILE,
     FULL_INPUTS,
+    ITEM_COUNTS_FILE,
     ITEM_EMBEDDINGS_FILE,
     ITEMS_FILE,
     MANIFEST,
@@ -69,8 +71,8 @@ def load_model_dir(model_dir: Path) -> tuple[InterestEncoder, list[str | None], 
     """(model in eval mode, item ids by model index with None at 0, training metrics).
 
     The layout is what ``interest train`` writes (encoder/train.py): config.json, model.pt,
-    vocab.json ({"items": [...], "event_types": [...]}), metrics.json. Anything missing or
-    inconsistent raises UserError with a one-line reason.
+    vocab.json ({"items": [...], "event_types": [...], "item_counts": [...]}), metrics.json.
+    Anything missing or inconsistent raises UserError with a one-line reason.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -97,18 +99,40 @@ def load_model_dir(model_dir: Path) -> tuple[InterestEncoder, list[str | None], 
     return model.eval(), _normalise_items(items, cfg.n_items, model_dir), metrics
 
 
+def load_item_counts(model_dir: Path, n_items: int) -> np.ndarray:
+    """(n_items + 1,) int64 training events per item from vocab.json (encoder/popularity.py);
+    UserError when the directory has none or a malformed list."""
+    vocab = _read_json(Path(model_dir) / "vocab.json")
+    try:
+        counts = counts_from_vocab(vocab, n_items)
+    except ValueError as exc:
+        raise UserError(f"{model_dir}/vocab.json: {exc}") from None
+    if counts is None:
+        raise UserError(
+            f"{model_dir}/vocab.json has no {VOCAB_COUNTS_KEY}: train the model again with"
+            " `interest train` to export it"
+        )
+    return counts
+
+
 def save_model_dir(
     model: InterestEncoder,
     items: list[str],
     out: Path,
     metrics: dict[str, Any] | None = None,
+    counts: list[int] | None = None,
 ) -> Path:
-    """Write a model directory in the layout ``interest train`` writes (for tests, benchmarks)."""
+    """Write a model directory in the layout ``interest train`` writes (for tests, benchmarks).
+    ``counts``: training events per item, in ``items`` order (one each when not given)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
     torch.save(model.state_dict(), out / "model.pt")
-    vocab = {"items": list(items), "event_types": list(EVENT_TYPES)}
+    vocab = {
+        "items": list(items),
+        "event_types": list(EVENT_TYPES),
+        VOCAB_COUNTS_KEY: list(counts) if counts is not None else [1] * len(items),
+    }
     (out / "vocab.json").write_text(json.dumps(vocab))
     (out / "metrics.json").write_text(json.dumps(metrics or {}, indent=2))
     return out
@@ -378,6 +402,7 @@ def export_bundle(model_dir: Path, out: Path) -> Path:
     """
     model_dir, out = Path(model_dir), Path(out)
     model, item_ids, metrics = load_model_dir(model_dir)
+    counts = load_item_counts(model_dir, model.cfg.n_items)
     replaceable = out.is_dir() and (not any(out.iterdir()) or (out / MANIFEST).is_file())
     if out.exists() and not replaceable:
         raise UserError(f"{out} exists and is not a bundle; choose another --out")
@@ -392,6 +417,7 @@ def export_bundle(model_dir: Path, out: Path) -> Path:
         (tmp / ITEMS_FILE).write_text(json.dumps(item_ids))
         emb = model.item_embeddings().detach().cpu().numpy().astype(np.float32)
         np.save(tmp / ITEM_EMBEDDINGS_FILE, emb, allow_pickle=False)
+        np.save(tmp / ITEM_COUNTS_FILE, counts, allow_pickle=False)
         cfg = model.cfg
         fields = {
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),

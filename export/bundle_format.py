@@ -15,6 +15,8 @@ A bundle is a directory:
     attention_bias.npy   (n_layers, span, H) float32: the attention's bias by event age
     items.json           item ids in model index order; entry 0 is null (padding)
     item_embeddings.npy  (n_items + 1, d) float32, row 0 = padding; scores are dot products
+    item_counts.npy      (n_items + 1,) int64 training events per item, 0 at the padding: the
+                         long-tail split and the popularity penalty (encoder/popularity.py)
     manifest.json        everything below, sealed by its own sha256
 
 The state passed between the graphs (one row per user, names in ``state_names`` order):
@@ -43,8 +45,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-# 2: ring-buffer step state; 3: the step's stages and attention biases
-BUNDLE_FORMAT = "interest-bundle/3"
+# 2: ring-buffer step state; 3: the step's stages and attention biases; 4: item counts
+BUNDLE_FORMAT = "interest-bundle/4"
 
 MANIFEST = "manifest.json"
 FULL_GRAPH_FILE = "full.onnx"
@@ -52,6 +54,7 @@ STEP_GRAPH_FILE = "step.onnx"
 ITEMS_FILE = "items.json"
 ITEM_EMBEDDINGS_FILE = "item_embeddings.npy"
 ATTENTION_BIAS_FILE = "attention_bias.npy"
+ITEM_COUNTS_FILE = "item_counts.npy"
 
 MANIFEST_KEYS = frozenset(
     {
@@ -99,7 +102,7 @@ def stage_files(n_layers: int) -> list[str]:
 
 def bundle_files(n_layers: int) -> list[str]:
     """Every file a bundle of an ``n_layers`` model holds besides the manifest, sorted."""
-    fixed = [FULL_GRAPH_FILE, STEP_GRAPH_FILE, ITEMS_FILE, ITEM_EMBEDDINGS_FILE]
+    fixed = [FULL_GRAPH_FILE, STEP_GRAPH_FILE, ITEMS_FILE, ITEM_EMBEDDINGS_FILE, ITEM_COUNTS_FILE]
     return sorted([*fixed, ATTENTION_BIAS_FILE, *stage_files(n_layers)])
 
 
@@ -232,5 +235,5 @@ def stage_files_listed(manifest: dict[str, Any]) -> list[str]:
 def _opened_files(manifest: dict[str, Any]) -> list[str]:
     """The files the runtime opens, the stages as the manifest lists them."""
     stages = stage_files_listed(manifest)
-    fixed = [FULL_GRAPH_FILE, STEP_GRAPH_FILE, ITEMS_FILE, ITEM_EMBEDDINGS_FILE]
+    fixed = [FULL_GRAPH_FILE, STEP_GRAPH_FILE, ITEMS_FILE, ITEM_EMBEDDINGS_FILE, ITEM_COUNTS_FILE]
     return [*fixed, ATTENTION_BIAS_FILE, *stages]

@@ -34,8 +34,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from encoder.popularity import popularity_bias
 from export.bundle_format import (
     FULL_GRAPH_FILE,
+    ITEM_COUNTS_FILE,
     ITEM_EMBEDDINGS_FILE,
     ITEMS_FILE,
     RING_STATE,
@@ -90,6 +92,7 @@ class EncoderRuntime:
         step: ort.InferenceSession,
         scorer: TopKScorer,
         staged: StagedStep,
+        item_counts: np.ndarray,
     ) -> None:
         self.path = path
         self.manifest = manifest
@@ -112,6 +115,7 @@ class EncoderRuntime:
         self.item_ids = item_ids
         self._index = {item: i for i, item in enumerate(item_ids) if item is not None}
         self.item_embeddings = item_embeddings  # (n_items + 1, d) float32, row 0 = padding
+        self.item_counts = item_counts  # (n_items + 1,) int64 training events, 0 = padding
         self._full = full
         self._step = step
         self._scorer = scorer
@@ -132,11 +136,14 @@ class EncoderRuntime:
         device: str = "auto",
         intra_op_threads: int | None = None,
         spin: bool = False,
+        popularity_penalty: float = 0.0,
     ) -> EncoderRuntime:
         """Verify the bundle's checksums, then open it. Raises BundleError on any mismatch.
 
         device: "auto" (CUDA when a GPU and the CUDA provider's libraries are usable, else
         CPU), "cuda" (ask for CUDA, fall back to CPU with a warning) or "cpu".
+        popularity_penalty: re-ranks top_k() by encoder/popularity.py's ``popularity_bias``
+        of the bundle's item counts (0: as trained).
         """
         path = Path(path)
         manifest = verify_bundle(path)
@@ -147,12 +154,16 @@ class EncoderRuntime:
                 f"{path}: {ITEMS_FILE} has {len(item_ids)} entries but {ITEM_EMBEDDINGS_FILE} "
                 f"is {emb.shape}"
             )
+        counts = np.load(path / ITEM_COUNTS_FILE, allow_pickle=False).astype(np.int64)
+        if counts.shape != (len(item_ids),):
+            raise BundleError(f"{path}: {ITEM_COUNTS_FILE} is {counts.shape}, not one per item")
+        bias = popularity_bias(counts, popularity_penalty) if popularity_penalty else None
         providers = choose_providers(device)
         so = session_options(intra_op_threads, spin)
         try:
             full = ort.InferenceSession(str(path / FULL_GRAPH_FILE), so, providers=providers)
             step = ort.InferenceSession(str(path / STEP_GRAPH_FILE), so, providers=providers)
-            scorer = TopKScorer(emb, so, providers)
+            scorer = TopKScorer(emb, so, providers, bias)
             staged = StagedStep.load(path, stage_files_listed(manifest), so, providers)
         except BundleError:
             raise
@@ -160,7 +171,7 @@ class EncoderRuntime:
             raise BundleError(f"{path}: cannot load ONNX graph: {exc}") from exc
         try:
             # runs full.onnx once
-            rt = cls(path, manifest, item_ids, emb, full, step, scorer, staged)
+            rt = cls(path, manifest, item_ids, emb, full, step, scorer, staged, counts)
         except Exception as exc:
             raise BundleError(f"{path}: full.onnx does not run: {exc}") from exc
         if providers[0] != rt.provider:
@@ -334,7 +345,8 @@ class EncoderRuntime:
         k: int,
         exclude: Sequence[Sequence[int] | np.ndarray] | np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Best k items per user by dot product, padding and ``exclude[b]`` (seen items) removed
+        """Best k items per user by dot product (plus the popularity penalty's bias when the
+        bundle was loaded with one), padding and ``exclude[b]`` (seen items) removed
         (``exclude``: one list per user, or a (B, W) matrix of them padded with 0).
 
         Returns (indices (B, k) int64, scores (B, k) float32), best first. Where fewer than k

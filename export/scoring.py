@@ -7,7 +7,8 @@ in one call, off the GIL, on the same device as the encoder. Plain reference:
 ``top_k_reference`` below; tests/export/test_scoring.py compares the two.
 
     vectors (B,d) float32, exclude (B,L) int64 (padded with 0), k (1,) int64
-      -> scores = vectors @ items.T; scores[b, exclude[b]] = -inf; TopK(scores, k)
+      -> scores = vectors @ items.T (+ bias, the popularity penalty when one is set);
+         scores[b, exclude[b]] = -inf; TopK(scores, k)
       -> values (B,k) float32, indices (B,k) int64, best first, ties to the lower index
 """
 
@@ -25,15 +26,24 @@ OPSET = 17
 IR_VERSION = 8  # what onnxruntime >= 1.20 reads, whichever onnx version built the graph
 
 
-def scoring_graph(item_embeddings: np.ndarray) -> bytes:
-    """The serialized graph; the (n_items+1, d) table is baked in as a constant."""
+def scoring_graph(item_embeddings: np.ndarray, bias: np.ndarray | None = None) -> bytes:
+    """The serialized graph; the (n_items+1, d) table and the optional (n_items+1,) score bias
+    are baked in as constants (no bias, no Add: the unpenalised graph pays nothing for it)."""
     d = item_embeddings.shape[1]
     table = numpy_helper.from_array(
         np.ascontiguousarray(item_embeddings.T, dtype=np.float32), "items_t"
     )  # (d, n)
+    constants = [table]
     minus_inf = helper.make_tensor("minus_inf", TensorProto.FLOAT, [1], [float("-inf")])
-    nodes = [
-        helper.make_node("MatMul", ["vectors", "items_t"], ["scores"]),
+    nodes = [helper.make_node("MatMul", ["vectors", "items_t"], ["dots"])]
+    if bias is None:
+        nodes.append(helper.make_node("Identity", ["dots"], ["scores"]))
+    else:
+        if bias.shape != (item_embeddings.shape[0],):
+            raise ValueError(f"bias is {bias.shape}, not one value per item row")
+        constants.append(numpy_helper.from_array(np.asarray(bias, dtype=np.float32), "bias"))
+        nodes.append(helper.make_node("Add", ["dots", "bias"], ["scores"]))
+    nodes += [
         helper.make_node("Shape", ["exclude"], ["exclude_shape"]),
         helper.make_node("ConstantOfShape", ["exclude_shape"], ["blocked"], value=minus_inf),
         helper.make_node("ScatterElements", ["scores", "exclude", "blocked"], ["masked"], axis=1),
@@ -53,7 +63,7 @@ def scoring_graph(item_embeddings: np.ndarray) -> bytes:
             helper.make_tensor_value_info("values", TensorProto.FLOAT, ["batch", "k"]),
             helper.make_tensor_value_info("indices", TensorProto.INT64, ["batch", "k"]),
         ],
-        initializer=[table],
+        initializer=constants,
     )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
@@ -94,10 +104,11 @@ class TopKScorer:
         item_embeddings: np.ndarray,
         options: ort.SessionOptions | None = None,
         providers: Sequence[str] = ("CPUExecutionProvider",),
+        bias: np.ndarray | None = None,
     ) -> None:
         self.n, self.d = item_embeddings.shape
         self.session = ort.InferenceSession(
-            scoring_graph(item_embeddings), options, providers=list(providers)
+            scoring_graph(item_embeddings, bias), options, providers=list(providers)
         )
 
     def top_k(

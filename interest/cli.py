@@ -367,11 +367,52 @@ def train(
 def evaluate(
     model: Annotated[Path, typer.Option(help="model directory written by `interest train`")],
     data: Annotated[Path, typer.Option(help="SASRec txt, event JSONL or CSV")],
+    popularity_penalty: Annotated[
+        float, typer.Option(help="re-rank as INTEREST_POPULARITY_PENALTY does (0: off)")
+    ] = 0.0,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="also write who-is-served-well: report.html, report.json, PNGs"),
+    ] = None,
+    penalties: Annotated[
+        str | None,
+        typer.Option(help="the report's trade-off curve: penalties, comma-separated"),
+    ] = None,
+    users: Annotated[
+        Path | None, typer.Option(help="MovieLens users.dat: gender and age groups in the report")
+    ] = None,
+    user_map: Annotated[
+        Path | None, typer.Option(help="`data_user_id users_dat_id` per line, when ids differ")
+    ] = None,
 ) -> None:
-    """Full-ranking leave-one-out metrics as one JSON object."""
+    """Full-ranking leave-one-out metrics as one JSON object; with --report, the model and
+    the popularity baseline side by side on accuracy, exposure and user groups."""
     from encoder.evaluate import evaluate as run_evaluate
 
-    print(json.dumps(run_evaluate(model_dir=model, data=data), sort_keys=True))
+    if report is None:
+        if users is not None or user_map is not None:
+            raise UserError("--users and --user-map are read by --report only")
+        result = run_evaluate(model_dir=model, data=data, popularity_penalty=popularity_penalty)
+        print(json.dumps(result, sort_keys=True))
+        return
+    from encoder.report import PENALTIES, build_report
+    from encoder.report_page import write_report_page
+
+    curve = PENALTIES if penalties is None else _floats(penalties, "--penalties")
+    numbers = build_report(model, data, popularity_penalty, curve, users, user_map)
+    page = write_report_page(numbers, report)
+    print(json.dumps({**_flat(numbers["systems"]["model"]), "report": str(page)}, sort_keys=True))
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"{name} takes numbers separated by commas, not {text!r}") from None
+
+
+def _flat(system: dict[str, dict[str, object]]) -> dict[str, object]:
+    return {key: value for part in system.values() for key, value in part.items()}
 
 
 @app.command("export")

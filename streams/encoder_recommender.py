@@ -26,9 +26,11 @@ import msgspec
 import numpy as np
 
 from encoder.features import time_gap_bucket, window_gaps
+from encoder.popularity import long_tail
 from export.explain import memory_with
 from export.runtime import EncoderRuntime, EncoderStates
 from streams.explain import ModelInputs, explain_window, features
+from streams.exposure import Catalogue, Exposure
 from streams.recommend import (
     POPULAR,
     Batch,
@@ -60,6 +62,7 @@ class EncoderRecommender:
         self._empty = runtime.initial_state(1)
         self.cache = StateSlab(self._empty, cache_users)
         self._item_names = np.array(runtime.item_ids, dtype=object)  # index -> id, 0 -> None
+        self.catalogue = Catalogue(runtime.version, long_tail(runtime.item_counts))
         # How the model reads events (a model trained without types/timestamps gets defaults).
         self._type_index = self.inputs.type_index
         self._use_gaps = self.inputs.use_gaps
@@ -146,12 +149,12 @@ class EncoderRecommender:
         prior_items = prior_window_items(rt, users, others, cached_items, batch.prior_windows)
         request_user, rank = request_ranks(requests, users)
         exclude, known = seen_matrix(prior_items, request_user, rank, per_user, event_items)
-        recommendations = self._recommendations(batch, vectors, exclude, known)
+        recommendations, exposure = self._recommendations(batch, vectors, exclude, known)
         if self.explain_events:
             recommendations = self._explained(requests, recommendations, memories)
         final_items = window_items_after(rt, requests, per_user, prior_items, event_items)
         updates = model_updates(users, self.cache.states, rows, rt.version)
-        return Result(recommendations, updates), final_items
+        return Result(recommendations, updates, exposure), final_items
 
     def _start_states(self, batch: Batch, others: Sequence[str], row_of: Mapping[str, int]) -> None:
         """Write the start state of the users the cache missed into their slab rows (a hit's
@@ -240,9 +243,10 @@ class EncoderRecommender:
 
     def _recommendations(
         self, batch: Batch, vectors: np.ndarray, exclude: np.ndarray, known: np.ndarray
-    ) -> list[Recommendation]:
+    ) -> tuple[list[Recommendation], Exposure]:
         """Top-K of each request's vector with its seen items excluded; the popularity
-        fallback where the model knows none of the user's items yet."""
+        fallback where the model knows none of the user's items yet. With them, every
+        recommended item as a model index (the exposure gauges)."""
         version = self.runtime.version
         top, scores = self.runtime.top_k(vectors, batch.k, exclude=exclude)
         names = self._item_names[top].tolist()  # (B, k) item ids, None for padding
@@ -258,7 +262,18 @@ class EncoderRecommender:
                 recommendations.append(Recommendation(row_names, row_scores, version, "encoder"))
             else:
                 recommendations.append(popular_fallback(batch, request, popular_seen, version))
-        return recommendations
+        return recommendations, self._exposure(top, known, recommendations)
+
+    def _exposure(
+        self, top: np.ndarray, known: np.ndarray, recommendations: list[Recommendation]
+    ) -> Exposure:
+        """The encoder's rows straight from top-k; the few fallback rows by their ids."""
+        items = [top[known].ravel()]
+        cold = np.flatnonzero(~known).tolist()
+        if cold:
+            names = [item for i in cold for item in recommendations[i].item_ids]
+            items.append(self.runtime.index_of(names))
+        return Exposure(self.catalogue, np.concatenate(items))
 
     def _explained(
         self,

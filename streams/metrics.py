@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from streams.exposure import ExposureWindow
 from streams.recommend import Request
 
 EVENTS = Counter(
@@ -111,3 +112,30 @@ def report_batch(
         arrived_ms = request.event.source.timestamp_ms
         if arrived_ms is not None:
             EVENT_LAG_SECONDS.observe(max(0.0, now_ms - arrived_ms) / 1000)
+
+
+RECOMMENDED_ITEMS = Counter(
+    "interest_recommended_items_total",
+    "Recommended item slots by the serving model's popularity segment: head (the most"
+    " trained-on fifth of its items) or long_tail (the rest, and items outside the model);"
+    " rate(long_tail) / rate(all) is the live long-tail share, summed over workers",
+    ["segment"],
+)
+RECOMMENDATION_COVERAGE = Gauge(
+    "interest_recommendation_coverage",
+    "Share of the model's items this worker recommended at least once in its last"
+    " INTEREST_EXPOSURE_WINDOW item slots",
+)
+RECOMMENDATION_LONG_TAIL = Gauge(
+    "interest_recommendation_long_tail_share",
+    "Share of this worker's last INTEREST_EXPOSURE_WINDOW recommended item slots that hold a"
+    " long-tail item",
+)
+
+
+def report_exposure(window: ExposureWindow, head: int, tail: int) -> None:
+    """The popularity-bias metrics after a committed batch's items entered ``window``."""
+    RECOMMENDED_ITEMS.labels("head").inc(head)
+    RECOMMENDED_ITEMS.labels("long_tail").inc(tail)
+    RECOMMENDATION_COVERAGE.set(window.coverage())
+    RECOMMENDATION_LONG_TAIL.set(window.long_tail_share())

@@ -52,7 +52,9 @@ def load_recommender(settings: Settings) -> Recommender:
     from streams.encoder_recommender import EncoderRecommender
 
     try:
-        runtime = EncoderRuntime.load(settings.model)
+        runtime = EncoderRuntime.load(
+            settings.model, popularity_penalty=settings.popularity_penalty
+        )
     except (BundleError, OSError) as exc:
         raise UserError(f"cannot load INTEREST_MODEL={settings.model}: {exc}") from None
     # Rebuilding needs the last receptive_field events plus the one before the oldest of them

@@ -28,6 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streams import metrics
+from streams.exposure import Exposure, ExposureWindow
 from streams.messages import RawMessage
 from streams.publish import Publisher
 from streams.recommend import Batch, Recommender, Result, StoredModelState
@@ -73,6 +74,7 @@ class BatchProcessor:
             tuple(settings.input_topics),
         )
         self._inference = asyncio.Lock()  # one recommend call at a time
+        self._exposure: ExposureWindow | None = None  # of the model that served last
 
     def drop_caches(self) -> None:
         """Forget every user this worker holds in memory; call with no batch in flight."""
@@ -163,11 +165,21 @@ class BatchProcessor:
             prepared.online,
             prepared.requests,
         )
+        if prepared.exposure is not None:
+            self._count_exposure(prepared.exposure)
         metrics.FORGETS.inc(len(prepared.forget_ids))
         for forget_id in prepared.forget_ids:  # the request's id only: no user data in logs
             log.warning("forget request %s applied", forget_id)
         metrics.BATCH_SECONDS.observe(prepared.seconds + time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(prepared.requests) + prepared.result.rejected)
+
+    def _count_exposure(self, exposure: Exposure) -> None:
+        """Into the window of the model that recommended them; a new model starts a new
+        window (its catalogue and long tail are its own)."""
+        if self._exposure is None or self._exposure.catalogue is not exposure.catalogue:
+            self._exposure = ExposureWindow(exposure.catalogue, self.settings.exposure_window)
+        head, tail = self._exposure.add(exposure.items)
+        metrics.report_exposure(self._exposure, head, tail)
 
 
 def _timed_recommend(recommender: Recommender, batch: Batch) -> tuple[Result, float]:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import msgspec
 
 from streams.events import Event
+from streams.exposure import Exposure
 from streams.window import WindowEntry
 
 # What an item of the popularity baseline carries as its explanation: nothing of the user's
@@ -91,6 +92,9 @@ class ModelUpdate(msgspec.Struct, frozen=True, gc=False):
 class Result:
     recommendations: list[Recommendation]  # one per request, same order
     updates: dict[str, ModelUpdate] = field(default_factory=dict)
+    # The recommended items as the model's indices, for the popularity-bias gauges
+    # (streams/exposure.py); None from a recommender without a model.
+    exposure: Exposure | None = None
 
 
 class Recommender(Protocol):

@@ -90,6 +90,13 @@ class Settings(BaseSettings):
     # The worker polls it for a new version (rollout) every model_poll_seconds.
     model: Path | None = None
     model_poll_seconds: float = Field(default=5.0, gt=0)
+    # Re-ranks the encoder's scores by -penalty * log(1 + the item's training events), the
+    # same re-ranking `interest evaluate --popularity-penalty` measures (encoder/popularity.py):
+    # 0 ranks as trained; larger values recommend more of the long tail at some accuracy.
+    popularity_penalty: float = Field(default=0.0, ge=0, le=100)
+    # Recommended item slots the worker's popularity-bias gauges look back over
+    # (interest_recommendation_coverage, interest_recommendation_long_tail_share).
+    exposure_window: int = Field(default=50_000, ge=100)
     # Per-user incremental encoder states kept in worker memory (LRU; tens of KB each).
     state_cache_users: int = Field(default=10_000, ge=0)
     # Users as last read or written (window, offsets, vector, recs) kept in worker memory

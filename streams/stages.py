@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from streams.events import Event, Forget, Rejection, validate
+from streams.exposure import Exposure
 from streams.messages import OutRecord, RawMessage
 from streams.popularity import popularity_epoch
 from streams.recommend import Batch, Recommendation, Request, Result, StoredModelState
@@ -141,6 +142,7 @@ class Prepared:
     requests: list[Request]
     last_recs: Mapping[str, list[str] | None]  # per user, after this batch
     forget_ids: tuple[str, ...]  # forget requests that wiped a user in this batch
+    exposure: Exposure | None = None  # the recommended items as model indices
     seconds: float = 0.0  # spent in stages 1-3
 
     def recs_after(self, user_id: str) -> list[str] | None:
@@ -396,6 +398,7 @@ def finish(
         requests=requests,
         last_recs=last_recs,
         forget_ids=changes.forget_ids,
+        exposure=recommended.result.exposure,
     )
 
 

@@ -19,6 +19,7 @@ LAYERS = 2  # the tiny model of conftest.py: 2 layers, 2 heads, d 16, span 5
 FILES = [
     "attention_bias.npy",
     "full.onnx",
+    "item_counts.npy",
     "item_embeddings.npy",
     "items.json",
     "step.onnx",
@@ -60,7 +61,7 @@ STATE_NAMES = [s["name"] for s in STATE]
 
 
 def test_format_version() -> None:
-    assert fmt.BUNDLE_FORMAT == "interest-bundle/3"
+    assert fmt.BUNDLE_FORMAT == "interest-bundle/4"
 
 
 def test_exported_bundle_holds_exactly_the_format_files(bundle: Path) -> None:

@@ -85,6 +85,7 @@ def test_manifest_describes_the_bundle(runtime: EncoderRuntime, bundle: Path) ->
         "step.onnx",
         "items.json",
         "item_embeddings.npy",
+        "item_counts.npy",
         "attention_bias.npy",
         *stages,
     }
