@@ -63,3 +63,23 @@ def test_empty_batch_and_bad_exclude() -> None:
 def test_exclusion_matrix_pads_and_drops_out_of_range() -> None:
     m = exclusion_matrix([[3, -1], [], [40, 2, 2]], 3, n=31)
     assert m.tolist() == [[0, 3, 0, 0], [0, 0, 0, 0], [0, 0, 2, 2]]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), penalty=st.floats(0.01, 5.0), k=st.integers(1, 35))
+def test_a_popularity_bias_is_added_before_the_exclusions(
+    seed: int, penalty: float, k: int
+) -> None:
+    from encoder.popularity import popularity_bias
+
+    rng = np.random.default_rng(seed)
+    bias = popularity_bias(rng.integers(0, 1000, N_ITEMS + 1), penalty)
+    scorer = TopKScorer(ITEMS, bias=bias)
+    vectors = rng.normal(size=(4, D)).astype(np.float32)
+    exclude = [rng.integers(1, N_ITEMS + 1, size=5).tolist() for _ in range(4)]
+    got_i, got_s = scorer.top_k(vectors, k, exclude)
+    ref_i, ref_s = top_k_reference(vectors @ ITEMS.T + bias, min(k, N_ITEMS + 1), exclude)
+    np.testing.assert_array_equal(got_i, ref_i)
+    np.testing.assert_allclose(got_s, ref_s, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="bias"):
+        TopKScorer(ITEMS, bias=bias[:-1])
