@@ -121,15 +121,19 @@ RECOMMENDED_ITEMS = Counter(
     " rate(long_tail) / rate(all) is the live long-tail share, summed over workers",
     ["segment"],
 )
+# Labelled by model version: a worker without a model has no series rather than zeros, and a
+# rollout starts the new model's window afresh.
 RECOMMENDATION_COVERAGE = Gauge(
     "interest_recommendation_coverage",
     "Share of the model's items this worker recommended at least once in its last"
     " INTEREST_EXPOSURE_WINDOW item slots",
+    ["model_version"],
 )
 RECOMMENDATION_LONG_TAIL = Gauge(
     "interest_recommendation_long_tail_share",
     "Share of this worker's last INTEREST_EXPOSURE_WINDOW recommended item slots that hold a"
     " long-tail item",
+    ["model_version"],
 )
 
 
@@ -137,5 +141,12 @@ def report_exposure(window: ExposureWindow, head: int, tail: int) -> None:
     """The popularity-bias metrics after a committed batch's items entered ``window``."""
     RECOMMENDED_ITEMS.labels("head").inc(head)
     RECOMMENDED_ITEMS.labels("long_tail").inc(tail)
-    RECOMMENDATION_COVERAGE.set(window.coverage())
-    RECOMMENDATION_LONG_TAIL.set(window.long_tail_share())
+    version = window.catalogue.version
+    RECOMMENDATION_COVERAGE.labels(version).set(window.coverage())
+    RECOMMENDATION_LONG_TAIL.labels(version).set(window.long_tail_share())
+
+
+def new_exposure_window() -> None:
+    """Drop the gauges of the model that served before (its window is gone)."""
+    RECOMMENDATION_COVERAGE.clear()
+    RECOMMENDATION_LONG_TAIL.clear()

@@ -178,6 +178,7 @@ class BatchProcessor:
         window (its catalogue and long tail are its own)."""
         if self._exposure is None or self._exposure.catalogue is not exposure.catalogue:
             self._exposure = ExposureWindow(exposure.catalogue, self.settings.exposure_window)
+            metrics.new_exposure_window()
         head, tail = self._exposure.add(exposure.items)
         metrics.report_exposure(self._exposure, head, tail)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 import urllib.request
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from tests.deploy.prometheus import (
 pytestmark = pytest.mark.integration
 
 READY_TIMEOUT_SECONDS = 60.0
+N_ITEMS = 60
 QUERIES_TIMEOUT_SECONDS = 60.0
 # One of each reason the dashboard's dead-letter panel splits by.
 INVALID = [
@@ -42,11 +44,25 @@ def fresh_events(round_: int) -> list[dict[str, Any]]:
     """The same users every round (so that the live hit rate has earlier recommendations to
     count against), with new ids and the current time."""
     now_ms = int(time.time() * 1000)
-    events = list(sample_events(users=20, events_per_user=3, items=60, seed=round_))
+    events = list(sample_events(users=20, events_per_user=3, items=N_ITEMS, seed=round_))
     return [
         {**event, "event_id": f"r{round_}-{event['event_id']}", "timestamp": now_ms}
         for event in events
     ]
+
+
+def encoder_bundle(tmp: Path) -> Path:
+    """A small encoder over sample_events' items: the worker's model metrics (popularity bias
+    among them) exist only where a model serves."""
+    pytest.importorskip("torch", reason="needs the training extra (pip install -e .[train])")
+    from export.bundle import export_bundle, save_model_dir
+    from tests.export.conftest import tiny_model
+
+    items = [f"item-{i}" for i in range(N_ITEMS)]
+    model_dir = save_model_dir(tiny_model(n_items=N_ITEMS), items, tmp / "model")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return export_bundle(model_dir=model_dir, out=tmp / "bundle")
 
 
 def http_ok(url: str) -> bool:
@@ -98,7 +114,9 @@ def test_every_dashboard_query_returns_data_from_prometheus_scraping_worker_and_
     tmp_path: Path,
 ) -> None:
     worker_port, monitor_port = free_port(), free_port()
-    worker = start_worker(INTEREST_METRICS_PORT=str(worker_port))
+    worker = start_worker(
+        INTEREST_METRICS_PORT=str(worker_port), INTEREST_MODEL=str(encoder_bundle(tmp_path))
+    )
     monitor = start_monitor(monitor_port, "--interval", "1")
     server = prometheus(
         scrape_config(

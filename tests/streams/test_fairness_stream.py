@@ -100,11 +100,13 @@ def test_the_penalty_reranks_as_offline_and_the_metrics_count_what_was_sent(
     tail = long_tail(np.array([0, *COUNTS]))
     slots = [ITEMS.index(item["item_id"]) + 1 for rec in recs for item in rec["items"]]
     tail_slots = int(tail[slots].sum())
+    version = json.loads((bundle / "manifest.json").read_text())["version"]
     wanted = {
         'interest_recommended_items_total{segment="long_tail"}': tail_slots,
         'interest_recommended_items_total{segment="head"}': len(slots) - tail_slots,
-        "interest_recommendation_long_tail_share": tail_slots / len(slots),
-        "interest_recommendation_coverage": len(set(slots)) / N_ITEMS,
+        f'interest_recommendation_long_tail_share{{model_version="{version}"}}': tail_slots
+        / len(slots),
+        f'interest_recommendation_coverage{{model_version="{version}"}}': len(set(slots)) / N_ITEMS,
     }
 
     def counted() -> bool:
