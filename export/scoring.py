@@ -7,8 +7,9 @@ in one call, off the GIL, on the same device as the encoder. Plain reference:
 ``top_k_reference`` below; tests/export/test_scoring.py compares the two.
 
     vectors (B,d) float32, exclude (B,L) int64 (padded with 0), k (1,) int64
-      -> scores = vectors @ items.T (+ bias, the popularity penalty when one is set);
-         scores[b, exclude[b]] = -inf; TopK(scores, k)
+      -> scores = vectors @ items.T (+ bias, the popularity penalty when one is set: a
+         column of the table, with a 1 appended to each vector); scores[b, exclude[b]] =
+         -inf; TopK(scores, k)
       -> values (B,k) float32, indices (B,k) int64, best first, ties to the lower index
 """
 
@@ -27,22 +28,19 @@ IR_VERSION = 8  # what onnxruntime >= 1.20 reads, whichever onnx version built t
 
 
 def scoring_graph(item_embeddings: np.ndarray, bias: np.ndarray | None = None) -> bytes:
-    """The serialized graph; the (n_items+1, d) table and the optional (n_items+1,) score bias
-    are baked in as constants (no bias, no Add: the unpenalised graph pays nothing for it)."""
-    d = item_embeddings.shape[1]
-    table = numpy_helper.from_array(
-        np.ascontiguousarray(item_embeddings.T, dtype=np.float32), "items_t"
-    )  # (d, n)
-    constants = [table]
-    minus_inf = helper.make_tensor("minus_inf", TensorProto.FLOAT, [1], [float("-inf")])
-    nodes = [helper.make_node("MatMul", ["vectors", "items_t"], ["dots"])]
-    if bias is None:
-        nodes.append(helper.make_node("Identity", ["dots"], ["scores"]))
-    else:
-        if bias.shape != (item_embeddings.shape[0],):
+    """The serialized graph; the (n_items+1, d) table is baked in as a constant. An optional
+    (n_items+1,) score bias becomes one more row of the table, and the caller appends a 1 to
+    each vector (``TopKScorer``): the bias rides in the matrix product instead of a pass of
+    its own over the (B, n_items+1) scores."""
+    table = np.asarray(item_embeddings, dtype=np.float32)
+    if bias is not None:
+        if bias.shape != (table.shape[0],):
             raise ValueError(f"bias is {bias.shape}, not one value per item row")
-        constants.append(numpy_helper.from_array(np.asarray(bias, dtype=np.float32), "bias"))
-        nodes.append(helper.make_node("Add", ["dots", "bias"], ["scores"]))
+        table = np.concatenate([table, np.asarray(bias, np.float32)[:, None]], axis=1)
+    d = table.shape[1]
+    items_t = numpy_helper.from_array(np.ascontiguousarray(table.T), "items_t")  # (d, n)
+    minus_inf = helper.make_tensor("minus_inf", TensorProto.FLOAT, [1], [float("-inf")])
+    nodes = [helper.make_node("MatMul", ["vectors", "items_t"], ["scores"])]
     nodes += [
         helper.make_node("Shape", ["exclude"], ["exclude_shape"]),
         helper.make_node("ConstantOfShape", ["exclude_shape"], ["blocked"], value=minus_inf),
@@ -63,7 +61,7 @@ def scoring_graph(item_embeddings: np.ndarray, bias: np.ndarray | None = None) -
             helper.make_tensor_value_info("values", TensorProto.FLOAT, ["batch", "k"]),
             helper.make_tensor_value_info("indices", TensorProto.INT64, ["batch", "k"]),
         ],
-        initializer=constants,
+        initializer=[items_t],
     )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
@@ -107,6 +105,7 @@ class TopKScorer:
         bias: np.ndarray | None = None,
     ) -> None:
         self.n, self.d = item_embeddings.shape
+        self._with_bias = bias is not None
         self.session = ort.InferenceSession(
             scoring_graph(item_embeddings, bias), options, providers=list(providers)
         )
@@ -125,6 +124,8 @@ class TopKScorer:
         k = max(0, min(k, self.n))
         if batch == 0 or k == 0:
             return np.zeros((batch, k), np.int64), np.zeros((batch, k), np.float32)
+        if self._with_bias:  # the 1 that multiplies the bias row of the table
+            vectors = np.concatenate([vectors, np.ones((batch, 1), np.float32)], axis=1)
         values, indices = self.session.run(
             None, {"vectors": vectors, "exclude": blocked, "k": np.array([k], np.int64)}
         )
