@@ -74,11 +74,26 @@ def demo(
 
 
 @app.command()
-def worker() -> None:
+def worker(
+    processes: Annotated[
+        int,
+        typer.Option(
+            help="worker processes in the group (each takes a share of the input partitions; "
+            "a dead one is restarted); at most one per core and per partition pays"
+        ),
+    ] = 1,
+) -> None:
     """Run the Faust worker (consumer group INTEREST_GROUP_ID) until Ctrl-C or SIGTERM."""
-    from streams.worker import run_worker
+    _at_least_one(processes, "--processes")
+    settings = _settings()
+    if processes == 1:  # this process is the worker, no supervisor
+        from streams.worker import run_worker
 
-    run_worker(_settings())
+        run_worker(settings)
+        return
+    from streams.processes import run_workers
+
+    run_workers(settings, processes)
 
 
 @app.command()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter as Tally
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -75,6 +75,22 @@ FORGETS = Counter(
     "interest_forgets_total",
     "Forget requests applied: a user's history wiped (a second copy of one is not counted)",
 )
+ASSIGNED_PARTITIONS = Gauge(
+    "interest_assigned_partitions",
+    "Partitions of each input topic the consumer group gave this worker at its last rebalance"
+    " (several workers in one group split them; 0: an idle member)",
+    ["topic"],
+)
+
+
+def report_assignment(input_topics: Sequence[str], assigned_topics: Iterable[str]) -> None:
+    """Set ``interest_assigned_partitions`` from a rebalance's assignment, given as the topic
+    of each assigned partition (other topics, such as faust's own, are left out)."""
+    counts = Tally(assigned_topics)
+    for topic in input_topics:
+        ASSIGNED_PARTITIONS.labels(topic).set(counts[topic])
+
+
 MODEL_INFO = Gauge("interest_model_info", "1 for the model version this worker serves", ["version"])
 MODEL_ROLLOUT_FAILURES = Counter(
     "interest_model_rollout_failures_total",

@@ -17,15 +17,16 @@ import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import faust
-from faust.types import AppT, Message
+from faust.types import TP, AppT, Message
 
 from streams.events import Source
 from streams.health import Readiness, serve_health
 from streams.logs import logging_config
 from streams.messages import RawMessage
+from streams.metrics import report_assignment
 from streams.model_watch import ModelWatcher, load_recommender
 from streams.processor import BatchProcessor
 from streams.publish import BatchPublisher, create_producer
@@ -93,6 +94,11 @@ def create_app(
     source_topic = app.topic(*settings.input_topics, key_type=bytes, value_type=bytes)
     watcher = ModelWatcher(settings, recommender or load_recommender(settings))
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="inference")
+
+    @app.on_partitions_assigned.connect
+    async def count_assigned(sender: AppT, assigned: set[TP], **kwargs: Any) -> None:
+        # The whole new assignment (faust's rebalances are eager): what this member now owns.
+        report_assignment(settings.input_topics, (tp.topic for tp in assigned))
 
     @app.agent(source_topic, name="interest-events")
     async def interest_events(stream: faust.StreamT) -> None:
