@@ -5,6 +5,7 @@ Its public surface is ``__all__``; the worker's loop per micro-batch (all calls 
 over users; one row per user):
 
     rt = EncoderRuntime.load(bundle_dir)        # verifies every checksum, picks CUDA or CPU
+                                                # and the step's form for it (rt.step_mode)
     idx = rt.index_of(item_ids)                 # unknown ids -> UNKNOWN (-1), never an error
     slab = rt.initial_state(n)                  # users with no history yet
     # cache miss: rebuild from the user's window (oldest first) + persisted memory (or None)
@@ -21,6 +22,16 @@ same step as ``step_rows`` and are its references. Inputs are the model's: item 
 and time-gap buckets (``encoder.features.time_gap_bucket`` with ``rt.n_time_buckets``). ONNX
 Runtime sessions are thread-safe, so the calls can run in a worker thread off the event loop.
 The bundle's layout and its verification are export/bundle_format.py's.
+
+What runs where: the worker's state slab lives in host memory, and ``rebuild`` (full.onnx) and
+``top_k`` (the scoring graph) are whole graphs on the sessions' provider. ``step_rows`` has two
+forms (``step_mode``, chosen by export/sessions.py's ``choose_step_mode``): on the CPU,
+"staged" runs the step's stage graphs with the attention read in place in the slab by a numba
+kernel, so no user's caches are copied; on a GPU that host kernel would sit between device
+graphs at every layer, each layer a copy out, a wait and a copy back while the device idles,
+so "graph" gathers the rows' state, runs step.onnx whole on the device and scatters the new
+slots back: one round trip per call and the attention on the device too, for the copy of the
+rows' caches in.
 """
 
 from __future__ import annotations
@@ -47,7 +58,7 @@ from export.bundle_format import (
     verify_bundle,
 )
 from export.scoring import TopKScorer, top_k_reference
-from export.sessions import choose_providers, session_options
+from export.sessions import check_step_mode, choose_providers, choose_step_mode, session_options
 from export.staged_step import StagedStep
 from export.states import EncoderStates
 
@@ -91,7 +102,7 @@ class EncoderRuntime:
         full: ort.InferenceSession,
         step: ort.InferenceSession,
         scorer: TopKScorer,
-        staged: StagedStep,
+        staged: StagedStep | None,
         item_counts: np.ndarray,
     ) -> None:
         self.path = path
@@ -119,12 +130,14 @@ class EncoderRuntime:
         self._full = full
         self._step = step
         self._scorer = scorer
-        self._staged = staged
+        self._staged = staged  # None: step_rows runs step.onnx whole ("graph")
         # The provider the sessions actually run on (ORT silently falls back to CPU).
         self.provider: str = step.get_providers()[0]
+        self.step_mode: str = "graph" if staged is None else "staged"
         no_event = np.zeros((1, 1), np.int64)
         self._empty_state = self._run_full(no_event, no_event, no_event, None)
-        # compiles the in-place attention (cached on disk by numba after the first time)
+        # compiles the in-place attention (cached on disk by numba after the first time), or
+        # sets up the device's kernels for step.onnx, before the first real event
         self.step_rows(self.initial_state(1), [0], np.ones(1, np.int64), no_event[0], no_event[0])
 
     # ------------------------------------------------------------------ loading
@@ -137,6 +150,7 @@ class EncoderRuntime:
         intra_op_threads: int | None = None,
         spin: bool = False,
         popularity_penalty: float = 0.0,
+        step_mode: str = "auto",
     ) -> EncoderRuntime:
         """Verify the bundle's checksums, then open it. Raises BundleError on any mismatch.
 
@@ -144,7 +158,10 @@ class EncoderRuntime:
         CPU), "cuda" (ask for CUDA, fall back to CPU with a warning) or "cpu".
         popularity_penalty: re-ranks top_k() by encoder/popularity.py's ``popularity_bias``
         of the bundle's item counts (0: as trained).
+        step_mode: how ``step_rows`` runs: "auto" ("graph" on a GPU, "staged" on the CPU,
+        by the provider actually got), "staged" or "graph" (the module docstring says why).
         """
+        check_step_mode(step_mode)
         path = Path(path)
         manifest = verify_bundle(path)
         item_ids = json.loads((path / ITEMS_FILE).read_text())
@@ -164,7 +181,13 @@ class EncoderRuntime:
             full = ort.InferenceSession(str(path / FULL_GRAPH_FILE), so, providers=providers)
             step = ort.InferenceSession(str(path / STEP_GRAPH_FILE), so, providers=providers)
             scorer = TopKScorer(emb, so, providers, bias)
-            staged = StagedStep.load(path, stage_files_listed(manifest), so, providers)
+            mode = choose_step_mode(step_mode, step.get_providers()[0])
+            # graph mode never runs the stages: their sessions would only hold device memory
+            staged = (
+                StagedStep.load(path, stage_files_listed(manifest), so, providers)
+                if mode == "staged"
+                else None
+            )
         except BundleError:
             raise
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -176,7 +199,13 @@ class EncoderRuntime:
             raise BundleError(f"{path}: full.onnx does not run: {exc}") from exc
         if providers[0] != rt.provider:
             log.warning("asked for %s, running on %s", providers[0], rt.provider)
-        log.info("loaded bundle %s version %s on %s", path, rt.version, rt.provider)
+        log.info(
+            "loaded bundle %s version %s on %s, step %s",
+            path,
+            rt.version,
+            rt.provider,
+            rt.step_mode,
+        )
         return rt
 
     # ------------------------------------------------------------------ vocabulary
@@ -323,20 +352,28 @@ class EncoderRuntime:
         types: np.ndarray,
         gaps: np.ndarray,
     ) -> np.ndarray:
-        """``step_in_place`` on ``rows`` of a large state (the worker's slab of cached users)
-        without gathering them: the step's stages run on the events alone and the attention
-        reads and writes each row's caches where they lie (export/slab_attention.py).
+        """``step_in_place`` on ``rows`` of a large state (the worker's slab of cached users).
+
+        "staged" (CPU): without gathering them: the step's stages run on the events alone and
+        the attention reads and writes each row's caches where they lie
+        (export/slab_attention.py). "graph" (GPU): ``step_in_place`` itself, step.onnx on the
+        gathered rows in one device call (the module docstring says why).
 
         ``rows`` must not repeat and every item must be known (index >= 1). Returns the
         vectors after the events (``states.vectors`` is updated too). Reference:
-        ``step_in_place`` (step.onnx), compared in tests/export/test_parity.py.
+        ``step_in_place`` (step.onnx), compared in tests/export/test_parity.py; the two modes
+        in tests/export/test_devices.py.
         """
         index = np.asarray(rows, dtype=np.int64)
         items = np.asarray(items, dtype=np.int64)
+        types = np.asarray(types, dtype=np.int64)
+        gaps = np.asarray(gaps, dtype=np.int64)
         if (items <= 0).any():
             raise ValueError("step_rows() needs known items (index >= 1)")
         if len(np.unique(index)) != len(index):
             raise ValueError("step_rows() needs each row at most once")
+        if self._staged is None:
+            return self.step_in_place(states, items, types, gaps, rows=index)
         return self._staged.run(states, index, items, types, gaps)
 
     def top_k(

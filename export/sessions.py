@@ -1,4 +1,5 @@
-"""How the runtime opens ONNX Runtime sessions: which execution providers, which options."""
+"""How the runtime opens ONNX Runtime sessions: which execution providers, which options, and
+which form of the step runs on the provider it got."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ import ctypes
 import os
 
 import onnxruntime as ort
+
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+# "staged": step.onnx's stages around the in-place attention on the host slab (numba);
+# "graph": step.onnx whole on the rows gathered from the slab; "auto": by provider.
+STEP_MODES = ("auto", "staged", "graph")
 
 
 def _cuda_device_count() -> int:
@@ -34,11 +41,32 @@ def choose_providers(device: str = "auto") -> list[str]:
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
     if device == "cpu":
-        return ["CPUExecutionProvider"]
-    cuda_listed = "CUDAExecutionProvider" in ort.get_available_providers()
+        return [CPU_PROVIDER]
+    cuda_listed = CUDA_PROVIDER in ort.get_available_providers()
     if device == "cuda" or (cuda_listed and _cuda_device_count() > 0):
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+        return [CUDA_PROVIDER, CPU_PROVIDER]
+    return [CPU_PROVIDER]
+
+
+def check_step_mode(step_mode: str) -> str:
+    """``step_mode`` itself, or a one-line ValueError before any graph is loaded."""
+    if step_mode not in STEP_MODES:
+        raise ValueError(f"step_mode must be auto, staged or graph, not {step_mode!r}")
+    return step_mode
+
+
+def choose_step_mode(step_mode: str, provider: str) -> str:
+    """The step's form, "staged" or "graph", for the provider the sessions actually run on
+    (not the one asked for: ORT falls back to CPU silently).
+
+    Why "graph" off the CPU: the staged step's attention is a host kernel between stage
+    graphs, so on a device every layer would copy activations out and back and wait for them;
+    the whole graph keeps the layers on the device. On the CPU the staged step reads the slab
+    where it lies and copies nothing.
+    """
+    if check_step_mode(step_mode) != "auto":
+        return step_mode
+    return "staged" if provider == CPU_PROVIDER else "graph"
 
 
 def session_options(intra_op_threads: int | None = None, spin: bool = False) -> ort.SessionOptions:
