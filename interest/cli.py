@@ -40,16 +40,23 @@ def _settings() -> Settings:
 def up(
     kafka_port: Annotated[int, typer.Option(help="broker port; 0 picks a free one")] = 0,
     redis_port: Annotated[int, typer.Option(help="Redis port; 0 picks a free one")] = 0,
+    redis_cluster: Annotated[
+        bool, typer.Option(help="a local three-master Redis Cluster instead of one Redis")
+    ] = False,
 ) -> None:
     """Start the embedded dev stack (Tansu broker + Redis on loopback) in the background."""
     from streams.stack import start_stack
     from streams.topics import ensure_topics
 
     settings = _settings()
-    info = start_stack(settings.home, kafka_port=kafka_port, redis_port=redis_port)
+    info = start_stack(
+        settings.home, kafka_port=kafka_port, redis_port=redis_port, redis_cluster=redis_cluster
+    )
     ensure_topics(_settings())
     print(f"bootstrap_servers={info.bootstrap_servers}")
     print(f"redis_url={info.redis_url}")
+    if redis_cluster:
+        print("redis_cluster=true")
     print(f"written to {settings.stack_file}; stop with `interest down`", file=sys.stderr)
 
 

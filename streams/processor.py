@@ -24,6 +24,7 @@ from dataclasses import replace
 from typing import TypeVar
 
 from aiokafka.errors import KafkaError
+from redis.exceptions import AskError, ClusterError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -154,7 +155,12 @@ class BatchProcessor:
         metrics.observe_stage("publish", started)
         writing = time.perf_counter()
         await self.store.write_batch(
-            prepared.writes, prepared.new_items, prepared.popularity_epoch_ms, prepared.online
+            prepared.writes,
+            prepared.new_items,
+            prepared.popularity_epoch_ms,
+            prepared.online,
+            prepared.new_sources,
+            prepared.online_events,
         )
         metrics.observe_stage("write", writing)
         # Only once the batch has succeeded (a retried batch is counted once).
@@ -192,9 +198,15 @@ def _timed_recommend(recommender: Recommender, batch: Batch) -> tuple[Result, fl
 
 
 # Errors that pass: an outage of Redis or Kafka, a timeout.
+# On Redis Cluster also what a failover or a slot move answers once redis-py's own
+# redirections and retries are spent: every step of a batch is safe to run again.
 TRANSIENT: tuple[type[BaseException], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
+    ClusterError,
+    TryAgainError,
+    AskError,
+    SlotNotCoveredError,
     KafkaError,
     OSError,
     asyncio.TimeoutError,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.connection import HiredisRespSerializer
 from redis.utils import HIREDIS_AVAILABLE
 
@@ -45,8 +46,11 @@ def client_options(settings: Settings) -> dict[str, object]:
     return options
 
 
-def connect(settings: Settings) -> aioredis.Redis:
-    """The worker's asyncio client."""
+def connect(settings: Settings) -> aioredis.Redis | RedisCluster:
+    """The worker's asyncio client: a cluster client (one node's URL finds the rest) with
+    INTEREST_REDIS_CLUSTER, else one connection pool."""
+    if settings.redis_cluster:
+        return RedisCluster.from_url(settings.redis_url, **client_options(settings))
     return with_hiredis_packing(
         aioredis.Redis.from_url(settings.redis_url, **client_options(settings))
     )

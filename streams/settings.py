@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     redis_password: SecretStr | None = None
     redis_ssl_ca_certs: Path | None = None
     redis_key_prefix: str = "is"
+    # redis_url names one node of a Redis Cluster; the client finds the others from it.
+    redis_cluster: bool = False
     # Idle users' state expires after this many seconds (0 keeps it forever).
     state_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=0)
 

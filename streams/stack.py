@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.errors import UserError
+from streams.redis_cluster import MASTERS, create_cluster, node_argv
 
 READY_TIMEOUT_SECONDS = 20.0
 
@@ -32,6 +33,9 @@ class StackInfo:
     broker_pid: int
     redis_pid: int
     home: str
+    # `interest up --redis-cluster`: redis_url is one node of a local cluster, these the rest
+    redis_cluster: bool = False
+    redis_cluster_pids: tuple[int, ...] = ()
     # The embedded broker completes a group join after about half the poll interval.
     kafka_max_poll_interval_seconds: float = 20.0
     kafka_session_timeout_seconds: float = 10.0
@@ -151,8 +155,12 @@ def _wait_redis(url: str) -> None:
             time.sleep(0.05)
 
 
-def start_stack(home: Path, kafka_port: int = 0, redis_port: int = 0) -> StackInfo:
-    """Start broker and Redis (port 0 picks a free port), wait until both answer, record them."""
+def start_stack(
+    home: Path, kafka_port: int = 0, redis_port: int = 0, redis_cluster: bool = False
+) -> StackInfo:
+    """Start broker and Redis (port 0 picks a free port), wait until both answer, record them.
+    ``redis_cluster``: a local three-master Redis Cluster (streams/redis_cluster.py), its
+    first node on ``redis_port``."""
     home.mkdir(parents=True, exist_ok=True)
     state_file = home / "stack.json"
     existing = StackInfo.read(state_file)
@@ -186,33 +194,21 @@ def start_stack(home: Path, kafka_port: int = 0, redis_port: int = 0) -> StackIn
             broker_log,
         )
         processes.append(broker)
-        redis_server = _spawn(
-            [
-                redis_bin,
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(home),
-                "--protected-mode",
-                "yes",
-            ],
-            redis_log,
-        )
-        processes.append(redis_server)
+        if redis_cluster:
+            nodes = start_redis_cluster(home, redis_port, redis_bin, redis_log)
+        else:
+            nodes = [_spawn(_redis_argv(redis_bin, redis_port, home), redis_log)]
+            _wait_port(redis_port, nodes[0], "redis-server", redis_log)
+        processes += nodes
         _wait_port(kafka_port, broker, "broker", broker_log)
-        _wait_port(redis_port, redis_server, "redis-server", redis_log)
         info = StackInfo(
             bootstrap_servers=f"127.0.0.1:{kafka_port}",
-            redis_url=f"redis://127.0.0.1:{redis_port}/0",
+            redis_url=f"redis://127.0.0.1:{redis_port}" + ("" if redis_cluster else "/0"),
             broker_pid=broker.pid,
-            redis_pid=redis_server.pid,
+            redis_pid=nodes[0].pid,
             home=str(home),
+            redis_cluster=redis_cluster,
+            redis_cluster_pids=tuple(node.pid for node in nodes[1:]),
         )
         _wait_kafka(info.bootstrap_servers)
         _wait_redis(info.redis_url)
@@ -222,6 +218,43 @@ def start_stack(home: Path, kafka_port: int = 0, redis_port: int = 0) -> StackIn
         raise
     info.write(state_file)
     return info
+
+
+def _redis_argv(redis_bin: str, port: int, home: Path) -> list[str]:
+    return [
+        redis_bin,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(home),
+        "--protected-mode",
+        "yes",
+    ]
+
+
+def start_redis_cluster(
+    home: Path, first_port: int, redis_bin: str, log: Path
+) -> list[subprocess.Popen[bytes]]:
+    """The nodes of a local Redis Cluster, the first on ``first_port``, joined and agreed."""
+    ports = [first_port, *(free_port() for _ in range(MASTERS - 1))]
+    nodes: list[subprocess.Popen[bytes]] = []
+    try:
+        for port in ports:
+            nodes.append(_spawn(node_argv(redis_bin, port, free_port(), home), log))
+        for port, node in zip(ports, nodes, strict=True):
+            _wait_port(port, node, "redis-server (cluster node)", log)
+        create_cluster(ports)
+    except BaseException:
+        for node in nodes:
+            _terminate(node.pid)
+        raise
+    return nodes
 
 
 def _terminate(pid: int, grace_seconds: float = 5.0) -> None:
@@ -259,7 +292,7 @@ def stop_stack(home: Path) -> StackInfo | None:
     info = StackInfo.read(state_file)
     if info is None:
         return None
-    for pid in (info.broker_pid, info.redis_pid):
+    for pid in (info.broker_pid, info.redis_pid, *info.redis_cluster_pids):
         _terminate(pid)
     state_file.unlink(missing_ok=True)
     return info

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from streams.events import Event, Forget, Rejection, validate
+from streams.events import Event, Forget, Rejection, Source, validate
 from streams.exposure import Exposure
 from streams.messages import OutRecord, RawMessage
 from streams.popularity import popularity_epoch
@@ -64,6 +64,7 @@ class WindowChanges:
 
     requests: list[Request]  # one per applied event, in order
     new_items: list[tuple[str, int]]  # (item, timestamp) per applied event, for popularity
+    new_sources: list[Source]  # where each of new_items' events came from, same order
     appended: dict[str, list[WindowEntry]]  # per user, entries added at the window's end
     rewritten: set[str]  # users whose window took an event out of time order
     touched: frozenset[str]  # users to write: a replay still advances their offsets
@@ -143,6 +144,10 @@ class Prepared:
     last_recs: Mapping[str, list[str] | None]  # per user, after this batch
     forget_ids: tuple[str, ...]  # forget requests that wiped a user in this batch
     exposure: Exposure | None = None  # the recommended items as model indices
+    # Where each new item and each online count came from: the replay guard of stores whose
+    # shared counters are written apart from the users (Redis Cluster, streams/cluster_io.py).
+    new_sources: list[Source] = field(default_factory=list)
+    online_events: list[tuple[Source, str, bool]] = field(default_factory=list)
     seconds: float = 0.0  # spent in stages 1-3
 
     def recs_after(self, user_id: str) -> list[str] | None:
@@ -267,6 +272,7 @@ class _Changes:
 
     requests: list[Request] = field(default_factory=list)
     new_items: list[tuple[str, int]] = field(default_factory=list)
+    new_sources: list[Source] = field(default_factory=list)
     appended: dict[str, list[WindowEntry]] = field(default_factory=dict)
     rewritten: set[str] = field(default_factory=set)
     touched: set[str] = field(default_factory=set)
@@ -281,6 +287,7 @@ class _Changes:
         return WindowChanges(
             self.requests,
             self.new_items,
+            self.new_sources,
             self.appended,
             self.rewritten,
             frozenset(self.touched),
@@ -302,6 +309,7 @@ def _applied(changes: _Changes, state: UserState, event: Event) -> None:
         changes.rewritten.add(event.user_id)
     changes.requests.append(Request(event, tuple(window), at_end))
     changes.new_items.append((event.item_id, event.timestamp_ms))
+    changes.new_sources.append(event.source)
 
 
 def _forget(changes: _Changes, state: UserState, forget: Forget, policy: WindowPolicy) -> None:
@@ -358,6 +366,7 @@ def finish(
     ``applied.carried_from``, the last recommendation the earlier batch leaves."""
     last_recs = {uid: user.recs for uid, user in applied.users.items()} | dict(carried_recs)
     online: Counter[str] = Counter()
+    online_events: list[tuple[Source, str, bool]] = []
     sources: Counter[str] = Counter()
     out = list(applied.checked.dead_letters)
     for uid in applied.changes.forgotten:
@@ -370,7 +379,7 @@ def finish(
     recommendations = recommended.result.recommendations
     for request, recommendation in zip(requests, recommendations, strict=True):
         event = request.event
-        _count_hit(online, last_recs.get(event.user_id), event, recommendation)
+        _count_hit(online, online_events, last_recs.get(event.user_id), event, recommendation)
         last_recs[event.user_id] = recommendation.item_ids  # not changed later: shared
         payload = orjson.dumps(_payload(event, recommendation))
         out.append(OutRecord(topic, event.user_id.encode(), payload))
@@ -390,6 +399,8 @@ def finish(
         out=out,
         writes=user_writes(applied, recommended.result, last_recs),
         new_items=changes.new_items,
+        new_sources=changes.new_sources,
+        online_events=online_events,
         popularity_epoch_ms=applied.popularity_epoch_ms,
         online=online,
         outcomes=outcomes,
@@ -404,6 +415,7 @@ def finish(
 
 def _count_hit(
     online: Counter[str],
+    online_events: list[tuple[Source, str, bool]],
     previous: list[str] | None,
     event: Event,
     recommendation: Recommendation,
@@ -411,8 +423,10 @@ def _count_hit(
     """Online quality: was this event among the items recommended just before it?"""
     if previous is None:
         return
+    hit = event.item_id in previous
     online[f"events:{recommendation.model_version}"] += 1
-    online[f"hits:{recommendation.model_version}"] += event.item_id in previous
+    online[f"hits:{recommendation.model_version}"] += hit
+    online_events.append((event.source, recommendation.model_version, hit))
 
 
 def user_writes(

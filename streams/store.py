@@ -1,4 +1,5 @@
-"""Redis state: one small interface, two commands per micro-batch (a read script, a write script).
+"""Redis state: one small interface, a read and a write per micro-batch, on one Redis or on
+Redis Cluster.
 
 Key layout (pinned by tests/streams/test_store.py; change it only with a migration):
 
@@ -17,7 +18,10 @@ Key layout (pinned by tests/streams/test_store.py; change it only with a migrati
     {prefix}:popularity:epoch_ms       reference time of the popularity weights
     {prefix}:online                    hash: "events:<version>", "hits:<version>" counters of
                                        events that were in the recommendation made before them
-    Both per-user keys expire after state_ttl_seconds without events.
+    {prefix}:counted                   Redis Cluster only: hash "topic/partition" -> highest
+                                       input offset counted into popularity and online
+    Both per-user keys expire after state_ttl_seconds without events. On Redis Cluster the four
+    shared keys are {prefix}:{shared}:popularity and so on: one hash tag puts them in one slot.
 
 The braces around the user id are a Redis Cluster hash tag: everything about one user lives in
 one slot. The write for a batch is one Lua script: Redis runs it without interleaving other
@@ -34,6 +38,10 @@ it holds per user and gets back `false` for each user nobody else wrote since (e
 changes them), and the user's hash and window only where another worker, or a restart, applied
 events since.
 
+On Redis Cluster a script reaches one slot, so the batch becomes one script per user (atomic
+per user, same compare-and-set) plus one for the shared counters, which counts each input event
+once: streams/cluster_io.py says how, and streams/store_io.py holds the one-Redis commands.
+
 Where the parts live: the scripts in streams/lua/ (each with its KEYS/ARGV contract at the top),
 the popularity weights in streams/popularity.py, the per-user cache in streams/user_cache.py,
 the client in streams/redis_client.py.
@@ -44,29 +52,20 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
-import msgpack
 import msgspec
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
+from streams.cluster_io import ClusterScripts
+from streams.events import Source
 from streams.popularity import Decay, popularity_epoch
 from streams.settings import Settings
+from streams.store_io import BatchScripts, Keys, SharedWrite, StoreIO
 from streams.user_cache import CachedUser, UserCache
 from streams.window import ForgetMark, UserState, WindowEntry
-
-
-def lua_script(name: str) -> str:
-    """A script shipped in streams/lua/ as package data, so an installed wheel has it too."""
-    return resources.files("streams").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
-
-
-# Read once, at import: a wheel without its scripts fails here, not at the first batch.
-_REBASE_SCRIPT = lua_script("rebase")
-_READ_SCRIPT = lua_script("read")
-_WRITE_SCRIPT = lua_script("write")
 
 
 class StaleStateError(Exception):
@@ -76,6 +75,8 @@ class StaleStateError(Exception):
 @dataclass(frozen=True, slots=True)
 class KeyLayout:
     prefix: str
+    # On Redis Cluster the shared keys carry one hash tag, so one script reaches them all.
+    cluster: bool = False
 
     def user(self, user_id: str) -> str:
         return f"{self.prefix}:user:{{{user_id}}}"
@@ -84,16 +85,27 @@ class KeyLayout:
         return f"{self.prefix}:window:{{{user_id}}}"
 
     @property
+    def shared_prefix(self) -> str:
+        return f"{self.prefix}:{{shared}}" if self.cluster else self.prefix
+
+    @property
     def popularity(self) -> str:
-        return f"{self.prefix}:popularity"
+        return f"{self.shared_prefix}:popularity"
 
     @property
     def popularity_epoch(self) -> str:
-        return f"{self.prefix}:popularity:epoch_ms"
+        return f"{self.shared_prefix}:popularity:epoch_ms"
 
     @property
     def online(self) -> str:
-        return f"{self.prefix}:online"
+        return f"{self.shared_prefix}:online"
+
+    @property
+    def counted(self) -> str:
+        return f"{self.shared_prefix}:counted"
+
+    def io_keys(self) -> Keys:
+        return Keys(self.popularity, self.popularity_epoch, self.online, self.counted)
 
 
 @dataclass(slots=True)
@@ -148,12 +160,6 @@ def decode_window(entries: Sequence[bytes]) -> list[WindowEntry]:
 
 def encode_offsets(offsets: Mapping[str, int]) -> bytes:
     return orjson.dumps(dict(sorted(offsets.items())))
-
-
-def _pack_for_lua(value: object) -> bytes:
-    """MessagePack as Redis's Lua cmsgpack reads it: it predates the bin type, so bytes go as
-    (raw) strings, which Lua strings hold byte for byte."""
-    return msgpack.packb(value, use_bin_type=False)
 
 
 # The prior signature of a user a forget request wiped: no cached state matches it.
@@ -223,37 +229,68 @@ def _for_batch(entry: CachedUser) -> StoredUser:
     )
 
 
-class StateStore:
-    """Per-user windows, vectors and shared popularity in Redis."""
+def _source_key(source: Source) -> str:
+    return f"{source.topic}/{source.partition}"  # as in the users' offsets JSON
 
-    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+
+def _online_events(events: Sequence[tuple[Source, str, bool]]) -> list[tuple[str, int, str, int]]:
+    """(partition, offset, counter, increment): each online event's two counters."""
+    out = []
+    for source, version, hit in events:
+        key, offset = _source_key(source), source.offset
+        out += [(key, offset, f"events:{version}", 1), (key, offset, f"hits:{version}", int(hit))]
+    return out
+
+
+def _user_values(write: UserWrite, offsets: bytes) -> tuple[Any, ...]:
+    """The 11 values of one user's write (streams/lua/write.lua)."""
+    entries = write.state.window if write.replace else write.new_entries
+    return (
+        write.read_offsets or b"",
+        "replace" if write.replace else "append",
+        [encode_entry(entry) for entry in entries],
+        len(write.state.window),
+        offsets,
+        write.vector if write.vector is not None else b"",
+        write.memory if write.memory is not None else b"",
+        write.model_version or "",
+        orjson.dumps(write.recs) if write.recs is not None else b"",
+        "1" if write.wipe else "",
+        _mark_arg(write),
+    )
+
+
+class StateStore:
+    """Per-user windows, vectors and shared popularity in Redis: one Redis (`BatchScripts`)
+    or Redis Cluster (`ClusterScripts`), chosen by the client it is given."""
+
+    def __init__(self, client: aioredis.Redis | RedisCluster, settings: Settings) -> None:
         self.client = client
-        self.keys = KeyLayout(settings.redis_key_prefix)
+        cluster = isinstance(client, RedisCluster)
+        self.keys = KeyLayout(settings.redis_key_prefix, cluster=cluster)
         self.ttl_ms = settings.state_ttl_seconds * 1000
         self._decay = Decay(settings.popularity_half_life_seconds * 1000)
-        self._rebase = client.register_script(_REBASE_SCRIPT)
-        self._read = client.register_script(_READ_SCRIPT)
-        self._write = client.register_script(_WRITE_SCRIPT)
+        keys = self.keys.io_keys()
+        self._io: StoreIO = ClusterScripts(client, keys) if cluster else BatchScripts(client, keys)
         self._cache = UserCache(settings.window_cache_users)
 
+    def _user_keys(self, user_ids: Iterable[str]) -> list[tuple[str, str]]:
+        return [(self.keys.user(u), self.keys.window(u)) for u in user_ids]
+
     async def read_batch(self, user_ids: Iterable[str], popular_n: int) -> BatchRead:
-        """One command: every user's state plus the current popular items."""
+        """Every user's state plus the current popular items (one command on one Redis)."""
         ids = list(dict.fromkeys(user_ids))
-        keys = [self.keys.popularity, self.keys.popularity_epoch]
-        for user_id in ids:
-            keys += [self.keys.user(user_id), self.keys.window(user_id)]
         cache = self._cache
-        # The copies the offsets are sent for, kept here: while the script runs, a commit of
+        # The copies the offsets are sent for, kept here: while the read runs, a commit of
         # the batch before (or a put below) may evict them from the cache, and a `false`
         # answer is about these copies (cached entries are never changed, only replaced).
         held = [cache.peek(user_id) for user_id in ids]
-        args = [popular_n, *(entry.raw_offsets if entry else b"" for entry in held)]
-        result = await self._read(keys=keys, args=args)
-        flat, epoch = result[0], result[1]
+        offsets = [entry.raw_offsets if entry else b"" for entry in held]
+        flat, epoch, rows = await self._io.read(self._user_keys(ids), offsets, popular_n)
         popular = [(flat[i].decode(), float(flat[i + 1])) for i in range(0, len(flat), 2)]
         users: dict[str, StoredUser] = {}
-        for user_id, entry, row in zip(ids, held, result[2:], strict=True):
-            if row is None:  # Lua false: the copy held is current (only sent offsets match)
+        for user_id, entry, row in zip(ids, held, rows, strict=True):
+            if row is None:  # the copy held is current (only sent offsets match)
                 assert entry is not None
                 cache.touch(user_id)
             else:
@@ -278,54 +315,53 @@ class StateStore:
         item_timestamps: Iterable[tuple[str, int]],
         popularity_epoch_ms: int | None,
         online: Mapping[str, int] | None = None,
+        item_sources: Sequence[Source] = (),
+        online_events: Sequence[tuple[Source, str, bool]] = (),
     ) -> None:
-        """One atomic script: all users' new state, popularity increments of new events and
-        the online hit-rate counters (`online`: field -> increment)."""
+        """All users' new state, popularity increments of new events and the online hit-rate
+        counters (`online`: field -> increment): one atomic script on one Redis, atomic per
+        user on Redis Cluster. ``item_sources`` (one per item timestamp) and
+        ``online_events`` (source, model version, hit) say where each count came from: Redis
+        Cluster counts each input event once with them."""
         item_timestamps = list(item_timestamps)
         epoch = popularity_epoch(popularity_epoch_ms, item_timestamps)
         if epoch is not None:
             epoch = await self._rebase_if_due(epoch, item_timestamps)
         increments = {} if epoch is None else self._decay.increments(item_timestamps, epoch)
-        online = dict(online or {})
-        keys = [self.keys.popularity, self.keys.popularity_epoch, self.keys.online]
-        args: list[bytes | str | int | float] = [
-            self.ttl_ms,
-            int(time.time() * 1000),
-            "" if epoch is None else epoch,
-            len(increments),
-            len(online),
-        ]
-        for item_id, weight in increments.items():
-            args += [item_id, repr(weight)]
-        for name, increment in online.items():
-            args += [name, increment]
+        shared = SharedWrite(epoch, increments, dict(online or {}))
+        if self._io.per_event:
+            shared = SharedWrite(
+                epoch,
+                increments,
+                shared.online,
+                self._item_events(epoch, item_timestamps, item_sources),
+                _online_events(online_events),
+            )
         signatures: dict[str, bytes] = {}
         users: list[tuple[Any, ...]] = []
         for user_id, write in writes.items():
-            keys += [self.keys.user(user_id), self.keys.window(user_id)]
-            entries = write.state.window if write.replace else write.new_entries
             offsets = write.offsets_json or encode_offsets(write.state.offsets)
             signatures[user_id] = offsets
-            users.append(
-                (
-                    write.read_offsets or b"",
-                    "replace" if write.replace else "append",
-                    [encode_entry(entry) for entry in entries],
-                    len(write.state.window),
-                    offsets,
-                    write.vector if write.vector is not None else b"",
-                    write.memory if write.memory is not None else b"",
-                    write.model_version or "",
-                    orjson.dumps(write.recs) if write.recs is not None else b"",
-                    "1" if write.wipe else "",
-                    _mark_arg(write),
-                )
-            )
-        args.append(_pack_for_lua(users))
-        if not await self._write(keys=keys, args=args):
+            users.append(_user_values(write, offsets))
+        now_ms = int(time.time() * 1000)
+        if not await self._io.write(shared, self._user_keys(writes), users, self.ttl_ms, now_ms):
             raise StaleStateError("state changed since this batch read it; retrying the batch")
         for user_id, write in writes.items():
             self._cache.after_write(user_id, signatures[user_id], write)
+
+    def _item_events(
+        self, epoch: int | None, item_timestamps: list[tuple[str, int]], sources: Sequence[Source]
+    ) -> list[tuple[str, int, str, str]]:
+        """(partition, offset, item, weight) per new event."""
+        if epoch is None:
+            return []
+        if len(sources) != len(item_timestamps):
+            raise ValueError("Redis Cluster needs the source of every new item")
+        weights = self._decay.weights(item_timestamps, epoch)
+        return [
+            (_source_key(source), source.offset, item, repr(weight))
+            for source, (item, weight) in zip(sources, weights, strict=True)
+        ]
 
     async def _rebase_if_due(self, epoch: int, item_timestamps: list[tuple[str, int]]) -> int:
         """The epoch to write these events against, rebasing the stored scores first where
@@ -333,10 +369,7 @@ class StateStore:
         new_epoch = self._decay.rebase_epoch(epoch, item_timestamps)
         if new_epoch is None:
             return epoch
-        await self._rebase(
-            keys=[self.keys.popularity, self.keys.popularity_epoch],
-            args=[new_epoch, repr(self._decay.half_life_ms)],
-        )
+        await self._io.rebase(new_epoch, self._decay.half_life_ms)
         return new_epoch
 
     def drop_cache(self) -> None:

@@ -1,4 +1,5 @@
 -- A batch's write: every user's new state, popularity increments and online counters, atomic.
+-- Runs with user_write.lua prepended (write_user).
 -- KEYS[1] popularity zset, KEYS[2] popularity epoch, KEYS[3] online counters hash, then per
 -- user (hash, window list).
 -- ARGV[1] ttl_ms, ARGV[2] now_ms, ARGV[3] the epoch the weights are relative to ("" = none),
@@ -37,40 +38,6 @@ for i = 1, n_online do
   a = a + 2
 end
 for u = 1, #users do
-  local hash, list, user = KEYS[2 * u + 2], KEYS[2 * u + 3], users[u]
-  if user[2] == 'replace' then redis.call('DEL', list) end
-  local entries = user[3]
-  local length = -1  -- unknown
-  for i = 1, #entries, 1000 do  -- unpack() fails past ~8000 values
-    length = redis.call('RPUSH', list, unpack(entries, i, math.min(i + 999, #entries)))
-  end
-  local keep = user[4]
-  if keep <= 0 then
-    redis.call('DEL', list)
-  elseif length < 0 or length > keep then
-    redis.call('LTRIM', list, -keep, -1)
-  end
-  if user[10] == '1' then redis.call('HDEL', hash, 'vector', 'memory', 'model_version', 'recs') end
-  -- One HSET per user: each redis.call costs the script more than the command itself.
-  local fields = {'offsets', user[5], 'updated_ms', now}
-  if user[6] ~= '' then
-    fields[5], fields[6] = 'vector', user[6]
-    fields[7], fields[8] = 'memory', user[7]
-    fields[9], fields[10] = 'model_version', user[8]
-  end
-  if user[9] ~= '' then
-    fields[#fields + 1] = 'recs'
-    fields[#fields + 1] = user[9]
-  end
-  if user[11] ~= '' and user[11] ~= '-' then
-    fields[#fields + 1] = 'forget'
-    fields[#fields + 1] = user[11]
-  end
-  redis.call('HSET', hash, unpack(fields))
-  if user[11] == '-' then redis.call('HDEL', hash, 'forget') end
-  if ttl > 0 then
-    redis.call('PEXPIRE', hash, ttl)
-    if keep > 0 then redis.call('PEXPIRE', list, ttl) end
-  end
+  write_user(KEYS[2 * u + 2], KEYS[2 * u + 3], users[u], ttl, now)
 end
 return 1
