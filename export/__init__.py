@@ -4,7 +4,7 @@ Modules, lowest first (each imports only those above it):
 
     bundle_format   the bundle's files, manifest, state and graph names, checksums, verification
     states          EncoderStates: the runtime's per-user state arrays
-    sessions        which ONNX Runtime providers and session options the runtime uses
+    sessions        which ONNX Runtime providers, session options and step form the runtime uses
     slab_attention  the step's attention, in place on the worker's slab (numba)
     scoring         top-k items by dot product with seen items excluded (an ONNX graph)
     staged_step     the worker's step: the stage graphs around the in-place attention
@@ -32,6 +32,8 @@ form is compared with a plain reference by a named test (fast path <- reference:
   tests/export/test_parity.py::test_step_in_place_matches_reference
 * EncoderRuntime.step_rows (staged_step + slab_attention) <- EncoderRuntime.step_in_place:
   tests/export/test_parity.py::test_step_rows_in_place_matches_step_onnx
+* EncoderRuntime.step_rows "graph" (a GPU) <- "staged":
+  tests/export/test_devices.py::test_graph_step_rows_equals_staged
 * slab_attention.attend_in_place <- slab_attention.attend_reference (plain numpy):
   tests/export/test_slab_attention.py::test_kernel_matches_plain_reference
 * scoring.TopKScorer (EncoderRuntime.top_k) <- scoring.top_k_reference:
