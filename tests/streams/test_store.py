@@ -37,6 +37,14 @@ def test_key_layout_is_stable() -> None:
     assert keys.popularity == "is:popularity"
     assert keys.popularity_epoch == "is:popularity:epoch_ms"
     assert keys.online == "is:online"
+    # Redis Cluster: the shared keys in one slot (one hash tag), the users' as on one Redis.
+    cluster = KeyLayout("is", cluster=True)
+    assert cluster.user("alice") == keys.user("alice")
+    assert cluster.window("alice") == keys.window("alice")
+    assert cluster.popularity == "is:{shared}:popularity"
+    assert cluster.popularity_epoch == "is:{shared}:popularity:epoch_ms"
+    assert cluster.online == "is:{shared}:online"
+    assert cluster.counted == "is:{shared}:counted"
 
 
 def test_the_documented_key_layout_is_the_one_used() -> None:
