@@ -213,3 +213,19 @@ def test_a_childs_log_lines_start_with_its_name(caplog: pytest.LogCaptureFixture
     finally:
         logging.setLogRecordFactory(factory)
     assert caplog.messages == ["worker-2: assigned 3 partitions"]
+
+
+def test_more_processes_than_partitions_is_allowed_with_a_warning(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from streams import processes
+
+    started: list[int] = []
+    monkeypatch.setattr(processes, "configure_logging", lambda settings: None)  # keeps caplog's
+    monkeypatch.setattr(
+        processes.Supervisor, "run", lambda self: started.append(len(self.children))
+    )
+    with caplog.at_level(logging.WARNING):
+        processes.run_workers(settings, 5)
+    assert started == [5]
+    assert "5 worker processes for 4 input partitions: 1 will stay idle" in caplog.messages
