@@ -14,7 +14,8 @@ half-started event loop or Kafka client), gives child ``i`` its own metrics/heal
 (INTEREST_METRICS_PORT + i; 0 stays disabled), Kafka client id and log prefix, forwards
 SIGTERM/SIGINT and waits for the children's graceful shutdown. A child that dies unexpectedly
 is restarted after a backoff: its partitions would otherwise move to the others for good, and
-the group would run on fewer processes than asked for.
+the group would run on fewer processes than asked for. A supervisor killed outright (SIGKILL)
+leaves its children running; a container runtime stops them with it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 RESTART_MAX_SECONDS = 30.0
 # A child that ran this long before dying starts the backoff afresh.
 HEALTHY_SECONDS = 60.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def run_workers(settings: Settings, processes: int) -> None:
@@ -56,15 +58,12 @@ def run_workers(settings: Settings, processes: int) -> None:
             processes - partitions,
         )
     supervisor = Supervisor(settings, processes)
-    previous = {sig: signal.signal(sig, supervisor.request_stop) for sig in _STOP_SIGNALS}
+    previous = {sig: signal.signal(sig, supervisor.request_stop) for sig in STOP_SIGNALS}
     try:
         supervisor.run()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def input_partitions(settings: Settings) -> int:
