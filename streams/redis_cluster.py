@@ -27,25 +27,14 @@ def redis_cli() -> str:
     return found
 
 
-def node_argv(redis_bin: str, port: int, bus_port: int, home: Path) -> list[str]:
-    """One cluster node: its own config file and directory, nothing persisted. The bus port
-    is given rather than Redis's port + 10000, which may be taken or past 65535."""
-    folder = home / f"redis-cluster-{port}"
-    folder.mkdir(parents=True, exist_ok=True)
+def server_argv(redis_bin: str, port: int, folder: Path) -> list[str]:
+    """A development redis-server on loopback: nothing persisted, files in ``folder``."""
     return [
         redis_bin,
         "--port",
         str(port),
         "--bind",
         "127.0.0.1",
-        "--cluster-enabled",
-        "yes",
-        "--cluster-port",
-        str(bus_port),
-        "--cluster-config-file",
-        str(folder / "nodes.conf"),
-        "--cluster-node-timeout",
-        "5000",
         "--save",
         "",
         "--appendonly",
@@ -55,6 +44,16 @@ def node_argv(redis_bin: str, port: int, bus_port: int, home: Path) -> list[str]
         "--protected-mode",
         "yes",
     ]
+
+
+def node_argv(redis_bin: str, port: int, bus_port: int, home: Path) -> list[str]:
+    """One cluster node: its own config file and directory. The bus port is given rather than
+    Redis's port + 10000, which may be taken or past 65535."""
+    folder = home / f"redis-cluster-{port}"
+    folder.mkdir(parents=True, exist_ok=True)
+    cluster = ["--cluster-enabled", "yes", "--cluster-port", str(bus_port)]
+    cluster += ["--cluster-config-file", str(folder / "nodes.conf")]
+    return [*server_argv(redis_bin, port, folder), *cluster, "--cluster-node-timeout", "5000"]
 
 
 def create_cluster(ports: list[int]) -> None:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.errors import UserError
-from streams.redis_cluster import MASTERS, create_cluster, node_argv
+from streams.redis_cluster import MASTERS, create_cluster, node_argv, server_argv
 
 READY_TIMEOUT_SECONDS = 20.0
 
@@ -197,7 +197,7 @@ def start_stack(
         if redis_cluster:
             nodes = start_redis_cluster(home, redis_port, redis_bin, redis_log)
         else:
-            nodes = [_spawn(_redis_argv(redis_bin, redis_port, home), redis_log)]
+            nodes = [_spawn(server_argv(redis_bin, redis_port, home), redis_log)]
             _wait_port(redis_port, nodes[0], "redis-server", redis_log)
         processes += nodes
         _wait_port(kafka_port, broker, "broker", broker_log)
@@ -218,24 +218,6 @@ def start_stack(
         raise
     info.write(state_file)
     return info
-
-
-def _redis_argv(redis_bin: str, port: int, home: Path) -> list[str]:
-    return [
-        redis_bin,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(home),
-        "--protected-mode",
-        "yes",
-    ]
 
 
 def start_redis_cluster(
