@@ -14,8 +14,15 @@ One run on a private embedded stack (Tansu + Redis in a temporary home, stopped 
       bounds the batches per second), and for the backlog the CPU time per event of the
       worker, Redis and the broker (from /proc, from the first recommendation on).
 
+With ``--processes 1 2 3`` it runs (d) instead: `interest worker --processes P` for each P in
+turn, each on fresh topics (``--partitions`` each, by default the counts' least common
+multiple, so that every process gets an equal share), a fresh group and fresh Redis keys,
+draining the same backlog of N events; sustained events/s and CPU per event for each P, as a
+table. P = 1 is the plain `interest worker` (no supervisor).
+
     python bench/stream.py [--events 150000] [--naive-events 2000] [--latency-seconds 25]
                            [--latency-rate R] [--worker-without-model]
+    python bench/stream.py --processes 1 2 3 [--events 60000] [--partitions 6]
 
 Events: ../shared/data/ml-1m.txt (SASRec `user item` lines; never committed, and where it is
 missing the bench says so and exits 0) interleaved across users (each user's events in order,
@@ -35,8 +42,10 @@ import contextlib
 import gc
 import itertools
 import json
+import math
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -44,9 +53,12 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:
+    from streams.stack import StackInfo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -186,12 +198,15 @@ def stack_env(home: Path, tag: str, metrics_port: int, model: Path) -> dict[str,
     }
 
 
-def start_worker(env: dict[str, str], log_path: Path, tree: Path = REPO_ROOT) -> subprocess.Popen:
+def start_worker(
+    env: dict[str, str], log_path: Path, tree: Path = REPO_ROOT, processes: int = 1
+) -> subprocess.Popen:
     """`interest worker` of the checkout ``tree`` as a child process, its output to
-    ``log_path``."""
+    ``log_path``; with ``processes`` > 1 the supervisor of that many workers."""
+    scale = ["--processes", str(processes)] if processes > 1 else []
     with log_path.open("wb") as log:  # the child holds its own copy of the descriptor
         return subprocess.Popen(
-            [sys.executable, "-c", "from interest.cli import main; main()", "worker"],
+            [sys.executable, "-c", "from interest.cli import main; main()", "worker", *scale],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -318,9 +333,10 @@ def _cpu_of(pids: dict[str, int]) -> dict[str, float]:
 
 
 def wait_recommended(
-    port: int, n: int, timeout: float, worker: subprocess.Popen, pids: dict[str, int]
+    ports: list[int], n: int, timeout: float, worker: subprocess.Popen, pids: dict[str, int]
 ) -> dict[str, float]:
-    """Wait until the worker has published n recommendations (its own committed count);
+    """Wait until the worker (the workers on ``ports``, summed) has published n recommendations
+    (its own committed count);
     return the CPU seconds per event each of ``pids`` (and its children) used meanwhile,
     counted from the first recommendation (startup and the group join left out).
 
@@ -334,7 +350,9 @@ def wait_recommended(
         if worker.poll() is not None:
             raise RuntimeError(f"worker exited with {worker.returncode}")
         with contextlib.suppress(OSError):  # the endpoint is up once the worker has started
-            total = worker_metrics(port).get("interest_recommendations_total", 0.0)
+            total = sum(
+                worker_metrics(port).get("interest_recommendations_total", 0.0) for port in ports
+            )
             if first is None and total > 0:
                 first = (total, {name: cpu_seconds(pid) for name, pid in pids.items()})
             if total >= n:
@@ -490,7 +508,8 @@ def percentiles(values: list[float]) -> list[float]:
 
 
 def worker_metrics(port: int) -> dict[str, float]:
-    """Batch sums and counts and recommendations (all sources) from the worker's /metrics."""
+    """Batch sums and counts, recommendations (all sources) and assigned partitions (per
+    topic) from the worker's /metrics."""
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -501,7 +520,13 @@ def worker_metrics(port: int) -> dict[str, float]:
             "interest_batch_seconds_sum",
             "interest_batch_seconds_count",
             "interest_batch_size_sum",
-        ) or name.startswith(("interest_stage_seconds_sum{", "interest_stage_seconds_count{")):
+        ) or name.startswith(
+            (
+                "interest_stage_seconds_sum{",
+                "interest_stage_seconds_count{",
+                "interest_assigned_partitions{",
+            )
+        ):
             out[name] = float(value)
         elif name.startswith("interest_recommendations_total{"):
             out["interest_recommendations_total"] = out.get(
@@ -528,6 +553,119 @@ def format_stages(stages: dict[str, float]) -> str:
     return ", ".join(f"{stage} {ms:,.1f}" for stage, ms in stages.items())
 
 
+def free_ports(n: int) -> int:
+    """The first of ``n`` consecutive free ports (worker i of a supervisor serves on base + i)."""
+    from streams.stack import free_port
+
+    def free(port: int) -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) != 0
+
+    while True:
+        base = free_port()
+        if base + n < 65536 and all(free(base + i) for i in range(1, n)):
+            return base
+
+
+def scale_out(
+    counts: list[int],
+    partitions: int,
+    backlog: list[tuple[str, str, int]],
+    bundle: Path | None,
+    workdir: Path,
+) -> None:
+    """(d) events/s from a backlog for each process count, on one stack (see the docstring);
+    ``bundle`` None runs the popularity baseline."""
+    from streams.stack import start_stack, stop_stack
+
+    home = Path(tempfile.mkdtemp(prefix="interest-bench-home-"))
+    rows = []
+    try:
+        info = start_stack(home)
+        print(f"stack: {info.bootstrap_servers} {info.redis_url}; bundle {bundle}", flush=True)
+        for count in counts:
+            rows.append(scale_point(info, home, count, partitions, backlog, bundle, workdir))
+    finally:
+        stop_stack(home)
+        shutil.rmtree(home, ignore_errors=True)
+    print(
+        f"\n(d) {len(backlog):,} events, {partitions} partitions, {os.cpu_count()} cores\n"
+        "processes | events/s first->last | middle 80% | x first row | CPU us/event"
+        " worker / redis / broker | partitions per process"
+    )
+    for row in rows:
+        cpu = row["cpu_us_per_event"]
+        print(
+            f"{row['processes']} | {row['eps']:,} | {row['eps_middle80']:,}"
+            f" | {row['eps'] / rows[0]['eps']:.2f} | {cpu['worker']} / {cpu['redis']} /"
+            f" {cpu['broker']} | {'/'.join(map(str, row['split']))}",
+            flush=True,
+        )
+    print("SUMMARY " + json.dumps({"events": len(backlog), "partitions": partitions, "rows": rows}))
+
+
+def scale_point(
+    info: StackInfo,
+    home: Path,
+    count: int,
+    partitions: int,
+    backlog: list[tuple[str, str, int]],
+    bundle: Path | None,
+    workdir: Path,
+) -> dict[str, Any]:
+    """`interest worker --processes count` over the backlog on fresh topics, group and keys."""
+    from streams.settings import Settings
+    from streams.stack import stop_process
+    from streams.topics import ensure_topics
+
+    tag = f"p{count}{uuid.uuid4().hex[:6]}"
+    base = free_ports(count)
+    env = {
+        **stack_env(home, tag, base, bundle or Path()),
+        "INTEREST_TOPIC_PARTITIONS": str(partitions),
+    }
+    os.environ.update(env)  # for Settings() here and the worker
+    if bundle is None:  # the popularity baseline
+        del os.environ["INTEREST_MODEL"]
+    settings = Settings()
+    ensure_topics(settings)
+    n = len(backlog)
+    secs = asyncio.run(produce(info.bootstrap_servers, settings.topic_clicks, backlog, tag))
+    print(f"(d) {count} process(es): produced {n:,} events in {secs:.1f}s", flush=True)
+    ports = [base + i for i in range(count)]
+    log_path = workdir / f"worker-p{count}.log"
+    worker = start_worker(dict(os.environ), log_path, processes=count)
+    try:
+        pids = {"worker": worker.pid, "redis": info.redis_pid, "broker": info.broker_pid}
+        cpu = wait_recommended(ports, n, timeout=max(600, n / 500), worker=worker, pids=pids)
+        split = [
+            int(
+                worker_metrics(port).get(
+                    f'interest_assigned_partitions{{topic="{settings.topic_clicks}"}}', 0
+                )
+            )
+            for port in ports
+        ]
+    finally:
+        stop_process(worker)
+    rate, rate_mid, n_recs = asyncio.run(
+        backlog_rate(info.bootstrap_servers, settings.topic_recommendations, n)
+    )
+    print(
+        f"(d) {count} process(es): {rate:,.0f} events/s first->last over {n_recs:,}"
+        f" recommendations (middle 80%: {rate_mid:,.0f}/s); partitions per process {split}",
+        flush=True,
+    )
+    return {
+        "processes": count,
+        "eps": round(rate),
+        "eps_middle80": round(rate_mid),
+        "recommendations": n_recs,
+        "split": split,
+        "cpu_us_per_event": {name: round(1e6 * sec) for name, sec in cpu.items()},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=150_000, help="backlog size for (a) and (c)")
@@ -545,6 +683,19 @@ def main() -> None:
     )
     ap.add_argument("--keep-worker-log", action="store_true")
     ap.add_argument(
+        "--processes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="(d) only: backlog events/s of `interest worker --processes P` for each P",
+    )
+    ap.add_argument(
+        "--partitions",
+        type=int,
+        default=None,
+        help="(d): input partitions (default: the least common multiple of --processes)",
+    )
+    ap.add_argument(
         "--worker-without-model",
         action="store_true",
         help="(c) without INTEREST_MODEL (the popularity baseline): what the rest of the "
@@ -561,6 +712,13 @@ def main() -> None:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     bundle = find_bundle(args.workdir, args.model)
+    if args.processes:
+        if min(args.processes) < 1:
+            ap.error("--processes takes counts of at least 1")
+        partitions = args.partitions or math.lcm(*args.processes)
+        model = None if args.worker_without_model else bundle
+        scale_out(args.processes, partitions, load_events(DATA, args.events), model, args.workdir)
+        return
     n_lat_max = int(args.latency_seconds * 20_000)
     events = load_events(DATA, args.events + n_lat_max)
     backlog, later = events[: args.events], events[args.events :]
@@ -618,7 +776,9 @@ def main() -> None:
             flush=True,
         )
         pids = {"worker": worker.pid, "redis": info.redis_pid, "broker": info.broker_pid}
-        cpu = wait_recommended(metrics_port, n, timeout=max(600, n / 500), worker=worker, pids=pids)
+        cpu = wait_recommended(
+            [metrics_port], n, timeout=max(600, n / 500), worker=worker, pids=pids
+        )
         rate, rate_mid, n_recs = asyncio.run(backlog_rate(bootstrap, recs, n))
         print(
             f"(c) worker sustained: {rate:,.0f} events/s first->last over {n_recs:,} "
