@@ -448,6 +448,33 @@ def export_(
     print(export_bundle(model_dir=model, out=out))
 
 
+@app.command("catalogue")
+def catalogue_(
+    catalogue: Annotated[
+        Path,
+        typer.Option(
+            help="items and their text: JSONL {item_id, text, ...}, MovieLens movies.dat or "
+            "item_id<TAB>text"
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="content vectors file to write (INTEREST_CATALOGUE)")],
+    item_map: Annotated[
+        Path | None,
+        typer.Option(help="lines 'log_item_id catalogue_id' where the catalogue's ids differ"),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="model directory: fit its content map (then `interest export` it)"),
+    ] = None,
+) -> None:
+    """Embed every catalogue item's text with the packaged sentence model; with --model, fit
+    the map from content to that model's item space, so items it never saw can be ranked."""
+    from encoder.catalogue_build import build_catalogue
+
+    summary = build_catalogue(catalogue, out, item_map, model)
+    print(json.dumps(summary, sort_keys=True))
+
+
 def main() -> None:
     try:
         app()
