@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     # same re-ranking `interest evaluate --popularity-penalty` measures (encoder/popularity.py):
     # 0 ranks as trained; larger values recommend more of the long tail at some accuracy.
     popularity_penalty: float = Field(default=0.0, ge=0, le=100)
+    # Content vectors of the item catalogue (`interest catalogue --out`): items the model does
+    # not know are ranked through the bundle's content map (streams/catalogue.py). Re-read
+    # when the file changes, checked every model_poll_seconds.
+    catalogue: Path | None = None
     # Recommended item slots the worker's popularity-bias gauges look back over
     # (interest_recommendation_coverage, interest_recommendation_long_tail_share).
     exposure_window: int = Field(default=50_000, ge=100)
