@@ -2,7 +2,8 @@
 
 The bundle's files, manifest and checksums are export/bundle_format.py's; this module makes
 them: the ONNX graphs traced from export/graphs.py's wrappers, the item vocabulary and
-embeddings, the attention biases, then the sealed manifest.
+embeddings, the attention biases, the content map when the model directory has one
+(`interest catalogue --model`), then the sealed manifest.
 
 Why two graphs: a user the worker has not cached is rebuilt from the Redis window with
 full.onnx (exact from the last ``receptive_field`` events plus the persisted memory); every later
@@ -25,11 +26,13 @@ import numpy as np
 import torch
 
 from common.errors import UserError
+from encoder.content_map import MODEL_DIR_FILE, ContentMap, load_content_map
 from encoder.features import EVENT_TYPES
 from encoder.model import EncoderConfig, InterestEncoder
 from encoder.popularity import VOCAB_COUNTS_KEY, counts_from_vocab
 from export.bundle_format import (
     ATTENTION_BIAS_FILE,
+    CONTENT_MAP_FILE,
     FULL_GRAPH_FILE,
     FULL_INPUTS,
     ITEM_COUNTS_FILE,
@@ -394,6 +397,33 @@ def _maxdiff(ref: torch.Tensor, got: np.ndarray) -> float:
     return float(np.max(np.abs(ref.numpy().astype(np.float64) - got.astype(np.float64))))
 
 
+def write_content_map(model_dir: Path, d_model: int, out_dir: Path) -> dict[str, Any] | None:
+    """The model directory's content map into the bundle; its manifest description, or None
+    when the directory has none."""
+    try:
+        content_map: ContentMap | None = load_content_map(model_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(
+            f"{model_dir}/{MODEL_DIR_FILE}: {exc}; fit it again with"
+            f" `interest catalogue --model {model_dir}`"
+        ) from None
+    if content_map is None:
+        return None
+    if content_map.weights.shape[1] != d_model:
+        raise UserError(
+            f"{model_dir}/{MODEL_DIR_FILE} maps to {content_map.weights.shape[1]} dimensions, the"
+            f" model has {d_model}: fit it again with `interest catalogue --model {model_dir}`"
+        )
+    np.save(out_dir / CONTENT_MAP_FILE, content_map.weights, allow_pickle=False)
+    return {
+        "encoder": content_map.encoder,
+        "content_dim": content_map.content_dim,
+        "alpha": content_map.alpha,
+        "items": content_map.items,
+        "cv_r2": round(content_map.cv_r2, 6),
+    }
+
+
 def export_bundle(model_dir: Path, out: Path) -> Path:
     """Export ``model_dir`` (written by ``interest train``) to a bundle directory ``out``.
 
@@ -419,12 +449,14 @@ def export_bundle(model_dir: Path, out: Path) -> Path:
         np.save(tmp / ITEM_EMBEDDINGS_FILE, emb, allow_pickle=False)
         np.save(tmp / ITEM_COUNTS_FILE, counts, allow_pickle=False)
         cfg = model.cfg
+        content_map = write_content_map(model_dir, cfg.d_model, tmp)
         fields = {
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "export_seconds": round(time.perf_counter() - started, 3),
             "source_model": str(model_dir.resolve()),
             "config": cfg.to_dict(),
             "metrics": metrics,
+            "content_map": content_map,
             "receptive_field": cfg.receptive_field,
             "event_types": list(EVENT_TYPES),  # type index order (encoder.features)
             "d_model": cfg.d_model,

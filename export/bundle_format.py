@@ -17,6 +17,9 @@ A bundle is a directory:
     item_embeddings.npy  (n_items + 1, d) float32, row 0 = padding; scores are dot products
     item_counts.npy      (n_items + 1,) int64 training events per item, 0 at the padding: the
                          long-tail split and the popularity penalty (encoder/popularity.py)
+    content_map.npy      (c + 1, d) float32, only in a bundle of a model with a content map
+                         (encoder/content_map.py): content vector -> item embedding, the last
+                         row the bias; the manifest's ``content_map`` names its content space
     manifest.json        everything below, sealed by its own sha256
 
 The state passed between the graphs (one row per user, names in ``state_names`` order):
@@ -28,8 +31,9 @@ The state passed between the graphs (one row per user, names in ``state_names`` 
                                           next one is written
 
 The manifest (JSON, keys sorted) holds ``MANIFEST_KEYS``: the format, the model's config and
-training metrics, the state layout (name, dtype, shape with -1 for the user axis, slot_axis
-of the caches), each graph's file and input/output names, the ONNX-vs-torch parity measured at
+training metrics, the content map's description (null without one: ``content_map_info``),
+the state layout (name, dtype, shape with -1 for the user axis, slot_axis of the caches),
+each graph's file and input/output names, the ONNX-vs-torch parity measured at
 export, and ``files``: the sha256 of every other file. ``version`` is a hash of those
 checksums (equal content, equal version: the worker's cache keys use it), and
 ``manifest_sha256`` the hash of the manifest without itself. ``verify_bundle`` checks all of
@@ -45,8 +49,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-# 2: ring-buffer step state; 3: the step's stages and attention biases; 4: item counts
-BUNDLE_FORMAT = "interest-bundle/4"
+# 2: ring-buffer step state; 3: the step's stages and attention biases; 4: item counts;
+# 5: the content map
+BUNDLE_FORMAT = "interest-bundle/5"
 
 MANIFEST = "manifest.json"
 FULL_GRAPH_FILE = "full.onnx"
@@ -55,6 +60,7 @@ ITEMS_FILE = "items.json"
 ITEM_EMBEDDINGS_FILE = "item_embeddings.npy"
 ATTENTION_BIAS_FILE = "attention_bias.npy"
 ITEM_COUNTS_FILE = "item_counts.npy"
+CONTENT_MAP_FILE = "content_map.npy"
 
 MANIFEST_KEYS = frozenset(
     {
@@ -67,6 +73,7 @@ MANIFEST_KEYS = frozenset(
         "source_model",
         "config",
         "metrics",
+        "content_map",
         "receptive_field",
         "event_types",
         "d_model",
@@ -100,10 +107,11 @@ def stage_files(n_layers: int) -> list[str]:
     return [f"step_stage_{index}.onnx" for index in range(n_layers + 1)]
 
 
-def bundle_files(n_layers: int) -> list[str]:
+def bundle_files(n_layers: int, content_map: bool = False) -> list[str]:
     """Every file a bundle of an ``n_layers`` model holds besides the manifest, sorted."""
     fixed = [FULL_GRAPH_FILE, STEP_GRAPH_FILE, ITEMS_FILE, ITEM_EMBEDDINGS_FILE, ITEM_COUNTS_FILE]
-    return sorted([*fixed, ATTENTION_BIAS_FILE, *stage_files(n_layers)])
+    optional = [CONTENT_MAP_FILE] if content_map else []
+    return sorted([*fixed, *optional, ATTENTION_BIAS_FILE, *stage_files(n_layers)])
 
 
 def state_names(n_layers: int) -> list[str]:
@@ -232,8 +240,16 @@ def stage_files_listed(manifest: dict[str, Any]) -> list[str]:
     return [stage["file"] for stage in manifest["graphs"].get("stages", [])]
 
 
+def content_map_info(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest's description of the bundle's content map (``encoder``: the sentence
+    model whose space it maps from, ``content_dim``, and how it was fitted); None without one."""
+    info = manifest.get("content_map")
+    return info if isinstance(info, dict) else None
+
+
 def _opened_files(manifest: dict[str, Any]) -> list[str]:
     """The files the runtime opens, the stages as the manifest lists them."""
     stages = stage_files_listed(manifest)
     fixed = [FULL_GRAPH_FILE, STEP_GRAPH_FILE, ITEMS_FILE, ITEM_EMBEDDINGS_FILE, ITEM_COUNTS_FILE]
-    return [*fixed, ATTENTION_BIAS_FILE, *stages]
+    optional = [CONTENT_MAP_FILE] if content_map_info(manifest) is not None else []
+    return [*fixed, *optional, ATTENTION_BIAS_FILE, *stages]

@@ -16,6 +16,10 @@ over users; one row per user):
     rt.ids_of(top[b])                           # model indices -> item ids
     persist(states.memory)                      # (B, d): what rebuild() needs besides the window
 
+Items the model does not know can still be ranked when the bundle has a content map:
+``rt.project(content_vectors)`` gives them embeddings, and ``rt.scorer_with(embeddings)`` a
+top-k scorer over the model's items and those after them (streams/catalogue.py).
+
 ``step`` (a copy, users with an UNKNOWN item skipped) and ``step_in_place`` (step.onnx) do the
 same step as ``step_rows`` and are its references. Inputs are the model's: item indices
 (0 = padding, 1..n_items = ``rt.item_ids[i]``), event type indices in ``rt.event_types`` order,
@@ -45,8 +49,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from encoder.content_map import project
 from encoder.popularity import popularity_bias
 from export.bundle_format import (
+    CONTENT_MAP_FILE,
     FULL_GRAPH_FILE,
     ITEM_COUNTS_FILE,
     ITEM_EMBEDDINGS_FILE,
@@ -54,6 +60,7 @@ from export.bundle_format import (
     RING_STATE,
     STEP_GRAPH_FILE,
     BundleError,
+    content_map_info,
     stage_files_listed,
     verify_bundle,
 )
@@ -104,6 +111,8 @@ class EncoderRuntime:
         scorer: TopKScorer,
         staged: StagedStep | None,
         item_counts: np.ndarray,
+        score_bias: np.ndarray | None = None,
+        content_map: np.ndarray | None = None,
     ) -> None:
         self.path = path
         self.manifest = manifest
@@ -127,6 +136,10 @@ class EncoderRuntime:
         self._index = {item: i for i, item in enumerate(item_ids) if item is not None}
         self.item_embeddings = item_embeddings  # (n_items + 1, d) float32, row 0 = padding
         self.item_counts = item_counts  # (n_items + 1,) int64 training events, 0 = padding
+        self.score_bias = score_bias  # (n_items + 1,) the popularity penalty's, or None
+        # (c + 1, d) content vector -> item embedding (encoder/content_map.py), or None; the
+        # sentence model of its content space is content_map_info(manifest)["encoder"]
+        self.content_map = content_map
         self._full = full
         self._step = step
         self._scorer = scorer
@@ -175,6 +188,7 @@ class EncoderRuntime:
         if counts.shape != (len(item_ids),):
             raise BundleError(f"{path}: {ITEM_COUNTS_FILE} is {counts.shape}, not one per item")
         bias = popularity_bias(counts, popularity_penalty) if popularity_penalty else None
+        content_map = _load_content_map(path, manifest)
         providers = choose_providers(device)
         so = session_options(intra_op_threads, spin)
         try:
@@ -194,7 +208,9 @@ class EncoderRuntime:
             raise BundleError(f"{path}: cannot load ONNX graph: {exc}") from exc
         try:
             # runs full.onnx once
-            rt = cls(path, manifest, item_ids, emb, full, step, scorer, staged, counts)
+            rt = cls(
+                path, manifest, item_ids, emb, full, step, scorer, staged, counts, bias, content_map
+            )
         except Exception as exc:
             raise BundleError(f"{path}: full.onnx does not run: {exc}") from exc
         if providers[0] != rt.provider:
@@ -392,6 +408,30 @@ class EncoderRuntime:
         """
         return self._scorer.top_k(vectors, k, exclude)
 
+    def project(self, content: np.ndarray) -> np.ndarray:
+        """(N, c) content vectors -> (N, d) item embeddings through the bundle's content map;
+        ValueError when the bundle has none or the vectors are of another size."""
+        if self.content_map is None:
+            raise ValueError(f"{self.path}: the bundle has no content map")
+        if content.ndim != 2 or content.shape[1] != self.content_map.shape[0] - 1:
+            raise ValueError(
+                f"content vectors of shape {content.shape}, the content map takes "
+                f"{self.content_map.shape[0] - 1} dimensions"
+            )
+        return project(self.content_map, content)
+
+    def scorer_with(self, extra_embeddings: np.ndarray) -> TopKScorer:
+        """A top-k scorer (``TopKScorer.top_k``, as ``top_k``) over the model's items and then
+        ``extra_embeddings`` (M, d): indices n_items + 1 .. n_items + M are those rows. Same
+        sessions' options and provider; under the popularity penalty an extra item counts as
+        one with no training events, which leaves its score as it is."""
+        table = np.concatenate([self.item_embeddings, np.asarray(extra_embeddings, np.float32)])
+        bias = None
+        if self.score_bias is not None:
+            bias = np.concatenate([self.score_bias, np.zeros(len(extra_embeddings), np.float32)])
+        session = self._scorer.session
+        return TopKScorer(table, session.get_session_options(), session.get_providers(), bias)
+
     def scores(self, vectors: np.ndarray) -> np.ndarray:
         """(B, n_items + 1) dot-product scores, as the model's item_scores()."""
         return np.asarray(vectors, dtype=np.float32) @ self.item_embeddings.T
@@ -423,6 +463,17 @@ class EncoderRuntime:
     def _unpack(self, outs: list[np.ndarray]) -> tuple[np.ndarray, EncoderStates]:
         arrays = dict(zip(self.state_names, outs[1:], strict=True))
         return outs[0], EncoderStates(arrays=arrays, vectors=outs[0])
+
+
+def _load_content_map(path: Path, manifest: dict[str, Any]) -> np.ndarray | None:
+    info = content_map_info(manifest)
+    if info is None:
+        return None
+    weights = np.load(path / CONTENT_MAP_FILE, allow_pickle=False).astype(np.float32)
+    expected = (int(info["content_dim"]) + 1, int(manifest["d_model"]))
+    if weights.shape != expected:
+        raise BundleError(f"{path}: {CONTENT_MAP_FILE} is {weights.shape}, not {expected}")
+    return weights
 
 
 def _has_memory(memory: np.ndarray | Sequence[np.ndarray | None] | None, batch: int) -> np.ndarray:

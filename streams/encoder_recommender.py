@@ -9,8 +9,10 @@ Per micro-batch (``EncoderRecommender.recommend``), for every touched user:
    each user's r-th event in this batch); an event that arrived out of time order is inserted
    into the window and the user is rebuilt from it instead;
 3. the seen items to exclude (streams/seen_items.py), then top-K by dot product, one matrix
-   product for the whole batch (``_recommendations``). A user with no event the model knows
-   (new user, new items only) gets the popularity baseline, marked `source: "popularity"`;
+   product for the whole batch (``_recommendations``), over the model's items and the
+   catalogue's items it does not know (streams/catalogue.py, INTEREST_CATALOGUE). A user with
+   no event the model knows (new user, new items only) gets the popularity baseline, marked
+   `source: "popularity"`;
 4. each user's state and window items go back to the cache, and its vector and memory out as
    the ``ModelUpdate`` persisted beside its window.
 
@@ -20,6 +22,7 @@ Numpy and ONNX Runtime only: this module never imports torch.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -29,6 +32,7 @@ from encoder.features import time_gap_bucket, window_gaps
 from encoder.popularity import long_tail
 from export.explain import memory_with
 from export.runtime import EncoderRuntime, EncoderStates
+from streams.catalogue import CatalogueWatch, ItemTable, seen_extra
 from streams.explain import ModelInputs, explain_window, features
 from streams.exposure import Catalogue, Exposure
 from streams.recommend import (
@@ -53,7 +57,12 @@ class EncoderRecommender:
     source = "encoder"
 
     def __init__(
-        self, runtime: EncoderRuntime, cache_users: int = 10_000, explain_events: int = 0
+        self,
+        runtime: EncoderRuntime,
+        cache_users: int = 10_000,
+        explain_events: int = 0,
+        catalogue: Path | None = None,
+        catalogue_poll_seconds: float = 5.0,
     ) -> None:
         self.runtime = runtime
         # > 0: each recommended item carries the user's events that drove it (streams/explain.py)
@@ -61,7 +70,9 @@ class EncoderRecommender:
         self.inputs = ModelInputs.of(runtime)
         self._empty = runtime.initial_state(1)
         self.cache = StateSlab(self._empty, cache_users)
-        self._item_names = np.array(runtime.item_ids, dtype=object)  # index -> id, 0 -> None
+        # The items ranked: the model's, then the catalogue's it does not know (re-read when
+        # the file changes; each batch takes the table of its start).
+        self.items = CatalogueWatch(runtime, catalogue, catalogue_poll_seconds)
         self.catalogue = Catalogue(runtime.version, long_tail(runtime.item_counts))
         # How the model reads events (a model trained without types/timestamps gets defaults).
         self._type_index = self.inputs.type_index
@@ -141,6 +152,7 @@ class EncoderRecommender:
         items to cache."""
         rt = self.runtime
         requests = batch.requests
+        table = self.items.current()
         row_of = dict(zip(users, rows.tolist(), strict=True))
         others = [u for u in users if u not in cached_items]
         event_items = rt.index_of([r.event.item_id for r in requests])  # once per batch
@@ -149,7 +161,12 @@ class EncoderRecommender:
         prior_items = prior_window_items(rt, users, others, cached_items, batch.prior_windows)
         request_user, rank = request_ranks(requests, users)
         exclude, known = seen_matrix(prior_items, request_user, rank, per_user, event_items)
-        recommendations, exposure = self._recommendations(batch, vectors, exclude, known)
+        extra = seen_extra(
+            table, requests, per_user, users, prior_items, batch.prior_windows, event_items
+        )
+        if extra is not None:  # catalogue items the users met: the model's indices lack them
+            exclude = np.concatenate([exclude, extra], axis=1)
+        recommendations, exposure = self._recommendations(batch, vectors, exclude, known, table)
         if self.explain_events:
             recommendations = self._explained(requests, recommendations, memories)
         final_items = window_items_after(rt, requests, per_user, prior_items, event_items)
@@ -242,14 +259,20 @@ class EncoderRecommender:
         return rebuilt.vectors
 
     def _recommendations(
-        self, batch: Batch, vectors: np.ndarray, exclude: np.ndarray, known: np.ndarray
+        self,
+        batch: Batch,
+        vectors: np.ndarray,
+        exclude: np.ndarray,
+        known: np.ndarray,
+        table: ItemTable,
     ) -> tuple[list[Recommendation], Exposure]:
-        """Top-K of each request's vector with its seen items excluded; the popularity
-        fallback where the model knows none of the user's items yet. With them, every
-        recommended item as a model index (the exposure gauges)."""
+        """Top-K of each request's vector over ``table`` with its seen items excluded; the
+        popularity fallback where the model knows none of the user's items yet. With them,
+        every recommended item as a table index (the exposure gauges count a catalogue item,
+        past the model's, as one outside it: long tail)."""
         version = self.runtime.version
-        top, scores = self.runtime.top_k(vectors, batch.k, exclude=exclude)
-        names = self._item_names[top].tolist()  # (B, k) item ids, None for padding
+        top, scores = table.top_k(vectors, batch.k, exclude=exclude)
+        names = table.names[top].tolist()  # (B, k) item ids, None for padding
         popular_seen: dict[str, set[str]] = {}
         recommendations = []
         for request, is_known, row_names, row_scores in zip(
@@ -275,6 +298,25 @@ class EncoderRecommender:
             items.append(self.runtime.index_of(names))
         return Exposure(self.catalogue, np.concatenate(items))
 
+    def _because(self, request: Request, rec: Recommendation, memory: np.ndarray) -> list[Any]:
+        """What drove each item of an encoder recommendation. A catalogue item (no model
+        index) gets an empty list: the model's leave-one-out scores its own items only."""
+        targets = self.runtime.index_of(rec.item_ids)
+        model_items = targets > 0
+        because: list[Any] = [[] for _ in rec.item_ids]
+        if model_items.any():
+            _, explained = explain_window(
+                self.runtime,
+                self.inputs,
+                request.window,
+                memory,
+                targets[model_items],
+                self.explain_events,
+            )
+            for position, reasons in zip(np.flatnonzero(model_items), explained, strict=True):
+                because[position] = reasons
+        return because
+
     def _explained(
         self,
         requests: Sequence[Request],
@@ -289,15 +331,7 @@ class EncoderRecommender:
             if rec.source != "encoder":
                 because: list[Any] = [POPULAR] * len(rec.item_ids)
             else:
-                targets = self.runtime.index_of(rec.item_ids)
-                _, because = explain_window(
-                    self.runtime,
-                    self.inputs,
-                    request.window,
-                    memories[i],
-                    targets,
-                    self.explain_events,
-                )
+                because = self._because(request, rec, memories[i])
             out.append(msgspec.structs.replace(rec, because=because))
         return out
 

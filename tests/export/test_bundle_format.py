@@ -7,14 +7,21 @@ of format: it needs a new BUNDLE_FORMAT (and these literals updated with it).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 
+from encoder.content_map import ContentMap, save_content_map
+from encoder.model import InterestEncoder
 from export import bundle_format as fmt
+from export.bundle import export_bundle, save_model_dir
+from tests.export.conftest import ITEM_IDS
 
 LAYERS = 2  # the tiny model of conftest.py: 2 layers, 2 heads, d 16, span 5
+CONTENT_DIM = 6
 
 FILES = [
     "attention_bias.npy",
@@ -29,6 +36,7 @@ FILES = [
 ]
 MANIFEST_KEYS = {
     "config",
+    "content_map",
     "created_at",
     "d_model",
     "event_types",
@@ -61,7 +69,7 @@ STATE_NAMES = [s["name"] for s in STATE]
 
 
 def test_format_version() -> None:
-    assert fmt.BUNDLE_FORMAT == "interest-bundle/4"
+    assert fmt.BUNDLE_FORMAT == "interest-bundle/5"
 
 
 def test_exported_bundle_holds_exactly_the_format_files(bundle: Path) -> None:
@@ -71,9 +79,37 @@ def test_exported_bundle_holds_exactly_the_format_files(bundle: Path) -> None:
     assert sorted(manifest["files"]) == FILES
 
 
+def test_a_content_map_is_one_more_file_described_in_the_manifest(
+    model: InterestEncoder, tmp_path: Path
+) -> None:
+    """A model directory with a content map (`interest catalogue --model`) exports it as
+    content_map.npy, listed and checksummed like every file; the manifest names its space."""
+    model_dir = save_model_dir(model, ITEM_IDS, tmp_path / "model")
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(CONTENT_DIM + 1, model.cfg.d_model)).astype(np.float32)
+    save_content_map(model_dir, ContentMap(weights, "a-sentence-model", 1.0, 40, 0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle = export_bundle(model_dir=model_dir, out=tmp_path / "bundle")
+    files = sorted([*FILES, "content_map.npy"])
+    assert fmt.bundle_files(LAYERS, content_map=True) == files
+    manifest = json.loads((bundle / fmt.MANIFEST).read_text())
+    assert sorted(manifest["files"]) == files
+    assert manifest["content_map"] == {
+        "encoder": "a-sentence-model",
+        "content_dim": CONTENT_DIM,
+        "alpha": 1.0,
+        "items": 40,
+        "cv_r2": 0.5,
+    }
+    assert fmt.content_map_info(manifest) == manifest["content_map"]
+    np.testing.assert_array_equal(np.load(bundle / fmt.CONTENT_MAP_FILE), weights)
+
+
 def test_manifest_keys_and_state_layout(bundle: Path) -> None:
     manifest = json.loads((bundle / fmt.MANIFEST).read_text())
     assert set(manifest) == MANIFEST_KEYS == fmt.MANIFEST_KEYS
+    assert manifest["content_map"] is None
     assert manifest["format"] == fmt.BUNDLE_FORMAT
     assert manifest["state"] == STATE
     assert fmt.state_names(LAYERS) == STATE_NAMES
