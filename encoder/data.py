@@ -1,11 +1,16 @@
 """Behaviour logs -> per-user index sequences -> padded tensors for training and evaluation.
 
-Three input formats, picked by file extension:
+Four input formats, picked by file extension (and, for ``.csv``, by the first line):
 
 * ``.jsonl`` / ``.json``: one event per line in the service's event format
   (user_id, item_id, event_type, timestamp as epoch ms or ISO-8601).
-* ``.csv``: a header with user/item/type/timestamp columns (``user_id``, ``item_id``,
-  ``event_type`` are accepted too; type and timestamp are optional).
+* ``.csv`` with a header: user/item/type/timestamp columns (``user_id``, ``item_id``,
+  ``event_type`` are accepted too; type and timestamp are optional; ``category`` or
+  ``category_id`` gives each item a category).
+* ``.csv`` without a header whose first line is ``user,item,category,behavior,timestamp`` with
+  behavior in pv/cart/fav/buy: Alibaba's Taobao UserBehavior log (``USER_BEHAVIOR_TYPES``:
+  pv -> view, cart -> add_to_cart, fav -> favorite, buy -> purchase; timestamps in epoch
+  seconds, as that log has them).
 * anything else: SASRec format, ``user item`` per line, each user's lines in time order. No type
   and no time: every event gets the default type and gap bucket 0 (unknown).
 
@@ -24,7 +29,7 @@ import itertools
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -38,6 +43,12 @@ from encoder.features import (
     event_type_index,
     time_gap_bucket,
 )
+
+# Taobao UserBehavior behaviours -> event types. Why fav gets a type of its own: a favourite is
+# neither a view (it is a deliberate act) nor a cart (no intent to buy now), and the model
+# learns what each type is worth from the data rather than from a guess made here.
+USER_BEHAVIOR_TYPES = {"pv": "view", "cart": "add_to_cart", "fav": "favorite", "buy": "purchase"}
+USER_BEHAVIOR_COLUMNS = "user,item,category,behavior,timestamp"
 
 
 @dataclass
@@ -54,6 +65,8 @@ class Interactions:
     user_ids: list[str]
     item_ids: list[str]  # item index i (1-based) is item_ids[i - 1]
     sequences: list[UserSequence]
+    # Per item (aligned with item_ids), its category, when the log gives one for every item.
+    item_categories: list[str] | None = None
 
     @property
     def n_items(self) -> int:
@@ -89,8 +102,8 @@ def parse_timestamp(value: object) -> float:
     raise ValueError("timestamp must be a number or an ISO-8601 string")
 
 
-# (user, item, type index, epoch seconds or None) per event, in file order
-RawEvent = tuple[str, str, int, float | None]
+# (user, item, type index, epoch seconds or None, item category or None) per event, file order
+RawEvent = tuple[str, str, int, float | None, str | None]
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -105,7 +118,7 @@ def _read_sasrec(path: Path) -> Iterator[RawEvent]:
         parts = line.split()
         if len(parts) != 2:
             raise UserError(f"{path}:{lineno}: expected 'user item', got {line.strip()[:80]!r}")
-        yield parts[0], parts[1], DEFAULT_EVENT_TYPE, None
+        yield parts[0], parts[1], DEFAULT_EVENT_TYPE, None, None
 
 
 def _read_jsonl(path: Path) -> Iterator[RawEvent]:
@@ -123,7 +136,7 @@ def _read_jsonl(path: Path) -> Iterator[RawEvent]:
             raise UserError(f"{path}:{lineno}: missing field {exc.args[0]!r}") from None
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
             raise UserError(f"{path}:{lineno}: {exc}") from None
-        yield str(user), str(item), etype, ts
+        yield str(user), str(item), etype, ts, None
 
 
 _CSV_COLUMNS = {
@@ -131,6 +144,7 @@ _CSV_COLUMNS = {
     "item": ("item", "item_id"),
     "type": ("type", "event_type"),
     "timestamp": ("timestamp", "time", "ts"),
+    "category": ("category", "category_id"),
 }
 
 
@@ -145,7 +159,11 @@ def _read_csv(path: Path) -> Iterator[RawEvent]:
                     col[name] = header.index(a)
                     break
         if "user" not in col or "item" not in col:
-            raise UserError(f"{path}:1: CSV header needs user and item columns, got {header}")
+            raise UserError(
+                f"{path}:1: CSV header needs user and item columns, got {header} (a log "
+                f"without a header must be UserBehavior lines: {USER_BEHAVIOR_COLUMNS}, "
+                "behavior one of pv, cart, fav, buy)"
+            )
         for row in reader:
             lineno = reader.line_num
             if not any(cell.strip() for cell in row):
@@ -157,7 +175,45 @@ def _read_csv(path: Path) -> Iterator[RawEvent]:
                 ts = parse_timestamp(row[col["timestamp"]]) if "timestamp" in col else None
             except ValueError as exc:
                 raise UserError(f"{path}:{lineno}: {exc}") from None
-            yield row[col["user"]].strip(), row[col["item"]].strip(), etype, ts
+            category = (row[col["category"]].strip() or None) if "category" in col else None
+            yield row[col["user"]].strip(), row[col["item"]].strip(), etype, ts, category
+
+
+def _user_behavior_fields(line: str) -> tuple[str, str, str, str, float]:
+    """One UserBehavior line -> (user, item, category, event type, epoch seconds)."""
+    parts = [p.strip() for p in line.rstrip("\r\n").split(",")]
+    if len(parts) != 5:
+        raise ValueError(f"expected 5 columns ({USER_BEHAVIOR_COLUMNS}), got {len(parts)}")
+    user, item, category, behavior, stamp = parts
+    if not user or not item:
+        raise ValueError("empty user or item")
+    if behavior not in USER_BEHAVIOR_TYPES:
+        raise ValueError(f"unknown behavior {behavior!r}, expected one of pv, cart, fav, buy")
+    try:
+        seconds = float(int(stamp))
+    except ValueError:
+        raise ValueError(f"bad timestamp {stamp!r} (epoch seconds)") from None
+    return user, item, category, USER_BEHAVIOR_TYPES[behavior], seconds
+
+
+def is_user_behavior(path: Path) -> bool:
+    """True when the file's first line reads as a UserBehavior event (no header)."""
+    for _, line in _lines(path):
+        try:
+            _user_behavior_fields(line)
+        except ValueError:
+            return False
+        return True
+    return False
+
+
+def _read_user_behavior(path: Path) -> Iterator[RawEvent]:
+    for lineno, line in _lines(path):
+        try:
+            user, item, category, etype, seconds = _user_behavior_fields(line)
+        except ValueError as exc:
+            raise UserError(f"{path}:{lineno}: {exc}") from None
+        yield user, item, event_type_index(etype), seconds, category
 
 
 def read_events(path: Path) -> Iterator[RawEvent]:
@@ -168,7 +224,7 @@ def read_events(path: Path) -> Iterator[RawEvent]:
     if suffix in (".jsonl", ".json", ".ndjson"):
         return _read_jsonl(path)
     if suffix == ".csv":
-        return _read_csv(path)
+        return _read_user_behavior(path) if is_user_behavior(path) else _read_csv(path)
     return _read_sasrec(path)
 
 
@@ -186,12 +242,14 @@ def load_interactions(
     vocab: dict[str, int] = {s: i + 1 for i, s in enumerate(item_ids)} if item_ids else {}
     frozen = item_ids is not None
     users: dict[str, list[tuple[int, int, float | None]]] = {}
-    for user, item, etype, ts in read_events(path):
+    categories: dict[int, str | None] = {}  # item index -> its first category
+    for user, item, etype, ts, category in read_events(path):
         idx = vocab.get(item)
         if idx is None:
             if frozen:
                 continue
             idx = vocab[item] = len(vocab) + 1
+        categories.setdefault(idx, category)
         users.setdefault(user, []).append((idx, etype, ts))
     if not users:
         raise UserError(f"{path}: no events (or none with a known item)")
@@ -214,7 +272,14 @@ def load_interactions(
     if not frozen:
         for s, i in vocab.items():
             names[i - 1] = s
-    return Interactions(user_ids=list(users), item_ids=names, sequences=sequences)
+    return Interactions(list(users), names, sequences, _categories(categories, len(names)))
+
+
+def _categories(first: dict[int, str | None], n_items: int) -> list[str] | None:
+    """Each item's category in item order; None unless every item has one."""
+    if len(first) != n_items or any(c is None for c in first.values()):
+        return None
+    return [str(first[i]) for i in range(1, n_items + 1)]
 
 
 # --------------------------------------------------------------------------------- tensors
@@ -239,6 +304,7 @@ class SequenceBatch:
     targets: torch.Tensor  # (N, L) next item per position (0 = no loss), or (N,) one target
     prefix: torch.Tensor  # (N, P) items before the window, left-padded: the memory's past
     users: torch.Tensor  # (N,) user row in Interactions.sequences
+    target_types: torch.Tensor  # the event type of each target, shaped as targets
 
     def __len__(self) -> int:
         return self.items.shape[0]
@@ -254,7 +320,14 @@ class SequenceBatch:
             self.targets[idx],
             self.prefix[idx],
             self.users[idx],
+            self.target_types[idx],
         )
+
+
+def inputs_without_types(b: SequenceBatch) -> SequenceBatch:
+    """The batch with every input event of the default type (its targets' types kept): what a
+    model trained without types sees, and what the worker feeds it."""
+    return replace(b, types=torch.full_like(b.types, DEFAULT_EVENT_TYPE))
 
 
 def _pad_left(rows: list[np.ndarray], width: int) -> torch.Tensor:
@@ -275,7 +348,7 @@ def _build(
     next_item_targets: bool,
 ) -> SequenceBatch:
     """Window = events[:end][-max_len:] of each user; prefix = the prefix_len events before it."""
-    items, types, gaps, targets, prefix = [], [], [], [], []
+    items, types, gaps, targets, target_types, prefix = [], [], [], [], [], []
     for u, e in zip(user_rows, end, strict=True):
         s = inter.sequences[u]
         start = max(0, e - max_len)
@@ -285,6 +358,8 @@ def _build(
         prefix.append(s.items[max(0, start - prefix_len) : start])
         if next_item_targets:
             targets.append(s.items[start + 1 : e + 1])
+            target_types.append(s.types[start + 1 : e + 1])
+    rows = list(zip(user_rows, end, strict=True))
     return SequenceBatch(
         items=_pad_left(items, max_len),
         types=_pad_left(types, max_len),
@@ -292,15 +367,17 @@ def _build(
         targets=(
             _pad_left(targets, max_len)
             if next_item_targets
-            else torch.as_tensor(
-                [int(inter.sequences[u].items[e]) for u, e in zip(user_rows, end, strict=True)],
-                dtype=torch.long,
-            )
+            else torch.as_tensor([int(inter.sequences[u].items[e]) for u, e in rows])
         ),
         prefix=_pad_left(prefix, prefix_len)
         if prefix_len
         else torch.zeros(len(items), 1, dtype=torch.long),
         users=torch.as_tensor(user_rows, dtype=torch.long),
+        target_types=(
+            _pad_left(target_types, max_len)
+            if next_item_targets
+            else torch.as_tensor([int(inter.sequences[u].types[e]) for u, e in rows])
+        ),
     )
 
 
@@ -365,10 +442,21 @@ def eval_batch(inter: Interactions, split: str, max_len: int, prefix_len: int) -
     return _build(inter, rows, end, max_len, prefix_len, next_item_targets=False)
 
 
-def seen_items(inter: Interactions, users: torch.Tensor, split: str) -> list[np.ndarray]:
-    """Items each user interacted with before the evaluation target (excluded from ranking)."""
+def seen_items(
+    inter: Interactions,
+    users: torch.Tensor,
+    split: str,
+    exclude_types: frozenset[int] | None = None,
+) -> list[np.ndarray]:
+    """Items each user interacted with before the evaluation target, excluded from ranking:
+    those of an event whose type is in ``exclude_types`` (type indices; None: every type), the
+    rule the worker applies to a window (encoder.features.excluded_seen_types)."""
     drop = 2 if split == "valid" else 1
-    return [
-        np.unique(inter.sequences[u].items[: len(inter.sequences[u].items) - drop])
-        for u in users.tolist()
-    ]
+    out = []
+    for u in users.tolist():
+        s = inter.sequences[u]
+        items, types = s.items[: len(s.items) - drop], s.types[: len(s.items) - drop]
+        if exclude_types is not None:
+            items = items[np.isin(types, list(exclude_types))]
+        out.append(np.unique(items))
+    return out

@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-# Index order is part of the model contract: a trained model's type embedding rows follow it.
-EVENT_TYPES: tuple[str, ...] = ("click", "purchase", "view", "add_to_cart")
+# Index order is part of the model contract: a trained model's type embedding rows follow it,
+# so a new type is only ever appended (a model trained before it has one row fewer, and is
+# fed the default type for it: its config's n_event_types says how many it knows).
+EVENT_TYPES: tuple[str, ...] = ("click", "purchase", "view", "add_to_cart", "favorite")
 # SASRec-format data has no event type; every event gets this one.
 DEFAULT_EVENT_TYPE = 0
 # Bucket 0 means "gap unknown" (first event of a user, or data without timestamps).
@@ -24,6 +26,23 @@ def event_type_index(name: str) -> int:
         return EVENT_TYPES.index(name)
     except ValueError:
         raise ValueError(f"unknown event_type {name!r}, expected one of {EVENT_TYPES}") from None
+
+
+def parse_event_types(text: str) -> tuple[str, ...]:
+    """A comma-separated list of event type names (spaces ignored; empty: none), each checked
+    against EVENT_TYPES; raises ValueError naming the bad one."""
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    for name in names:
+        event_type_index(name)
+    return names
+
+
+def excluded_type_indices(names: Sequence[str] | None) -> frozenset[int] | None:
+    """The seen-items rule as type indices for offline evaluation: None (every type) when the
+    rule names every type, so the common case costs nothing extra."""
+    if names is None or set(EVENT_TYPES) <= set(names):
+        return None
+    return frozenset(event_type_index(name) for name in names)
 
 
 def time_gap_bucket(gap_seconds: float | None, n_buckets: int = DEFAULT_TIME_BUCKETS) -> int:

@@ -15,6 +15,12 @@ in every layer. Then a per-layer cache of the last ``span - 1`` keys/values is a
 step needs, and the step is *exactly* the full computation (no approximation), and the state can
 be rebuilt exactly from the last ``receptive_field = n_layers * (span - 1) + 1`` events.
 
+Why item categories enter inside the item embedding (``ItemEmbedding``, off unless the
+training data has categories and ``n_categories`` is set): an item's vector becomes its own row
+plus its category's row, everywhere the model reads an item (input, memory, output scores). So
+the exported item table already holds the sum, and the worker needs no category input: it
+ranks and steps with one table as before.
+
 Why a memory: the window forgets everything older than the receptive field. The memory is a
 decayed sum over *all* past events, m_t = gamma * m_{t-1} + e(item_t), O(d) per event, persisted
 next to the window. It enters only at the output (h_t + W_m LN(m_t)), so the attention caches do
@@ -55,6 +61,8 @@ class EncoderConfig:
     # whoever serves it must feed those too (the streaming worker reads these flags).
     uses_event_types: bool = True
     uses_time_gaps: bool = True
+    # Item categories the item embedding adds (0: none; ItemEmbedding).
+    n_categories: int = 0
 
     @property
     def receptive_field(self) -> int:
@@ -245,12 +253,36 @@ class DecayedMemory(nn.Module):
         return self.out(self.ln(m))
 
 
+class ItemEmbedding(nn.Embedding):
+    """Item vectors: the item's own row (``weight``, the table of a model without categories,
+    under the same state-dict key) plus, with categories, its category's row. ``category_of``
+    maps item index -> category index (0: none; padding too), filled by training."""
+
+    def __init__(self, n_items: int, d: int, n_categories: int) -> None:
+        super().__init__(n_items + 1, d, padding_idx=0)
+        self.category = nn.Embedding(n_categories + 1, d, padding_idx=0) if n_categories else None
+        if n_categories:
+            self.register_buffer("category_of", torch.zeros(n_items + 1, dtype=torch.long))
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        x = super().forward(items)
+        if self.category is None:
+            return x
+        return x + self.category(self.category_of[items])
+
+    def table(self) -> torch.Tensor:
+        """(n_items + 1, d): every item's vector, row 0 (padding) zero."""
+        if self.category is None:
+            return self.weight
+        return self.weight + self.category(self.category_of)
+
+
 class InterestEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
-        self.item_emb = nn.Embedding(cfg.n_items + 1, d, padding_idx=0)  # tied with the output
+        self.item_emb = ItemEmbedding(cfg.n_items, d, cfg.n_categories)  # tied with the output
         self.type_emb = nn.Embedding(cfg.n_event_types, d)
         self.gap_emb = nn.Embedding(cfg.n_time_buckets, d)
         self.emb_drop = nn.Dropout(cfg.dropout)
@@ -367,7 +399,7 @@ class InterestEncoder(nn.Module):
         """Memory after the items (B,P) (left-padded, oldest first) -> memory0 (B,d)."""
         if self.memory is None:
             return self.item_emb.weight.new_zeros(prefix.shape[0], self.cfg.d_model)
-        return self.memory.from_prefix(prefix, self.item_emb.weight)
+        return self.memory.from_prefix(prefix, self.item_emb.table())
 
     def init_state(self, batch: int) -> EncoderState:
         c = self.cfg
@@ -443,10 +475,10 @@ class InterestEncoder(nn.Module):
 
     def item_embeddings(self) -> torch.Tensor:
         """(n_items+1, d); row 0 is padding."""
-        return self.item_emb.weight
+        return self.item_emb.table()
 
     def item_scores(self, vectors: torch.Tensor) -> torch.Tensor:
         """vectors (B,d) or (B,T,d) -> scores over all items (.., n_items+1); padding gets -inf."""
-        scores = vectors @ self.item_emb.weight.T
+        scores = vectors @ self.item_emb.table().T
         is_pad = torch.arange(scores.shape[-1], device=scores.device) == 0
         return scores.masked_fill(is_pad, float("-inf"))

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,14 @@ from encoder.data import (
     Interactions,
     SequenceBatch,
     eval_batch,
+    inputs_without_types,
     load_interactions,
     memory_horizon,
     train_batch,
     training_counts,
 )
-from encoder.evaluate import rank_split
-from encoder.features import DEFAULT_EVENT_TYPE, EVENT_TYPES
+from encoder.evaluate import exclusion_rule, rank_split
+from encoder.features import DEFAULT_EVENT_TYPE, EVENT_TYPES, event_type_index
 from encoder.model import EncoderConfig, InterestEncoder
 from encoder.popularity import VOCAB_COUNTS_KEY
 
@@ -76,6 +77,16 @@ class TrainConfig:
     # (it measured clearly better on Beauty). Never on any test event. False = every user's
     # validation event held out, as the published SASRec numbers were trained (bench/quality.py)
     train_on_validation: bool = True
+    # The seen-items rule validation ranks under (event type names, None: every type), as
+    # `interest evaluate` and the worker will: on logs where users come back to items (shops),
+    # excluding them makes most validation targets unrankable and the checkpoint a guess.
+    exclude_seen_types: tuple[str, ...] | None = None
+    # Loss weight of a target by its event type ({"purchase": 2.0}); types not named weigh 1.
+    # Empty (every target alike): the default, see behaviour_weights.
+    type_weights: dict[str, float] = field(default_factory=dict)
+    # Add each item's category to its embedding (model.ItemEmbedding) when the log gives
+    # categories (UserBehavior, a CSV category column).
+    item_categories: bool = False
     seed: int = 0
     threads: int = 0  # 0 = all cores available to this process
 
@@ -163,13 +174,23 @@ def vectors_at_targets(model: InterestEncoder, b: SequenceBatch) -> tuple[torch.
     return out[mask], targets[mask]
 
 
+def target_weights(b: SequenceBatch, type_weights: torch.Tensor) -> torch.Tensor:
+    """The loss weight of each real target of the batch (in ``vectors_at_targets`` order): its
+    event type's entry of ``type_weights`` (n_event_types,)."""
+    width = max(int(b.lengths().max()), 1)
+    targets, types = b.targets[:, -width:], b.target_types[:, -width:]
+    return type_weights[types[targets != 0]]
+
+
 def next_item_loss(
     model: InterestEncoder,
     b: SequenceBatch,
     n_negatives: int = 0,
     proposal: torch.Tensor | None = None,
+    type_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean next-item cross-entropy at every real position of the batch.
+    """Mean next-item cross-entropy at every real position of the batch; with
+    ``type_weights`` (n_event_types,) the mean weighted by each target's event type.
 
     n_negatives <= 0 (or >= the catalogue): softmax over all items. Otherwise a sampled
     softmax: the target against n_negatives items drawn once per batch from ``proposal``
@@ -180,9 +201,10 @@ def next_item_loss(
     function), whatever the proposal: popular items drawn often do not get over-penalised.
     """
     h, tgt = vectors_at_targets(model, b)
+    weights = None if type_weights is None else target_weights(b, type_weights)
     n_items = model.cfg.n_items
     if n_negatives <= 0 or n_negatives >= n_items:
-        return full_softmax_loss(h, model.item_embeddings(), tgt)
+        return full_softmax_loss(h, model.item_embeddings(), tgt, weights=weights)
     emb = model.item_embeddings()
     if proposal is None:
         neg = torch.randint(1, n_items + 1, (n_negatives,))  # (K,)
@@ -194,7 +216,10 @@ def next_item_loss(
     neg_logits = h @ emb[neg].T - log_kq[None, :]  # (N,K)
     neg_logits = neg_logits.masked_fill(neg[None, :] == tgt[:, None], float("-inf"))
     logits = torch.cat([pos_logit, neg_logits], dim=1)
-    return F.cross_entropy(logits, torch.zeros_like(tgt))
+    if weights is None:
+        return F.cross_entropy(logits, torch.zeros_like(tgt))
+    losses = F.cross_entropy(logits, torch.zeros_like(tgt), reduction="none")
+    return (losses * weights).sum() / weights.sum()
 
 
 class _FullSoftmaxCrossEntropy(torch.autograd.Function):
@@ -208,8 +233,9 @@ class _FullSoftmaxCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk):  # type: ignore[override]
-        # h (N,d), weight (n_items+1,d) with row 0 padding, targets (N,) in 1..n_items
+    def forward(ctx, h, weight, targets, chunk, row_weights):  # type: ignore[override]
+        # h (N,d), weight (n_items+1,d) with row 0 padding, targets (N,) in 1..n_items,
+        # row_weights (N,) or None (all 1)
         items = weight[1:]  # (V,d): padding is never a candidate
         n = h.shape[0]
         grad_h = torch.empty_like(h)
@@ -219,27 +245,37 @@ class _FullSoftmaxCrossEntropy(torch.autograd.Function):
             hc, tc = h[s : s + chunk], targets[s : s + chunk] - 1  # (c,d), (c,)
             z = hc @ items.T  # (c,V)
             lse = torch.logsumexp(z, dim=1)  # (c,)
-            total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
+            row_loss = lse - z.gather(1, tc[:, None]).squeeze(1)
             p = z.sub_(lse[:, None]).exp_()  # softmax, in place
             p[torch.arange(len(tc)), tc] -= 1.0  # d (summed loss) / d logits
+            if row_weights is not None:
+                wc = row_weights[s : s + chunk]
+                row_loss = row_loss * wc
+                p.mul_(wc[:, None])
+            total += row_loss.sum()
             torch.mm(p, items, out=grad_h[s : s + chunk])
             grad_w[1:].addmm_(p.T, hc)
-        ctx.save_for_backward(grad_h / n, grad_w / n)
-        return total / n
+        scale = n if row_weights is None else row_weights.sum()
+        ctx.save_for_backward(grad_h / scale, grad_w / scale)
+        return total / scale
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
-        return grad_out * grad_h, grad_out * grad_w, None, None
+        return grad_out * grad_h, grad_out * grad_w, None, None, None
 
 
 def full_softmax_loss(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 64
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = 64,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight[1:].T`` against ``targets`` (1-based item ids); the
     same value and gradients as ``F.cross_entropy(model.item_scores(h), targets)``, which
-    tests/encoder/test_train.py compares it with."""
-    return _FullSoftmaxCrossEntropy.apply(h, weight, targets, chunk)
+    tests/encoder/test_train.py compares it with. ``weights`` (N,): the mean weighted by row."""
+    return _FullSoftmaxCrossEntropy.apply(h, weight, targets, chunk, weights)
 
 
 def popularity_proposal(targets: torch.Tensor, n_items: int, mix: float = 0.5) -> torch.Tensor:
@@ -255,6 +291,32 @@ def popularity_proposal(targets: torch.Tensor, n_items: int, mix: float = 0.5) -
     q = mix * counts / counts.sum().clamp(min=1.0)
     q[1:] += (1.0 - mix) / n_items
     return q.float()
+
+
+def behaviour_weights(type_weights: dict[str, float], n_event_types: int) -> torch.Tensor | None:
+    """(n_event_types,) loss weights from ``TrainConfig.type_weights``; None when every
+    target weighs the same (the plain mean, no extra work per batch)."""
+    out = torch.ones(n_event_types)
+    for name, value in type_weights.items():
+        try:
+            index = event_type_index(name)
+        except ValueError as exc:
+            raise UserError(f"type_weights: {exc}") from None
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise UserError(f"type_weights: the weight of {name!r} must be above 0, not {value!r}")
+        if index < n_event_types:
+            out[index] = float(value)
+    return None if bool((out == 1.0).all()) else out
+
+
+def category_indices(inter: Interactions) -> torch.Tensor | None:
+    """(n_items + 1,) each item's category index, 1.. in order of first appearance (0: the
+    padding); None for a log without categories."""
+    if inter.item_categories is None:
+        return None
+    index: dict[str, int] = {}
+    rows = [index.setdefault(c, len(index) + 1) for c in inter.item_categories]
+    return torch.tensor([0, *rows], dtype=torch.long)
 
 
 def is_dense(inter: Interactions) -> bool:
@@ -338,7 +400,7 @@ def train(
     Returns a JSON-able summary.
     """
     t_start = time.monotonic()
-    enc_fields = set(EncoderConfig.__dataclass_fields__) - {"n_items"}
+    enc_fields = set(EncoderConfig.__dataclass_fields__) - {"n_items", "n_categories"}
     trn_fields = set(TrainConfig.__dataclass_fields__)
     unknown = set(overrides) - enc_fields - trn_fields
     if unknown:
@@ -377,9 +439,18 @@ def train(
         enc_over.update(auto_depth(inter))
     if tc.weight_decay is None:
         tc.weight_decay = auto_weight_decay(inter)
-    cfg = EncoderConfig(n_items=inter.n_items, **{**seen_features, **enc_over})
+    categories = category_indices(inter) if tc.item_categories else None
+    n_categories = 0 if categories is None else int(categories.max())
+    cfg = EncoderConfig(
+        n_items=inter.n_items, n_categories=n_categories, **{**seen_features, **enc_over}
+    )
+    type_weights = behaviour_weights(tc.type_weights, cfg.n_event_types)
+    rule = exclusion_rule(tc.exclude_seen_types)
     prefix = memory_horizon(cfg.memory_decay) if cfg.use_memory else 0
     train_set, valid_set = training_split(inter, cfg, tc, prefix, gen)
+    if not cfg.uses_event_types:  # trained as it will be served: every event the default type
+        train_set = inputs_without_types(train_set)
+        valid_set = None if valid_set is None else inputs_without_types(valid_set)
 
     n_neg = tc.n_negatives
     if n_neg < 0:
@@ -390,6 +461,8 @@ def train(
     if n_neg > 0 and tc.negative_sampling == "popularity":
         proposal = popularity_proposal(train_set.targets, cfg.n_items)
     model = InterestEncoder(cfg)
+    if categories is not None:
+        model.item_emb.category_of.copy_(categories)
     opt = torch.optim.AdamW(
         model.parameters(), lr=tc.lr, betas=(0.9, 0.98), weight_decay=tc.weight_decay
     )
@@ -427,7 +500,7 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             step += 1
-            loss = next_item_loss(model, train_set.select(idx), n_neg, proposal)
+            loss = next_item_loss(model, train_set.select(idx), n_neg, proposal, type_weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -436,7 +509,7 @@ def train(
             bar.set_postfix(loss=f"{total / seen:.4f}")
         record = {"epoch": float(epoch), "loss": total / max(seen, 1), "lr": lr_at(step)}
         if valid_set is not None:
-            val = rank_split(model, inter, valid_set, "valid")
+            val = rank_split(model, inter, valid_set, "valid", exclude_types=rule)
             record.update({f"val_{k}": v for k, v in val.items() if k in ("ndcg@10", "hr@10")})
             score = val["ndcg@10"]
         else:

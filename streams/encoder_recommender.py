@@ -21,14 +21,14 @@ Numpy and ONNX Runtime only: this module never imports torch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import numpy as np
 
-from encoder.features import time_gap_bucket, window_gaps
+from encoder.features import EVENT_TYPES, time_gap_bucket, window_gaps
 from encoder.popularity import long_tail
 from export.explain import memory_with
 from export.runtime import EncoderRuntime, EncoderStates
@@ -45,7 +45,7 @@ from streams.recommend import (
     StoredModelState,
     popular_unseen,
 )
-from streams.seen_items import request_ranks, seen_matrix
+from streams.seen_items import request_ranks, seen_matrix, typed_exclusion
 from streams.state_slab import StateSlab
 from streams.window import WindowEntry
 
@@ -63,8 +63,14 @@ class EncoderRecommender:
         explain_events: int = 0,
         catalogue: Path | None = None,
         catalogue_poll_seconds: float = 5.0,
+        exclude_seen_types: Collection[str] = EVENT_TYPES,
     ) -> None:
         self.runtime = runtime
+        # Seen items of these event types are not recommended again (INTEREST_EXCLUDE_SEEN_TYPES;
+        # streams/seen_items.py); None: every type, which needs no look at the types.
+        self.exclude_seen_types = (
+            None if set(EVENT_TYPES) <= set(exclude_seen_types) else frozenset(exclude_seen_types)
+        )
         # > 0: each recommended item carries the user's events that drove it (streams/explain.py)
         self.explain_events = explain_events
         self.inputs = ModelInputs.of(runtime)
@@ -160,9 +166,17 @@ class EncoderRecommender:
         vectors, memories = self._step_rounds(requests, per_user, row_of, event_items)
         prior_items = prior_window_items(rt, users, others, cached_items, batch.prior_windows)
         request_user, rank = request_ranks(requests, users)
-        exclude, known = seen_matrix(prior_items, request_user, rank, per_user, event_items)
+        typed = self._typed_exclusion(requests, users, batch)
+        exclude, known = seen_matrix(prior_items, request_user, rank, per_user, event_items, *typed)
         extra = seen_extra(
-            table, requests, per_user, users, prior_items, batch.prior_windows, event_items
+            table,
+            requests,
+            per_user,
+            users,
+            prior_items,
+            batch.prior_windows,
+            event_items,
+            self.exclude_seen_types,
         )
         if extra is not None:  # catalogue items the users met: the model's indices lack them
             exclude = np.concatenate([exclude, extra], axis=1)
@@ -172,6 +186,15 @@ class EncoderRecommender:
         final_items = window_items_after(rt, requests, per_user, prior_items, event_items)
         updates = model_updates(users, self.cache.states, rows, rt.version)
         return Result(recommendations, updates, exposure), final_items
+
+    def _typed_exclusion(
+        self, requests: Sequence[Request], users: Sequence[str], batch: Batch
+    ) -> tuple[list[np.ndarray], np.ndarray] | tuple[()]:
+        """``seen_matrix``'s arguments for the seen-items rule; none for the default rule."""
+        if self.exclude_seen_types is None:
+            return ()
+        windows = [batch.prior_windows.get(u, ()) for u in users]
+        return typed_exclusion(requests, windows, self.exclude_seen_types, self.runtime.index_of)
 
     def _start_states(self, batch: Batch, others: Sequence[str], row_of: Mapping[str, int]) -> None:
         """Write the start state of the users the cache missed into their slab rows (a hit's
@@ -284,7 +307,9 @@ class EncoderRecommender:
                     row_names = [n for n in row_names if n]
                 recommendations.append(Recommendation(row_names, row_scores, version, "encoder"))
             else:
-                recommendations.append(popular_fallback(batch, request, popular_seen, version))
+                recommendations.append(
+                    popular_fallback(batch, request, popular_seen, version, self.exclude_seen_types)
+                )
         return recommendations, self._exposure(top, known, recommendations)
 
     def _exposure(
@@ -391,15 +416,26 @@ def prior_window_items(
 
 
 def popular_fallback(
-    batch: Batch, request: Request, popular_seen: dict[str, set[str]], version: str
+    batch: Batch,
+    request: Request,
+    popular_seen: dict[str, set[str]],
+    version: str,
+    types: Collection[str] | None = None,
 ) -> Recommendation:
     """The popular items the user has not seen, for a user the model knows nothing of yet.
-    ``popular_seen`` keeps each such user's seen item ids across its requests in the batch."""
+    ``popular_seen`` keeps each such user's seen item ids across its requests in the batch;
+    ``types``: only items of events of these types count as seen (None: every type)."""
     user_id = request.event.user_id
     seen_names = popular_seen.setdefault(
-        user_id, {e.item_id for e in batch.prior_windows.get(user_id, ())}
+        user_id,
+        {
+            e.item_id
+            for e in batch.prior_windows.get(user_id, ())
+            if types is None or e.event_type in types
+        },
     )
-    seen_names.add(request.event.item_id)
+    if types is None or request.event.event_type in types:
+        seen_names.add(request.event.item_id)
     return Recommendation.of(
         popular_unseen(batch.popular, seen_names, batch.k), version, "popularity"
     )

@@ -10,17 +10,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
 from common.errors import UserError
+from encoder.features import EVENT_TYPES, parse_event_types
 
 STACK_FILE_NAME = "stack.json"
 
@@ -96,6 +98,10 @@ class Settings(BaseSettings):
     # same re-ranking `interest evaluate --popularity-penalty` measures (encoder/popularity.py):
     # 0 ranks as trained; larger values recommend more of the long tail at some accuracy.
     popularity_penalty: float = Field(default=0.0, ge=0, le=100)
+    # Seen items of these event types are not recommended again (comma-separated; empty: any
+    # seen item may be): "purchase" lets a shop show again what a user viewed, carted or
+    # favourited. `interest evaluate` ranks under the same rule (streams/seen_items.py).
+    exclude_seen_types: Annotated[tuple[str, ...], NoDecode] = EVENT_TYPES
     # Content vectors of the item catalogue (`interest catalogue --out`): items the model does
     # not know are ranked through the bundle's content map (streams/catalogue.py). Re-read
     # when the file changes, checked every model_poll_seconds.
@@ -163,6 +169,15 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     # "json": one JSON object per log line (streams/logs.py), for log shippers.
     log_format: Literal["text", "json"] = "text"
+
+    @field_validator("exclude_seen_types", mode="before")
+    @classmethod
+    def _event_types(cls, value: object) -> tuple[str, ...]:
+        if isinstance(value, str):
+            return parse_event_types(value)
+        if isinstance(value, list | tuple | set | frozenset):
+            return parse_event_types(",".join(str(v) for v in value))
+        raise ValueError("expected event type names, comma-separated")
 
     @model_validator(mode="after")
     def _check_security(self) -> Settings:
