@@ -23,6 +23,13 @@ table. P = 1 is the plain `interest worker` (no supervisor).
     python bench/stream.py [--events 150000] [--naive-events 2000] [--latency-seconds 25]
                            [--latency-rate R] [--worker-without-model]
     python bench/stream.py --processes 1 2 3 [--events 60000] [--partitions 6]
+    python bench/stream.py --curve [--curve-points 0.1 0.25 0.5 0.75 0.9] [--point-seconds 30]
+                           [--warmup-seconds 5] [--worker-core 0] [--harness-core 1]
+                           [--compare-tree /tmp/base] [--json PATH] [--plot PATH]
+
+With ``--curve`` it runs the latency curve instead (bench/stream_curve.py): the sustained rate
+from a backlog, then the worker's part and end-to-end latency at fractions of it, the worker
+pinned to a core of its own and everything else to another, a fresh stack for each point.
 
 Events: ../shared/data/ml-1m.txt (SASRec `user item` lines; never committed, and where it is
 missing the bench says so and exits 0) interleaved across users (each user's events in order,
@@ -31,7 +38,8 @@ user by user per rank), as click events with synthetic per-user timestamps. The 
 /tmp/runs, else a quick training run (throughput does not depend on model quality).
 
 The worker runs from the checkout this script is in: to compare two trees, run each tree's
-copy in turn (`git worktree add`), alternating, with the same bundle.
+copy in turn (`git worktree add`), alternating, with the same bundle; ``--curve`` takes
+``--compare-tree`` and alternates itself.
 """
 
 from __future__ import annotations
@@ -165,14 +173,16 @@ def _consumer(bootstrap: str, **kw: object):
     )
 
 
-async def tail_reader(bootstrap: str, topic: str):
+async def tail_reader(bootstrap: str, topic: str, fetch_max_wait_ms: int = 10):
     """A started consumer of every partition of ``topic``, from its end on."""
     from aiokafka import TopicPartition
 
     # A short fetch wait: the embedded broker answers a fetch late even when data arrives,
     # so the reader's own wait is added to every latency measured (aiokafka's default is
     # 500 ms).
-    consumer = _consumer(bootstrap, max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_wait_ms=10)
+    consumer = _consumer(
+        bootstrap, max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_wait_ms=fetch_max_wait_ms
+    )
     await consumer.start()
     parts = consumer.partitions_for_topic(topic)
     tps = [TopicPartition(topic, p) for p in sorted(parts)]
@@ -701,7 +711,13 @@ def main() -> None:
         help="(c) without INTEREST_MODEL (the popularity baseline): what the rest of the "
         "worker's path allows, without the encoder",
     )
+    # imported here, not above: stream_curve imports this module
+    import stream_curve
+
+    stream_curve.add_arguments(ap)
     args = ap.parse_args()
+    if args.curve and args.processes:
+        ap.error("--curve and --processes are separate runs")
     if not DATA.is_file():
         print(f"skipped: {DATA} not found (the data sets are not committed)")
         return
@@ -712,6 +728,9 @@ def main() -> None:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     bundle = find_bundle(args.workdir, args.model)
+    if args.curve:
+        stream_curve.run(args, bundle)
+        return
     if args.processes:
         if min(args.processes) < 1:
             ap.error("--processes takes counts of at least 1")
