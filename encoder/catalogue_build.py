@@ -20,6 +20,8 @@ from encoder.catalogue import read_catalogue
 from encoder.catalogue_vectors import CatalogueVectors, save_catalogue_vectors
 from encoder.content import SENTENCE_MODEL, embed_texts, load_sentence_model
 from encoder.content_map import fit_content_map, save_content_map
+from encoder.evaluate import load_model
+from encoder.model import InterestEncoder
 
 
 def build_catalogue(
@@ -29,6 +31,8 @@ def build_catalogue(
     on the items both know and save it there. Returns a JSON-able summary."""
     started = time.perf_counter()
     items = read_catalogue(catalogue, item_map)
+    # Read before the embedding, so that a wrong directory fails at once.
+    model = load_model(model_dir) if model_dir is not None else None
     vectors = embed_texts(items.texts, load_sentence_model())
     save_catalogue_vectors(out, CatalogueVectors(items.item_ids, vectors, SENTENCE_MODEL))
     summary: dict[str, Any] = {
@@ -38,22 +42,26 @@ def build_catalogue(
         "out": str(out),
         "embed_seconds": round(time.perf_counter() - started, 2),
     }
-    if model_dir is not None:
-        summary.update(fit_for_model(model_dir, items.item_ids, vectors))
+    if model is not None and model_dir is not None:
+        summary.update(fit_for_model(model_dir, model, items.item_ids, vectors))
     return summary
 
 
-def fit_for_model(model_dir: Path, item_ids: list[str], vectors: np.ndarray) -> dict[str, Any]:
-    """Fit the content map of the model in ``model_dir`` and save it there."""
-    from encoder.evaluate import load_model
-
+def fit_for_model(
+    model_dir: Path,
+    model: tuple[InterestEncoder, list[str]],
+    item_ids: list[str],
+    vectors: np.ndarray,
+) -> dict[str, Any]:
+    """Fit the content map of ``model`` (encoder and item vocabulary) and save it in its
+    directory."""
     started = time.perf_counter()
-    model, model_items = load_model(model_dir)
+    encoder, model_items = model
     row_of = {item: i for i, item in enumerate(item_ids)}
     both = [(index, row_of[item]) for index, item in enumerate(model_items, 1) if item in row_of]
     if not both:
         raise UserError(f"no item of the catalogue is one the model in {model_dir} knows")
-    table = model.item_embeddings().detach().numpy()
+    table = encoder.item_embeddings().detach().numpy()
     try:
         content_map = fit_content_map(
             vectors[[row for _, row in both]], table[[index for index, _ in both]], SENTENCE_MODEL
@@ -68,5 +76,6 @@ def fit_for_model(model_dir: Path, item_ids: list[str], vectors: np.ndarray) -> 
         "new_items": len(item_ids) - len(both),
         "alpha": content_map.alpha,
         "cv_r2": round(content_map.cv_r2, 4),
+        "scale": round(content_map.scale, 4),
         "fit_seconds": round(time.perf_counter() - started, 2),
     }

@@ -70,12 +70,13 @@ def load_catalogue_vectors(path: Path) -> CatalogueVectors:
     """Read the file; ValueError (or OSError) with the reason when it is not one."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            missing = [key for key in KEYS if key not in data.files]
-            if missing:
-                raise ValueError(f"{path}: not a catalogue vectors file (no {missing[0]})")
-            ids, vectors, encoder = data["item_ids"], data["vectors"], data["encoder"]
-    except (zipfile.BadZipFile, EOFError) as exc:
+            arrays = {key: data[key] for key in KEYS if key in data.files}
+    except (zipfile.BadZipFile, EOFError, ValueError) as exc:  # not .npz, or a pickle
         raise ValueError(f"{path}: not a catalogue vectors file ({exc})") from None
+    missing = [key for key in KEYS if key not in arrays]
+    if missing:
+        raise ValueError(f"{path}: not a catalogue vectors file (no {missing[0]})")
+    ids, vectors, encoder = arrays["item_ids"], arrays["vectors"], arrays["encoder"]
     if ids.dtype.kind != "U" or encoder.dtype.kind != "U" or vectors.dtype.kind != "f":
         raise ValueError(f"{path}: item_ids and encoder must be text, vectors numbers")
     try:

@@ -7,6 +7,12 @@ needs only numpy, fits in a moment on thousands of items, and ships as one small
 the worker applies to any new item without torch. The ridge strength is chosen by k-fold
 cross-validation over a grid.
 
+Then the map is scaled so that the known items' projections are as long, on average, as their
+trained embeddings. Why: ridge predictions shrink towards the mean item (they explain only a
+share of the embeddings' variance), and in a dot-product ranking a short embedding scores low
+for every user, so unscaled, a new item would all but never reach a top-K among trained
+items. The scale leaves the order among new items as it is.
+
 Where it lives: ``content_map.npz`` in the model directory (`interest catalogue --model DIR`
 fits it), then ``content_map.npy`` in the bundle `interest export` writes from that directory
 (export/bundle_format.py). Numpy only: the worker imports ``project``.
@@ -35,6 +41,7 @@ class ContentMap:
     alpha: float  # the ridge strength cross-validation chose
     items: int  # items it was fitted on
     cv_r2: float  # share of the embeddings' variance it explains on held-out folds
+    scale: float = 1.0  # the length correction folded into ``weights``
 
     @property
     def content_dim(self) -> int:
@@ -52,11 +59,20 @@ def project(weights: np.ndarray, content: np.ndarray) -> np.ndarray:
 
 def _ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
     """(c + 1, d) weights of a ridge fit with an unpenalised intercept (centred data)."""
+    return _ridge_path(x, y, (alpha,))[0]
+
+
+def _ridge_path(x: np.ndarray, y: np.ndarray, alphas: tuple[float, ...]) -> list[np.ndarray]:
+    """The ridge weights for each alpha from one eigendecomposition of the Gram matrix."""
     x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
-    xc, yc = x - x_mean, y - y_mean
-    gram = xc.T @ xc + alpha * np.eye(x.shape[1])
-    w = np.linalg.solve(gram, xc.T @ yc)
-    return np.vstack([w, y_mean - x_mean @ w])
+    xc = x - x_mean
+    eigenvalues, vectors = np.linalg.eigh(xc.T @ xc)
+    projected = vectors.T @ (xc.T @ (y - y_mean))  # (c, d)
+    out = []
+    for alpha in alphas:
+        w = vectors @ (projected / (eigenvalues + alpha)[:, None])
+        out.append(np.vstack([w, y_mean - x_mean @ w]))
+    return out
 
 
 def _cv_errors(x: np.ndarray, y: np.ndarray, alphas: tuple[float, ...], seed: int) -> np.ndarray:
@@ -65,8 +81,7 @@ def _cv_errors(x: np.ndarray, y: np.ndarray, alphas: tuple[float, ...], seed: in
     errors = np.zeros(len(alphas))
     for fold in range(FOLDS):
         test = folds == fold
-        for a, alpha in enumerate(alphas):
-            w = _ridge(x[~test], y[~test], alpha)
+        for a, w in enumerate(_ridge_path(x[~test], y[~test], alphas)):
             errors[a] += ((x[test] @ w[:-1] + w[-1] - y[test]) ** 2).sum()
     return errors / y.size
 
@@ -88,9 +103,12 @@ def fit_content_map(
     errors = _cv_errors(x, y, alphas, seed)
     best = int(np.argmin(errors))
     variance = float(((y - y.mean(axis=0)) ** 2).mean())
-    weights = _ridge(x, y, alphas[best]).astype(np.float32)
+    weights = _ridge(x, y, alphas[best])
+    lengths = np.linalg.norm(x @ weights[:-1] + weights[-1], axis=1).mean()
+    scale = float(np.linalg.norm(y, axis=1).mean() / lengths) if lengths > 0 else 1.0
     r2 = 1.0 - float(errors[best]) / variance if variance > 0 else 0.0
-    return ContentMap(weights, encoder, float(alphas[best]), len(x), r2)
+    weights = (weights * scale).astype(np.float32)
+    return ContentMap(weights, encoder, float(alphas[best]), len(x), r2, scale)
 
 
 def model_digest(model_dir: Path) -> str:
@@ -109,6 +127,7 @@ def save_content_map(model_dir: Path, content_map: ContentMap) -> Path:
         alpha=np.array(content_map.alpha),
         items=np.array(content_map.items),
         cv_r2=np.array(content_map.cv_r2),
+        scale=np.array(content_map.scale),
     )
     return path
 
@@ -128,4 +147,5 @@ def load_content_map(model_dir: Path) -> ContentMap | None:
             float(data["alpha"]),
             int(data["items"]),
             float(data["cv_r2"]),
+            float(data["scale"]),
         )

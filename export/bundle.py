@@ -421,6 +421,7 @@ def write_content_map(model_dir: Path, d_model: int, out_dir: Path) -> dict[str,
         "alpha": content_map.alpha,
         "items": content_map.items,
         "cv_r2": round(content_map.cv_r2, 6),
+        "scale": round(content_map.scale, 6),
     }
 
 

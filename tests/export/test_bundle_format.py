@@ -101,6 +101,7 @@ def test_a_content_map_is_one_more_file_described_in_the_manifest(
         "alpha": 1.0,
         "items": 40,
         "cv_r2": 0.5,
+        "scale": 1.0,
     }
     assert fmt.content_map_info(manifest) == manifest["content_map"]
     np.testing.assert_array_equal(np.load(bundle / fmt.CONTENT_MAP_FILE), weights)
