@@ -266,3 +266,27 @@ def test_bad_behaviour_options_are_user_errors(tmp_path: Path) -> None:
         train(data, tmp_path / "m", epochs=1, progress=False, type_weights={"purchase": 0})
     with pytest.raises(UserError, match="exclude_seen_types"):
         train(data, tmp_path / "m", epochs=1, progress=False, exclude_seen_types=("buy",))
+
+
+def test_a_category_model_exports_one_item_table_the_runtime_ranks_with(tmp_path: Path) -> None:
+    """The worker needs no category input: the bundle's item table already holds each item's
+    category row, and the exported step (export checks it against torch) reads the same."""
+    import warnings
+
+    from export.bundle import export_bundle, save_model_dir
+    from export.runtime import EncoderRuntime
+
+    torch.manual_seed(0)
+    cfg = EncoderConfig(n_items=12, n_categories=3, n_time_buckets=8, memory_decay=0.9, **TINY)
+    model = InterestEncoder(cfg).eval()
+    with torch.no_grad():
+        model.item_emb.category_of.copy_(torch.tensor([0, *[i % 3 + 1 for i in range(12)]]))
+        model.item_emb.category.weight[1:].normal_(0, 1.0)
+    model_dir = save_model_dir(model, [f"i{i}" for i in range(12)], tmp_path / "m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle = export_bundle(model_dir=model_dir, out=tmp_path / "b")
+    runtime = EncoderRuntime.load(bundle, device="cpu")
+    np.testing.assert_allclose(
+        runtime.item_embeddings, model.item_embeddings().detach().numpy(), atol=1e-6
+    )
