@@ -474,7 +474,7 @@ def train(
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     vocab = {
         "items": inter.item_ids,
-        "event_types": list(EVENT_TYPES),
+        "event_types": list(EVENT_TYPES[: cfg.n_event_types]),
         VOCAB_COUNTS_KEY: training_counts(inter)[1:].tolist(),
     }
     (out / "vocab.json").write_text(json.dumps(vocab))
