@@ -17,7 +17,15 @@ import numpy as np
 
 from common.errors import UserError
 from encoder import metrics
-from encoder.evaluate import TOP_K, Evaluation, Ranking, popularity_ranking, prepare, rankings
+from encoder.evaluate import (
+    TOP_K,
+    Evaluation,
+    Ranking,
+    exclusion_rule,
+    popularity_ranking,
+    prepare,
+    rankings,
+)
 from encoder.exposure import exposure_counts, exposure_metrics, lorenz
 from encoder.groups import Grouping, activity_tertiles, attribute_groupings
 from encoder.popularity import HEAD_SHARE, checked_penalty, long_tail, popularity_bias
@@ -84,6 +92,7 @@ def build_report(
     penalties: Sequence[float] = PENALTIES,
     users_file: Path | None = None,
     user_map: Path | None = None,
+    exclude_seen_types: Sequence[str] | None = None,
     split: str = "test",
 ) -> dict[str, Any]:
     """The report's numbers (see encoder/report_page.py for the page)."""
@@ -99,10 +108,11 @@ def build_report(
     attributes = attribute_groupings(user_ids, users_file, user_map) if users_file else {}
     tail = long_tail(ev.counts, HEAD_SHARE)
     biases = [popularity_bias(ev.counts, p) if p else None for p in curve]
-    ranked = rankings(ev.model, ev.inter, ev.batch, split, biases)
+    rule = exclusion_rule(exclude_seen_types)
+    ranked = rankings(ev.model, ev.inter, ev.batch, split, biases, exclude_types=rule)
     by_penalty = dict(zip(curve, ranked, strict=True))
     model = by_penalty[float(popularity_penalty)]
-    popular = popularity_ranking(ev.inter, ev.batch, split, ev.counts)
+    popular = popularity_ranking(ev.inter, ev.batch, split, ev.counts, exclude_types=rule)
     groupings = {"activity": activity_tertiles(_history_lengths(ev)), **attributes}
     n_items = ev.inter.n_items
     return {
@@ -114,6 +124,7 @@ def build_report(
         "items": n_items,
         "head_share": HEAD_SHARE,
         "popularity_penalty": float(popularity_penalty),
+        "exclude_seen_types": None if exclude_seen_types is None else list(exclude_seen_types),
         "bootstrap": {"resamples": RESAMPLES, "level": LEVEL, "seed": 0},
         "systems": {
             "model": _system(model, ev.counts, tail),

@@ -133,7 +133,7 @@ def save_model_dir(
     torch.save(model.state_dict(), out / "model.pt")
     vocab = {
         "items": list(items),
-        "event_types": list(EVENT_TYPES),
+        "event_types": list(EVENT_TYPES[: model.cfg.n_event_types]),
         VOCAB_COUNTS_KEY: list(counts) if counts is not None else [1] * len(items),
     }
     (out / "vocab.json").write_text(json.dumps(vocab))
@@ -459,7 +459,9 @@ def export_bundle(model_dir: Path, out: Path) -> Path:
             "metrics": metrics,
             "content_map": content_map,
             "receptive_field": cfg.receptive_field,
-            "event_types": list(EVENT_TYPES),  # type index order (encoder.features)
+            # type index order (encoder.features); a model trained before a type was added
+            # has fewer rows
+            "event_types": list(EVENT_TYPES[: cfg.n_event_types]),
             "d_model": cfg.d_model,
             "n_items": cfg.n_items,
             **layout,

@@ -377,11 +377,18 @@ def train(
     out: Annotated[Path, typer.Option(help="model directory to write")],
     epochs: Annotated[int | None, typer.Option(help="maximum epochs")] = None,
     max_minutes: Annotated[float | None, typer.Option(help="training time budget")] = None,
+    exclude_seen_types: Annotated[
+        str | None,
+        typer.Option(help="validation's seen-items rule (default INTEREST_EXCLUDE_SEEN_TYPES)"),
+    ] = None,
 ) -> None:
     """Train the interest encoder on a behaviour log."""
     from encoder.train import train as run_train
 
-    summary = run_train(data=data, out=out, epochs=epochs, max_minutes=max_minutes)
+    rule = _seen_types(exclude_seen_types)
+    summary = run_train(
+        data=data, out=out, epochs=epochs, max_minutes=max_minutes, exclude_seen_types=rule
+    )
     print(json.dumps(summary, sort_keys=True))
 
 
@@ -406,6 +413,10 @@ def evaluate(
     user_map: Annotated[
         Path | None, typer.Option(help="`data_user_id users_dat_id` per line, when ids differ")
     ] = None,
+    exclude_seen_types: Annotated[
+        str | None,
+        typer.Option(help="seen items of these types are not ranked (default: the setting)"),
+    ] = None,
 ) -> None:
     """Full-ranking leave-one-out metrics as one JSON object; with --report, the model and
     the popularity baseline side by side on accuracy, exposure and user groups."""
@@ -414,16 +425,35 @@ def evaluate(
     if report is None:
         if users is not None or user_map is not None:
             raise UserError("--users and --user-map are read by --report only")
-        result = run_evaluate(model_dir=model, data=data, popularity_penalty=popularity_penalty)
+        result = run_evaluate(
+            model_dir=model,
+            data=data,
+            popularity_penalty=popularity_penalty,
+            exclude_seen_types=_seen_types(exclude_seen_types),
+        )
         print(json.dumps(result, sort_keys=True))
         return
     from encoder.report import PENALTIES, build_report
     from encoder.report_page import write_report_page
 
     curve = PENALTIES if penalties is None else _floats(penalties, "--penalties")
-    numbers = build_report(model, data, popularity_penalty, curve, users, user_map)
+    numbers = build_report(
+        model, data, popularity_penalty, curve, users, user_map, _seen_types(exclude_seen_types)
+    )
     page = write_report_page(numbers, report)
     print(json.dumps({**_flat(numbers["systems"]["model"]), "report": str(page)}, sort_keys=True))
+
+
+def _seen_types(value: str | None) -> tuple[str, ...]:
+    """--exclude-seen-types, else INTEREST_EXCLUDE_SEEN_TYPES: the rule the worker applies."""
+    from encoder.features import parse_event_types
+
+    if value is None:
+        return tuple(_settings().exclude_seen_types)
+    try:
+        return tuple(parse_event_types(value))
+    except ValueError as exc:
+        raise UserError(f"--exclude-seen-types: {exc}") from None
 
 
 def _floats(text: str, name: str) -> list[float]:

@@ -13,7 +13,8 @@ from typing import Any
 import msgspec
 import orjson
 
-EVENT_TYPES = ("click", "purchase", "view", "add_to_cart")
+from encoder.features import EVENT_TYPES
+
 # Epoch milliseconds between 1990 and 2200: catches seconds-vs-millis mistakes and garbage.
 MIN_TIMESTAMP_MS = 631_152_000_000
 MAX_TIMESTAMP_MS = 7_258_118_400_000

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import UserError
-from encoder.features import DEFAULT_EVENT_TYPE
+from encoder.features import DEFAULT_EVENT_TYPE, EVENT_TYPES
 from export.explain import leave_one_out, top_events, window_gaps
 from export.runtime import UNKNOWN, EncoderRuntime
 from streams.store import StoredUser
@@ -35,10 +35,13 @@ class ModelInputs:
         config = runtime.manifest.get("config", {})
         # A model trained without types/timestamps saw only the defaults: feed it the same.
         use_types = bool(config.get("uses_event_types", True))
+        known = runtime.event_types
+        # Every type the worker accepts; one the model was exported without reads as the
+        # default type, the one it saw for data without types.
         return cls(
             {
-                name: (i if use_types else DEFAULT_EVENT_TYPE)
-                for i, name in enumerate(runtime.event_types)
+                name: known.index(name) if use_types and name in known else DEFAULT_EVENT_TYPE
+                for name in EVENT_TYPES
             },
             bool(config.get("uses_time_gaps", True)),
         )

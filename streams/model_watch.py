@@ -69,6 +69,7 @@ def load_recommender(settings: Settings) -> Recommender:
         runtime,
         cache_users=settings.state_cache_users,
         explain_events=settings.explain_events if settings.explain else 0,
+        exclude_seen_types=settings.exclude_seen_types,
     )
 
 

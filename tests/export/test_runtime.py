@@ -101,7 +101,7 @@ def test_manifest_describes_the_bundle(runtime: EncoderRuntime, bundle: Path) ->
     assert runtime.version == m["version"] and len(runtime.version) == 16
     assert runtime.item_ids == [None, *ITEM_IDS]
     assert runtime.item_embeddings.shape == (len(ITEM_IDS) + 1, 16)
-    assert runtime.event_types == ["click", "purchase", "view", "add_to_cart"]
+    assert runtime.event_types == ["click", "purchase", "view", "add_to_cart", "favorite"]
     assert runtime.n_time_buckets == 8
 
 
