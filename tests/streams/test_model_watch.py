@@ -201,3 +201,20 @@ def test_without_a_model_there_is_nothing_to_watch() -> None:
     watcher = ModelWatcher(Settings(model=None), recommender("popularity"))
     asyncio.run(asyncio.wait_for(watcher.watch(), 1))  # returns at once
     assert watcher.refresh().model_version == "popularity"
+
+
+def test_the_loaded_recommender_carries_the_workers_settings(tmp_path: Path) -> None:
+    """The settings that change what the encoder recommends reach it from the environment
+    the worker reads (a setting parsed but never passed on would change nothing)."""
+    pytest.importorskip("torch", reason="needs the training extra (pip install -e .[train])")
+    from streams.encoder_recommender import EncoderRecommender
+    from tests.streams.test_encoder_stream import make_bundle
+
+    _, bundle = make_bundle(tmp_path, seed=3)
+    settings = Settings(model=bundle, exclude_seen_types="purchase", explain=True)
+    loaded = model_watch.load_recommender(settings)
+    assert isinstance(loaded, EncoderRecommender)
+    assert loaded.exclude_seen_types == frozenset({"purchase"})
+    assert loaded.explain_events == settings.explain_events
+    plain = model_watch.load_recommender(Settings(model=bundle))
+    assert isinstance(plain, EncoderRecommender) and plain.exclude_seen_types is None
