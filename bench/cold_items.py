@@ -1,6 +1,6 @@
 """Cold items on ml-1m: can items nobody interacted with be recommended from their content?
 
-    python bench/cold_items.py                      # ~15 minutes of CPU: two trainings
+    python bench/cold_items.py                      # two trainings, then the evaluation
     python bench/cold_items.py --workdir W --reuse  # evaluate again with the models in W
 
 1. Hold out a random share of the items entirely (``--share``, 10%): every interaction with

@@ -8,10 +8,10 @@ a table index past ``n_items`` and ``ItemTable.names`` maps it back to its id. I
 user's vector dotted with its projected embedding; under the popularity penalty it counts as
 an item with no training events.
 
-What stays as it was: an event on such an item cannot be fed to the model (the step graph has
-no row for it), so it leaves the user's state as it is, like any item the model does not know;
-it is still excluded from the user's recommendations. Items neither the model nor the catalogue
-knows are never recommended by the encoder.
+What the catalogue does not change: an event on such an item cannot be fed to the model (the
+step graph has no row for it), so it leaves the user's state as it is, like any item the model
+does not know; it is still excluded from the user's recommendations. Items neither the model
+nor the catalogue knows are never recommended by the encoder.
 
 The file is read when the recommender starts (with each model rollout) and again whenever it
 changes: ``CatalogueWatch`` checks it at most every ``model_poll_seconds`` from the batch path
