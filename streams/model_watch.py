@@ -70,6 +70,8 @@ def load_recommender(settings: Settings) -> Recommender:
         cache_users=settings.state_cache_users,
         explain_events=settings.explain_events if settings.explain else 0,
         exclude_seen_types=settings.exclude_seen_types,
+        catalogue=settings.catalogue,
+        catalogue_poll_seconds=settings.model_poll_seconds,
     )
 
 
