@@ -69,6 +69,15 @@ def choose_step_mode(step_mode: str, provider: str) -> str:
     return "staged" if provider == CPU_PROVIDER else "graph"
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity (taskset, a container's cpuset), which
+    os.cpu_count() ignores; more threads than that only take turns on the same cores."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
 def session_options(intra_op_threads: int | None = None, spin: bool = False) -> ort.SessionOptions:
     """Full graph optimisation and a small intra-op pool.
 
@@ -81,7 +90,7 @@ def session_options(intra_op_threads: int | None = None, spin: bool = False) -> 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads = intra_op_threads or max(1, min(4, os.cpu_count() or 1))
+    so.intra_op_num_threads = intra_op_threads or max(1, min(4, usable_cores()))
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     so.log_severity_level = 3

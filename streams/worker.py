@@ -162,7 +162,7 @@ def create_app(
 
 def _ms(message: Message) -> int | None:
     """The record's Kafka timestamp in epoch ms (faust gives seconds; None without one)."""
-    return int(message.timestamp * 1000) if message.timestamp else None
+    return round(message.timestamp * 1000) if message.timestamp else None
 
 
 def exit_unacked() -> NoReturn:

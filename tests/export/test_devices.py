@@ -119,3 +119,22 @@ def test_a_bad_step_mode_is_one_line(bundle: Path) -> None:
         EncoderRuntime.load(bundle, device="cpu", step_mode="gpu")
     assert "\n" not in str(err.value)
     assert "'gpu'" in str(err.value)
+
+
+def test_inference_threads_follow_the_cores_the_process_may_use() -> None:
+    """A worker pinned to one core (taskset, a container's cpuset) runs one intra-op thread
+    there, not one per core of the machine."""
+    import os
+    import subprocess
+    import sys
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    probe = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from export.sessions import session_options; "
+        "print(session_options().intra_op_num_threads)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"
