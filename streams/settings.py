@@ -136,7 +136,7 @@ class Settings(BaseSettings):
     # batches stay small. It also sets the consumer's read-ahead (broker_max_poll_records, the
     # fetch sink: 2x batch_size).
     batch_size: int = Field(default=2000, ge=1)
-    batch_within_seconds: float = Field(default=0.05, gt=0)
+    batch_within_seconds: float = Field(default=0.02, gt=0)
 
     # Validation limits.
     max_id_length: int = Field(default=256, ge=1)
