@@ -39,9 +39,6 @@ class StackInfo:
     # The embedded broker completes a group join after about half the poll interval.
     kafka_max_poll_interval_seconds: float = 20.0
     kafka_session_timeout_seconds: float = 10.0
-    # It also holds every fetch for the whole wait, data or not, where Kafka answers as soon
-    # as data arrives: a short wait keeps that hold out of each event's latency.
-    kafka_fetch_max_wait_ms: int = 10
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
