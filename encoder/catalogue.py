@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import UserError
+from common.text_files import numbered_lines
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 MOVIELENS_SEPARATOR = "::"
@@ -41,22 +42,6 @@ class Catalogue:
 
     def __len__(self) -> int:
         return len(self.item_ids)
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Numbered non-blank lines, UTF-8 if the file is, else latin-1 (MovieLens' encoding,
-    which decodes any bytes)."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("latin-1")
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            yield number, line
 
 
 def _attribute(name: str, value: object) -> str:
@@ -96,7 +81,7 @@ def _tsv_entry(line: str) -> tuple[str, str]:
 
 
 def _entries(path: Path) -> Iterator[tuple[int, str, str]]:
-    lines = _lines(path)
+    lines = iter(numbered_lines(path))
     first = next(lines, None)
     if first is None:
         return
@@ -119,7 +104,7 @@ def read_item_map(path: Path) -> dict[str, str]:
     path = Path(path)
     to_log: dict[str, str] = {}
     seen_at: dict[str, int] = {}
-    for number, line in _lines(path):
+    for number, line in numbered_lines(path):
         fields = line.split()
         if len(fields) != 2:
             raise UserError(f"{path}:{number}: expected 'log_item_id catalogue_id', not {line!r}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import UserError
+from common.text_files import numbered_lines
 
 Grouping = list[tuple[str, np.ndarray]]
 
@@ -55,18 +56,10 @@ def _split(path: Path, line_no: int, line: str, sep: str | None, fields: int) ->
     return [p.strip() for p in parts]
 
 
-def _lines(path: Path) -> list[tuple[int, str]]:
-    try:
-        text = path.read_text(encoding="latin-1")  # MovieLens files are latin-1
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-
-
 def read_user_map(path: Path) -> dict[str, str]:
     """``data_user_id original_user_id`` per line -> {data id: original id}."""
     out: dict[str, str] = {}
-    for line_no, line in _lines(path):
+    for line_no, line in numbered_lines(path):
         data_id, original = _split(path, line_no, line, None, 2)[:2]
         if data_id in out:
             raise UserError(f"{path}:{line_no}: user {data_id} is mapped twice")
@@ -77,7 +70,7 @@ def read_user_map(path: Path) -> dict[str, str]:
 def read_movielens_users(path: Path) -> dict[str, dict[str, str]]:
     """MovieLens ``UserID::Gender::Age::Occupation::Zip`` -> {user id: {gender, age}}."""
     out: dict[str, dict[str, str]] = {}
-    for line_no, line in _lines(path):
+    for line_no, line in numbered_lines(path):
         user, gender, age = _split(path, line_no, line, "::", 5)[:3]
         if gender not in ML_GENDERS or age not in ML_AGES:
             raise UserError(f"{path}:{line_no}: unknown gender {gender!r} or age code {age!r}")

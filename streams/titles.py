@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
+from common.text_files import numbered_lines
 from streams.window import WindowEntry
 
 # How an event reads in "because: <item> clicked <time>"; an unlisted type reads as itself.
@@ -25,26 +26,10 @@ PAST_TENSE = {
 }
 
 
-def _lines(path: Path) -> list[str]:
-    """The file's lines, UTF-8 if it is, else latin-1 (MovieLens' encoding, which any bytes
-    decode as)."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("latin-1")
-    return text.splitlines()
-
-
 def read_catalogue(path: Path) -> dict[str, str]:
     """Item id -> title from `id::title::genres` or `id<TAB>title` lines."""
     titles: dict[str, str] = {}
-    for number, line in enumerate(_lines(path), 1):
-        if not line.strip():
-            continue
+    for number, line in numbered_lines(path):
         separator = "::" if "::" in line else "\t"
         item_id, found, rest = line.partition(separator)
         title = rest.split(separator, 1)[0].strip()
@@ -60,10 +45,8 @@ def read_catalogue(path: Path) -> dict[str, str]:
 def read_item_map(path: Path) -> dict[str, str]:
     """Model item id -> catalogue id from `model_item_id original_id` lines."""
     ids: dict[str, str] = {}
-    for number, line in enumerate(_lines(path), 1):
+    for number, line in numbered_lines(path):
         fields = line.split()
-        if not fields:
-            continue
         if len(fields) != 2:
             raise UserError(
                 f"{path}:{number}: expected 'model_item_id original_id', not {line[:80]!r}"
