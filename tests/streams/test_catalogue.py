@@ -23,10 +23,9 @@ from export.bundle import export_bundle, save_model_dir
 from export.runtime import EncoderRuntime, top_k_reference
 from streams.catalogue import CatalogueWatch, catalogue_items, model_items
 from streams.encoder_recommender import EncoderRecommender
-from streams.events import Event, Source
-from streams.recommend import Batch, Request
 from streams.window import WindowEntry
 from tests.export.conftest import tiny_model
+from tests.streams.test_encoder_recommender import one_event_batch
 from tests.streams.test_encoder_stream import ITEMS, N_ITEMS
 
 CONTENT_DIM = 6
@@ -134,21 +133,6 @@ def test_the_watch_follows_the_file_and_keeps_serving_through_a_bad_one(
     started = CatalogueWatch(rt, path, poll_seconds=60.0)  # at start: read at once
     assert set(started.current().extra) == {"new-c"}
     assert model_items(rt).names.tolist() == [None, *ITEMS]
-
-
-def one_event_batch(window: list[WindowEntry], item: str, offset: int, k: int) -> Batch:
-    prior = tuple(window)
-    event = Event(f"e{offset}", "u", item, "click", 1_000 + offset, Source("t", 0, offset))
-    window.append(WindowEntry.from_event(event))
-    return Batch(
-        requests=[Request(event, tuple(window))],
-        prior_windows={"u": prior},
-        stored={},
-        prior_signatures={"u": str(len(prior)).encode()},
-        final_signatures={"u": str(len(window)).encode()},
-        popular=[],
-        k=k,
-    )
 
 
 def test_the_recommender_ranks_new_items_and_excludes_those_the_user_met(

@@ -136,24 +136,10 @@ def test_an_item_the_model_does_not_know_leaves_the_state_as_it_was(tmp_path: Pa
     _, bundle = make_bundle(tmp_path, seed=7)
     recommender = EncoderRecommender(EncoderRuntime.load(bundle, device="cpu"), cache_users=10)
     window: list[WindowEntry] = []
-
-    def batch_of(item: str, offset: int) -> Batch:
-        prior = tuple(window)
-        event = Event(f"e{offset}", "u", item, "click", 1_000 + offset, Source("t", 0, offset))
-        window.append(WindowEntry.from_event(event))
-        return Batch(
-            requests=[Request(event, tuple(window))],
-            prior_windows={"u": prior},
-            stored={},
-            prior_signatures={"u": str(len(prior)).encode()},
-            final_signatures={"u": str(len(window)).encode()},
-            popular=[],
-            k=3,
-        )
-
     for offset in range(3):
-        before = recommender.recommend(batch_of(ITEMS[offset], offset)).updates["u"]
-    after = recommender.recommend(batch_of("never-seen-item", 3)).updates["u"]
+        before = recommender.recommend(one_event_batch(window, ITEMS[offset], offset, 3))
+    after = recommender.recommend(one_event_batch(window, "never-seen-item", 3, 3))
+    before, after = before.updates["u"], after.updates["u"]
     assert after.vector == before.vector
     assert after.memory == before.memory
 
@@ -331,3 +317,19 @@ def test_an_event_inserted_out_of_time_order_gives_the_exact_vector_and_explanat
         np.testing.assert_allclose(
             [b["weight"] for b in got], [b["weight"] for b in want], atol=1e-4
         )
+
+
+def one_event_batch(window: list[WindowEntry], item: str, offset: int, k: int) -> Batch:
+    """User "u"'s next event on ``item`` as a one-request batch; ``window`` grows with it."""
+    prior = tuple(window)
+    event = Event(f"e{offset}", "u", item, "click", 1_000 + offset, Source("t", 0, offset))
+    window.append(WindowEntry.from_event(event))
+    return Batch(
+        requests=[Request(event, tuple(window))],
+        prior_windows={"u": prior},
+        stored={},
+        prior_signatures={"u": str(len(prior)).encode()},
+        final_signatures={"u": str(len(window)).encode()},
+        popular=[],
+        k=k,
+    )
