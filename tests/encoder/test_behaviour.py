@@ -29,7 +29,7 @@ from encoder.features import (
     time_gap_bucket,
 )
 from encoder.model import EncoderConfig, InterestEncoder
-from encoder.train import full_softmax_loss, next_item_loss, train
+from encoder.train import next_item_loss, train
 from tests.conftest import shared_data
 
 TINY = {"d_model": 16, "n_heads": 2, "span": 4, "max_len": 12, "dropout": 0.0}
@@ -147,34 +147,6 @@ def test_batches_carry_target_types_and_can_drop_input_types(tmp_path: Path) -> 
     plain = inputs_without_types(te)
     assert plain.types.abs().sum() == 0 and plain.target_types.tolist() == te.target_types.tolist()
     assert te.types.abs().sum() > 0  # the original is left as it was
-
-
-@pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_weighted_full_softmax_matches_weighted_autograd_cross_entropy(chunk: int) -> None:
-    torch.manual_seed(0)
-    model = InterestEncoder(EncoderConfig(n_items=50, **TINY))
-    with torch.no_grad():
-        model.item_emb.weight.normal_(0, 1.0)
-    h = torch.randn(23, 16)
-    targets = torch.randint(1, 51, (23,))
-    weights = torch.rand(23) * 3 + 0.5
-    results = []
-    for fast in (False, True):
-        hh = h.clone().requires_grad_()
-        model.zero_grad()
-        if fast:
-            loss = full_softmax_loss(hh, model.item_embeddings(), targets, chunk, weights)
-        else:
-            rows = torch.nn.functional.cross_entropy(
-                model.item_scores(hh), targets, reduction="none"
-            )
-            loss = (rows * weights).sum() / weights.sum()
-        (2.0 * loss).backward()
-        results.append((loss.detach(), hh.grad, model.item_emb.weight.grad.clone()))
-    (ref_loss, ref_h, ref_w), (loss, grad_h, grad_w) = results
-    torch.testing.assert_close(loss, ref_loss)
-    torch.testing.assert_close(grad_h, ref_h)
-    torch.testing.assert_close(grad_w, ref_w)
 
 
 @pytest.mark.parametrize("n_negatives", [0, 8])

@@ -76,23 +76,30 @@ def test_a_few_steps_reduce_the_loss(tmp_path: Path, n_negatives: int, popular: 
     assert losses[-1] < 0.7 * losses[0]
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
 @pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_fused_full_softmax_matches_autograd_cross_entropy(chunk: int) -> None:
-    """The fast path (gradients made chunk by chunk in the forward) against the plain one."""
+def test_fused_full_softmax_matches_autograd_cross_entropy(chunk: int, weighted: bool) -> None:
+    """The fast path (gradients made chunk by chunk in the forward) against the plain one,
+    unweighted and with per-target weights (the training option type_weights)."""
     torch.manual_seed(0)
     model = InterestEncoder(EncoderConfig(n_items=50, **TINY))
     with torch.no_grad():
         model.item_emb.weight.normal_(0, 1.0)
     h = torch.randn(23, 16)
     targets = torch.randint(1, 51, (23,))
+    weights = torch.rand(23) * 3 + 0.5 if weighted else torch.ones(23)
     results = []
     for fast in (False, True):
         hh = h.clone().requires_grad_()
         model.zero_grad()
         if fast:
-            loss = full_softmax_loss(hh, model.item_embeddings(), targets, chunk)
+            given = weights if weighted else None
+            loss = full_softmax_loss(hh, model.item_embeddings(), targets, chunk, given)
         else:
-            loss = torch.nn.functional.cross_entropy(model.item_scores(hh), targets)
+            rows = torch.nn.functional.cross_entropy(
+                model.item_scores(hh), targets, reduction="none"
+            )
+            loss = (rows * weights).sum() / weights.sum()
         (2.0 * loss).backward()  # a non-unit upstream gradient must be carried through
         results.append((loss.detach(), hh.grad, model.item_emb.weight.grad.clone()))
     (ref_loss, ref_h, ref_w), (loss, grad_h, grad_w) = results
