@@ -328,15 +328,14 @@ class StateStore:
         if epoch is not None:
             epoch = await self._rebase_if_due(epoch, item_timestamps)
         increments = {} if epoch is None else self._decay.increments(item_timestamps, epoch)
-        shared = SharedWrite(epoch, increments, dict(online or {}))
-        if self._io.per_event:
-            shared = SharedWrite(
-                epoch,
-                increments,
-                shared.online,
-                self._item_events(epoch, item_timestamps, item_sources),
-                _online_events(online_events),
-            )
+        per_event = self._io.per_event  # only Redis Cluster reads the event-by-event lists
+        shared = SharedWrite(
+            epoch,
+            increments,
+            dict(online or {}),
+            self._item_events(epoch, item_timestamps, item_sources) if per_event else [],
+            _online_events(online_events) if per_event else [],
+        )
         signatures: dict[str, bytes] = {}
         users: list[tuple[Any, ...]] = []
         for user_id, write in writes.items():
